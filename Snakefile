@@ -1,0 +1,17 @@
+# Segmentation without pixel labels: images -> DINO features -> ... -> semantic masks.
+# Run:  snakemake --cores all                 (demo dataset, CPU)
+#       snakemake --cores all --configfile presets/voc-unsupervised.yaml
+# Every stage is a rule that calls `python -m pipeline <stage>`; see README.md.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/datasets.smk"
+include: "workflow/rules/features.smk"
+
+
+rule all:
+    input:
+        feature_shards,
+    default_target: True

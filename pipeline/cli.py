@@ -1,0 +1,109 @@
+"""Command line of the pipeline: ``python -m pipeline <stage> ...``.
+
+Each sub-command is one stage and is what the Snakemake rule of that stage calls. Stage
+parameters arrive as one JSON object (``--params``), the relevant slice of the validated
+``config.yaml``, so a rule passes them through ``params:`` (and a changed value reruns it).
+Errors that a user can fix (bad input, bad weights, bad config) end in one line naming the file
+or key, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def _params(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise PipelineError("--params must be a JSON object")
+    return value
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> None:
+    from pipeline.datasets.demo import generate_demo
+
+    params = _params(args.params)
+    generate_demo(Path(args.out), seed=int(params["seed"]), **params["demo"])
+
+
+def _cmd_coco_masks(args: argparse.Namespace) -> None:
+    from pipeline.datasets.coco import convert_coco_annotations
+
+    convert_coco_annotations(Path(args.annotations), Path(args.out), threads=args.threads)
+
+
+def _cmd_index(args: argparse.Namespace) -> None:
+    from pipeline.datasets import build_index
+
+    build_index(_params(args.params), Path(args.out_dir), threads=args.threads)
+
+
+def _cmd_extract_features(args: argparse.Namespace) -> None:
+    from pipeline.features import extract_shard
+
+    extract_shard(
+        manifest_path=Path(args.manifest),
+        shard=args.shard,
+        out_path=Path(args.out),
+        params=_params(args.params),
+        threads=args.threads,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("demo-data", help="generate the synthetic demo dataset")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--params", required=True, help='JSON: {"seed": int, "demo": {...}}')
+    p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("coco-masks", help="convert a COCO instances JSON to semantic label PNGs")
+    p.add_argument("--annotations", required=True, help="instances_<split>2014.json")
+    p.add_argument("--out", required=True, help="folder of <image stem>.png masks to create")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_coco_masks)
+
+    p = sub.add_parser("index", help="index a dataset into manifest.csv, classes.json, skipped.csv")
+    p.add_argument("--params", required=True, help='JSON: {"dataset": {...}, "on_bad_input": ...}')
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("extract-features", help="ViT features of one shard of the manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out", required=True, help="shard file (.safetensors) to write")
+    p.add_argument("--params", required=True, help='JSON: {"backbone": {...}, "features": {...}}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_extract_features)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except PipelineError as exc:
+        # A user-fixable problem: one line that names the file or key, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

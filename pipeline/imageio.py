@@ -1,0 +1,213 @@
+"""Reading images and label masks, writing label PNGs, and keeping image ids safe.
+
+Every reader raises ``BadFileError`` (a ``BadInputError``) whose message starts with the file's
+path, so a bad dataset file is reported by name, whichever stage trips over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+# A truncated image must be an error, never silently padded with grey: this is Pillow's default,
+# restated here because any other library flipping it would make corrupt files look fine.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# What Pillow raises for unreadable, corrupt or truncated files (SyntaxError and struct/zlib
+# problems surface as these too; DecompressionBombError for absurd sizes).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+# EXIF orientations that swap width and height (90 or 270 degree rotations, with or without flip).
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class BadFileError(BadInputError):
+    """A dataset file is unusable; keeps the path and the reason apart for skipped.csv."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _check_nonempty_file(path: Path) -> None:
+    if not path.exists():
+        raise BadFileError(path, "missing file")
+    if not path.is_file():
+        raise BadFileError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise BadFileError(path, "empty file (0 bytes)")
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open and fully decode ``path`` (``.load()`` is what notices truncation)."""
+    _check_nonempty_file(path)
+    try:
+        im = Image.open(path)
+        im.load()
+    except _DECODE_ERRORS as exc:
+        raise BadFileError(path, f"corrupt, truncated or unreadable image ({exc})") from None
+    return im
+
+
+def _orientation(im: Image.Image, path: Path) -> int:
+    try:
+        return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF must not reject a decodable image
+        log.warning("%s: unreadable EXIF (%s); using the stored orientation", path, exc)
+        return 1
+
+
+def _exif_upright(im: Image.Image, path: Path) -> Image.Image:
+    if _orientation(im, path) == 1:
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as exc:  # noqa: BLE001 - same policy as _orientation
+        log.warning("%s: cannot apply EXIF orientation (%s); using the stored one", path, exc)
+        return im
+
+
+def _to_uint8_gray(im: Image.Image) -> np.ndarray:
+    """8-bit view of a single-channel image of any depth, scaled by its nominal range."""
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return (arr.astype(np.uint16) >> 8).astype(np.uint8)
+    if im.mode == "I":
+        # 32-bit integer: old Pillow (and some TIFFs) use it for 16-bit data, others for 8-bit.
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 255:
+            return arr.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return (arr >> 8).astype(np.uint8)
+        return _rescale_to_uint8(arr.astype(np.float64))
+    if im.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64))
+        if arr.min() >= 0.0 and arr.max() <= 1.0:
+            return np.round(arr * 255.0).astype(np.uint8)
+        return _rescale_to_uint8(arr)
+    return np.asarray(im.convert("L"))
+
+
+def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    if im.mode == "RGB":
+        return np.asarray(im)
+    if im.mode in ("P", "PA"):
+        # Palette transparency is alpha, not colour: go through RGBA and drop the alpha.
+        return np.asarray(im.convert("RGBA"))[..., :3]
+    if im.mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("LA", "La"):
+        im = im.getchannel("L")
+    gray = _to_uint8_gray(im)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image to uint8 H x W x 3 RGB, upright according to its EXIF orientation."""
+    path = Path(path)
+    im = _exif_upright(_open_decoded(path), path)
+    try:
+        rgb = _to_rgb_array(im)
+    except _DECODE_ERRORS as exc:
+        raise BadFileError(path, f"unsupported image mode {im.mode!r} ({exc})") from None
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
+    path = Path(path)
+    _check_nonempty_file(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            orientation = _orientation(im, path)
+    except _DECODE_ERRORS as exc:
+        raise BadFileError(path, f"unreadable image header ({exc})") from None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Decode a label mask to uint8 H x W class indices (palette PNGs give indices, not colours)."""
+    path = Path(path)
+    im = _open_decoded(path)
+    if im.mode in ("P", "L"):
+        return np.array(im, dtype=np.uint8)
+    if im.mode == "1":
+        return np.array(im, dtype=np.uint8)
+    if im.mode in ("LA", "PA"):
+        return np.array(im.getchannel(0), dtype=np.uint8)
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        values = np.asarray(im)
+        if values.min() < 0 or values.max() > 255:
+            raise BadFileError(path, f"mask values span {values.min()}..{values.max()}, not 0..255")
+        return values.astype(np.uint8)
+    raise BadFileError(
+        path, f"mask has mode {im.mode!r}; expected a label-index PNG (palette or grayscale)"
+    )
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: (n, 3) uint8, class i's colour from the bits of i."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for index in range(n):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+def write_label_png(
+    path: str | os.PathLike, mask: np.ndarray, palette: np.ndarray | None = None
+) -> None:
+    """Atomically write a 2-D uint8 label mask as a palette PNG (VOC colours by default)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"label mask must be 2-D uint8, got {mask.shape} {mask.dtype}")
+    colours = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8)
+    im = Image.fromarray(mask, mode="P")
+    im.putpalette(colours.reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        # The temporary name ends in .partial, so the format cannot come from the extension.
+        im.save(tmp, format="PNG")
+
+
+def check_image_id(image_id: str) -> str:
+    """Return ``image_id`` if it is a safe relative posix path; ids become file names later."""
+    if not isinstance(image_id, str) or image_id == "":
+        raise BadInputError(f"unsafe image id {image_id!r}: empty")
+    for bad, what in (("\\", "a backslash"), ("\x00", "a NUL byte"), ("\n", "a newline"),
+                      ("\r", "a carriage return")):
+        if bad in image_id:
+            raise BadInputError(f"unsafe image id {image_id!r}: contains {what}")
+    if image_id.startswith("/"):
+        raise BadInputError(f"unsafe image id {image_id!r}: absolute path")
+    # Split by hand: pathlib would silently drop '.' and empty components.
+    parts = image_id.split("/")
+    if ".." in parts:
+        raise BadInputError(f"unsafe image id {image_id!r}: contains a '..' component")
+    if "." in parts or "" in parts:
+        raise BadInputError(f"unsafe image id {image_id!r}: contains an empty or '.' component")
+    return image_id

@@ -1,0 +1,78 @@
+# Config validation, paths and input functions shared by every rule.
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from pipeline.config import load_schema, validate_config
+from pipeline.errors import ConfigError
+
+try:
+    validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration: {exc}") from None
+
+
+RESULTS = config["results"].rstrip("/")
+DATASET = config["dataset"]
+
+
+wildcard_constraints:
+    shard=r"\d{5}",
+    split=r"[A-Za-z0-9_]+",
+
+
+def as_json(obj):
+    """Stage parameters as one JSON string: passed quoted ({params.x:q}) to `python -m pipeline`."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def results(path):
+    return f"{RESULTS}/{path}"
+
+
+def index_inputs(wildcards):
+    kind = DATASET["kind"]
+    if kind == "demo":
+        return {"demo": rules.demo_data.output[0]}
+    if kind == "coco":
+        cache = DATASET["coco"]["masks_cache"]
+        return {"coco_train": f"{cache}/train", "coco_val": f"{cache}/val"}
+    if kind == "voc":
+        # Named as inputs so that a missing download is reported before any job runs.
+        voc = DATASET["voc"]
+        lists = {"voc_val_list": f"{voc['root']}/ImageSets/Segmentation/{voc['val_split']}.txt"}
+        if voc["train_split"] == "trainaug":
+            lists["voc_train_list"] = voc["trainaug_list"]
+        else:
+            lists["voc_train_list"] = f"{voc['root']}/ImageSets/Segmentation/train.txt"
+        return lists
+    images = DATASET.get("folder", {}).get("images")
+    if not images:
+        raise WorkflowError("config key dataset.folder.images must name a folder when dataset.kind is folder")
+    return {"folder_images": images}
+
+
+def index_params(wildcards, input):
+    params = {"dataset": DATASET, "on_bad_input": config["on_bad_input"], "seed": config["seed"]}
+    if "demo" in input.keys():
+        params["demo_root"] = input.demo
+    if "coco_train" in input.keys():
+        params["coco_masks"] = {"train": input.coco_train, "val": input.coco_val}
+    return as_json(params)
+
+
+def manifest_path():
+    return checkpoints.dataset_index.get().output.manifest
+
+
+def shard_ids():
+    """Shard ids present in the manifest (known once the dataset_index checkpoint has run)."""
+    import pandas as pd
+
+    shards = pd.read_csv(manifest_path(), usecols=["shard"])["shard"].unique()
+    return [f"{int(s):05d}" for s in sorted(shards)]
+
+
+def feature_shards(wildcards):
+    return expand(results("features/shard-{shard}.safetensors"), shard=shard_ids())

@@ -1,0 +1,51 @@
+# Dataset stage: demo generation, COCO mask conversion, and the dataset index (manifest).
+
+
+rule demo_data:
+    output:
+        directory(results("data/demo")),
+    params:
+        cfg=as_json({"seed": config["seed"], "demo": DATASET.get("demo", {})}),
+    log:
+        results("logs/demo_data.log"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m pipeline demo-data --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+
+
+rule coco_masks:
+    input:
+        annotations=lambda w: str(
+            Path(DATASET["coco"]["root"]) / DATASET["coco"][f"{w.split}_annotations"]
+        ),
+    output:
+        directory(f"{DATASET.get('coco', {}).get('masks_cache', 'data/coco/semantic_masks')}/{{split}}"),
+    log:
+        results("logs/coco_masks_{split}.log"),
+    threads: 4
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m pipeline coco-masks --annotations {input.annotations:q} --out {output:q}"
+        " --threads {threads} > {log:q} 2>&1"
+
+
+checkpoint dataset_index:
+    input:
+        unpack(index_inputs),
+    output:
+        manifest=results("dataset/manifest.csv"),
+        classes=results("dataset/classes.json"),
+        skipped=results("dataset/skipped.csv"),
+    params:
+        cfg=index_params,
+        out_dir=lambda w, output: str(Path(output.manifest).parent),
+    log:
+        results("logs/dataset_index.log"),
+    threads: 2
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m pipeline index --params {params.cfg:q} --out-dir {params.out_dir:q}"
+        " --threads {threads} > {log:q} 2>&1"
