@@ -3,7 +3,7 @@
 #       snakemake --cores all --configfile presets/voc-unsupervised.yaml
 # Every stage is a rule that calls `python -m pipeline <stage>`; see README.md.
 
-configfile: "config.yaml"
+configfile: f"{workflow.basedir}/config.yaml"
 
 
 include: "workflow/rules/common.smk"

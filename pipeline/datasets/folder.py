@@ -1,0 +1,132 @@
+"""Any folder of images, searched recursively, with optional masks and an optional labels CSV.
+
+image_id is the image's path relative to the folder, posix, without extension, so ``a.jpg`` and
+``a.png`` side by side are a duplicate id (reported as bad input). Hidden files and folders
+(``.name``) are not searched: they hold editor/OS debris such as macOS ``._x.jpg`` forks and
+``.ipynb_checkpoints`` copies. An image without a mask file keeps an empty mask_path (partially
+annotated folders are allowed; the count is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.datasets.common import (
+    BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir, require_entries,
+)
+from pipeline.errors import BadInputError, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+SECTION = "dataset.folder"
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under root (any case of suffix), sorted, skipping hidden files and folders."""
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found.extend(
+            Path(folder) / name
+            for name in sorted(files)
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+    return found
+
+
+def image_id_of(path: Path, root: Path) -> str:
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def class_names_from_config(cfg: dict, needed: bool) -> list[str] | None:
+    """Background-first names from class_names, or generic ones from num_classes (incl. bg)."""
+    names, count = cfg.get("class_names"), cfg.get("num_classes")
+    if names is not None:
+        if count is not None and count != len(names):
+            raise ConfigError(
+                f"{SECTION}.num_classes is {count} but {SECTION}.class_names has {len(names)}"
+            )
+        if len(names) < 2:
+            raise ConfigError(f"{SECTION}.class_names needs background and at least one class")
+        return [str(name) for name in names]
+    if count is not None:
+        if count < 2:
+            raise ConfigError(f"{SECTION}.num_classes must be >= 2 (background included)")
+        return ["background"] + [f"class_{i}" for i in range(1, count)]
+    if needed:
+        raise ConfigError(
+            f"{SECTION}.class_names (or {SECTION}.num_classes) is required with masks or labels"
+        )
+    return None
+
+
+def read_labels_csv(path: Path, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """{image_id: sorted foreground ids}; 0 (background) is accepted and dropped."""
+    if not path.is_file():
+        raise BadInputError(f"{path}: labels file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path}: unreadable labels CSV ({exc})") from None
+    if not {"image_id", "labels"} <= set(table.columns):
+        raise BadInputError(f"{path}: needs columns image_id,labels, has {list(table.columns)}")
+    labels: dict[str, tuple[int, ...]] = {}
+    for line, (image_id, text) in enumerate(zip(table["image_id"], table["labels"]), start=2):
+        if image_id in labels:
+            raise BadInputError(f"{path}: line {line}: image id {image_id!r} listed twice")
+        try:
+            ids = {int(token) for token in text.split()}
+        except ValueError:
+            raise BadInputError(f"{path}: line {line}: labels {text!r} are not integers") from None
+        out_of_range = sorted(i for i in ids if not 0 <= i < num_classes)
+        if out_of_range:
+            raise BadInputError(
+                f"{path}: line {line}: class ids {out_of_range} outside 0..{num_classes - 1}"
+            )
+        labels[image_id] = tuple(sorted(ids - {BACKGROUND}))
+    return labels
+
+
+def index_folder(cfg: dict) -> Dataset:
+    root = existing_dir(config_path(cfg, "images", SECTION), f"{SECTION}.images")
+    masks_root = None if cfg.get("masks") in (None, "") else absolute(cfg["masks"])
+    labels_path = None if cfg.get("labels") in (None, "") else absolute(cfg["labels"])
+    names = class_names_from_config(cfg, needed=masks_root is not None or labels_path is not None)
+    if masks_root is not None:
+        existing_dir(masks_root, f"{SECTION}.masks")
+    labels = {} if labels_path is None else read_labels_csv(labels_path, len(names or []))
+    split = str(cfg.get("split") or "train")
+
+    entries = []
+    for path in find_images(root):
+        image_id = image_id_of(path, root)
+        mask = None if masks_root is None else masks_root / f"{image_id}.png"
+        entries.append(Entry(
+            image_id=image_id,
+            image_path=path,
+            split=split,
+            mask_path=mask if mask is not None and mask.is_file() else None,
+            labels=labels.get(image_id),
+        ))
+    _log_coverage(entries, masks_root, labels_path, labels)
+    return Dataset("folder", names, require_entries(entries, str(root)))
+
+
+def _log_coverage(entries: list[Entry], masks_root: Path | None, labels_path: Path | None,
+                  labels: dict[str, tuple[int, ...]]) -> None:
+    if masks_root is not None:
+        missing = sum(entry.mask_path is None for entry in entries)
+        if missing:
+            log.warning("%d of %d images have no mask in %s", missing, len(entries), masks_root)
+    if labels_path is not None:
+        unlabelled = sum(entry.image_id not in labels for entry in entries)
+        unknown = len(set(labels) - {entry.image_id for entry in entries})
+        if unlabelled:
+            log.warning("%d images have no row in %s", unlabelled, labels_path)
+        if unknown:
+            log.warning("%d rows of %s name no image found", unknown, labels_path)

@@ -1,0 +1,69 @@
+"""The config schema accepts the shipped configs and names the key of every mistake."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import load_schema, validate_config
+from pipeline.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def schema(repo):
+    return load_schema(repo / "workflow/schemas/config.schema.yaml")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Recursive merge, as Snakemake merges --configfile over the default config."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def test_default_config_is_valid(default_config, schema):
+    validate_config(default_config, schema)
+
+
+@pytest.mark.parametrize("preset", ["voc-weak", "voc-unsupervised", "coco-weak", "coco-unsupervised"])
+def test_presets_are_valid(repo, default_config, schema, preset):
+    with open(repo / "presets" / f"{preset}.yaml", encoding="utf-8") as fh:
+        override = yaml.safe_load(fh)
+    merged = _merge(default_config, override)
+    validate_config(merged, schema)
+    assert merged["dataset"]["kind"] in preset
+    assert merged["mode"] == ("weak" if "weak" in preset else "unsupervised")
+
+
+def test_unknown_top_level_key_is_named(default_config, schema):
+    default_config["sed"] = 1
+    with pytest.raises(ConfigError, match=r"unknown config key sed\b"):
+        validate_config(default_config, schema)
+
+
+def test_unknown_nested_key_is_named_with_its_path(default_config, schema):
+    default_config["features"]["max_sise"] = 448
+    with pytest.raises(ConfigError, match=r"features\.max_sise"):
+        validate_config(default_config, schema)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        (("dataset", "images_per_shard"), "many", "dataset.images_per_shard"),
+        (("seed",), 1.5, "seed"),
+        (("features", "keep"), ["keys", "attn"], "features.keep.1"),
+        (("features", "fit"), "stretch", "features.fit"),
+        (("on_bad_input",), "ignore", "on_bad_input"),
+        (("features", "device"), "gpu0", "features.device"),
+    ],
+)
+def test_wrong_type_or_value_is_named(default_config, schema, path, value, named):
+    node = default_config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(default_config, schema)
+    assert f"config key {named}:" in str(info.value)
