@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry
@@ -154,7 +155,7 @@ def _id_problems(entries: list[Entry]) -> dict[int, BadFileError]:
     return problems
 
 
-class _BadInputPolicy:
+class BadInputPolicy:
     """``error``: raise at the first bad file. ``skip``: warn, remember it for skipped.csv."""
 
     def __init__(self, mode: str) -> None:
@@ -171,7 +172,7 @@ class _BadInputPolicy:
 
 
 def check_entries(
-    dataset: Dataset, verify: bool, policy: _BadInputPolicy, threads: int
+    dataset: Dataset, verify: bool, policy: BadInputPolicy, threads: int
 ) -> list[Row]:
     entries = dataset.entries
     id_problems = _id_problems(entries)
@@ -188,14 +189,15 @@ def check_entries(
     rows: list[Row] = []
     pool = ThreadPoolExecutor(max_workers=max(1, threads))
     try:
-        results = pool.map(check, to_open)
-        progress = tqdm(results, total=len(to_open), desc=f"index {dataset.kind}", unit="img",
-                        file=sys.stderr)
-        for entry, result in zip(to_open, progress):
-            if isinstance(result, BadFileError):
-                policy.report(entry, result)
-            else:
-                rows.append(result)
+        # Warnings about skipped files go above the progress bar instead of through it.
+        with logging_redirect_tqdm(), tqdm(pool.map(check, to_open), total=len(to_open),
+                                           desc=f"index {dataset.kind}", unit="img",
+                                           file=sys.stderr) as progress:
+            for entry, result in zip(to_open, progress):
+                if isinstance(result, BadFileError):
+                    policy.report(entry, result)
+                else:
+                    rows.append(result)
     finally:
         # On the first error, do not wait for the rest of a large dataset to be decoded.
         pool.shutdown(wait=True, cancel_futures=True)
@@ -280,7 +282,7 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
     images_per_shard = int(cfg.get("images_per_shard", 16))
     if images_per_shard < 1:
         raise ConfigError(f"dataset.images_per_shard must be >= 1, not {images_per_shard}")
-    policy = _BadInputPolicy(params.get("on_bad_input", "error"))
+    policy = BadInputPolicy(params.get("on_bad_input", "error"))
     dataset = load_dataset(params)
     rows = check_entries(dataset, bool(cfg.get("verify_images", True)), policy, threads)
 

@@ -45,7 +45,7 @@ def index_inputs(wildcards):
         if voc["train_split"] == "trainaug":
             lists["voc_train_list"] = voc["trainaug_list"]
         else:
-            lists["voc_train_list"] = f"{voc['root']}/ImageSets/Segmentation/train.txt"
+            lists["voc_train_list"] = f"{voc['root']}/ImageSets/Segmentation/{voc['train_split']}.txt"
         return lists
     images = DATASET.get("folder", {}).get("images")
     if not images:
