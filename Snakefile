@@ -9,9 +9,10 @@ configfile: f"{workflow.basedir}/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/pseudo_labels.smk"
 
 
 rule all:
     input:
-        feature_shards,
+        final_targets,
     default_target: True

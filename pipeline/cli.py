@@ -61,6 +61,56 @@ def _cmd_extract_features(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_spectral_segments(args: argparse.Namespace) -> None:
+    from pipeline.segments import run_spectral_shard
+
+    run_spectral_shard(Path(args.features), Path(args.manifest), Path(args.out), _params(args.params), args.threads)
+
+
+def _cmd_segment_features(args: argparse.Namespace) -> None:
+    from pipeline.segments import run_segment_features_shard
+
+    run_segment_features_shard(
+        Path(args.spectral), Path(args.features), Path(args.manifest), Path(args.out), _params(args.params), args.threads
+    )
+
+
+def resolve_num_clusters(configured: int | None, classes_path: Path) -> int:
+    """``pseudo_labels.num_clusters: null`` means one cluster per foreground class of the dataset."""
+    if configured is not None:
+        return int(configured)
+    num_classes = json.loads(classes_path.read_text())["num_classes"]
+    if not num_classes:
+        raise PipelineError(
+            "config key pseudo_labels.num_clusters: the dataset does not say how many classes it has;"
+            " set pseudo_labels.num_clusters (or dataset.folder.num_classes)"
+        )
+    return int(num_classes) - 1
+
+
+def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
+    from pipeline.pseudo_labels import run_pseudo_labels
+
+    params = _params(args.params)
+    cfg = dict(params["pseudo_labels"])
+    cfg["num_clusters"] = resolve_num_clusters(cfg["num_clusters"], Path(args.classes))
+    run_pseudo_labels(
+        [Path(p) for p in args.segment_features],
+        [Path(p) for p in args.spectral],
+        Path(args.manifest),
+        Path(args.out_dir),
+        cfg,
+        seed=int(params["seed"]),
+        threads=args.threads,
+    )
+
+
+def _cmd_pseudo_label_report(args: argparse.Namespace) -> None:
+    from pipeline.pseudo_label_report import report_pseudo_labels
+
+    report_pseudo_labels(Path(args.pseudo_dir), Path(args.manifest), Path(args.classes), Path(args.csv), Path(args.md))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,6 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", required=True, help='JSON: {"backbone": {...}, "features": {...}}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_extract_features)
+
+    p = sub.add_parser("spectral-segments", help="Laplacian eigenvectors and segments of one feature shard")
+    p.add_argument("--features", required=True, help="feature shard (.safetensors)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"spectral": {...}, "seed": int}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_spectral_segments)
+
+    p = sub.add_parser("segment-features", help="CLS feature of each segment's crop, one shard")
+    p.add_argument("--spectral", required=True, help="spectral shard (.safetensors)")
+    p.add_argument("--features", required=True, help="feature shard (for the resize geometry)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"backbone", "features", "segment_features", "seed"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_segment_features)
+
+    p = sub.add_parser("pseudo-labels", help="cluster all crop features into pseudo multi-labels")
+    p.add_argument("--segment-features", nargs="+", required=True)
+    p.add_argument("--spectral", nargs="+", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--classes", required=True, help="classes.json of the dataset index")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"pseudo_labels": {...}, "seed": int}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_pseudo_labels)
+
+    p = sub.add_parser("pseudo-label-report", help="F1 and mIoU of the pseudo-labels against GT")
+    p.add_argument("--pseudo-dir", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--classes", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.set_defaults(func=_cmd_pseudo_label_report)
     return parser
 
 

@@ -74,5 +74,13 @@ def shard_ids():
     return [f"{int(s):05d}" for s in sorted(shards)]
 
 
-def feature_shards(wildcards):
-    return expand(results("features/shard-{shard}.safetensors"), shard=shard_ids())
+def sharded(stage):
+    """Every shard file of a sharded stage (features, spectral, segment_features)."""
+    return expand(results(f"{stage}/shard-{{shard}}.safetensors"), shard=shard_ids())
+
+
+def final_targets(wildcards):
+    """What `snakemake` builds by default: the last stage of the mode's DAG built so far."""
+    if config["mode"] == "unsupervised":
+        return [results("reports/pseudo_labels.md")]
+    return sharded("features")
