@@ -70,7 +70,7 @@ def run_spectral_shard(features_path: Path, manifest_path: Path, out_path: Path,
     device = resolve_device(cfg["device"])
     manifest = read_manifest(manifest_path).set_index("image_id")
     wanted = set(manifest.index[manifest["split"].isin(cfg["splits"])])
-    images = {i: t for i, t in shards.read_named(features_path, {"keys", "grid", "geometry"}).items() if i in wanted}
+    images = {i: t for i, t in shards.read_images(features_path, names={"keys", "grid", "geometry"}).items() if i in wanted}
     for image_id, tensors in images.items():
         if "keys" not in tensors:
             raise BadInputError(f"{features_path}: no attention keys stored (add `keys` to features.keep)")
@@ -102,8 +102,10 @@ def run_spectral_shard(features_path: Path, manifest_path: Path, out_path: Path,
             out[image_id] = {
                 "eigenvalues": values[row],
                 "eigenvectors": vectors[row].half(),
-                "segments": segments.to(torch.int32),
+                "segments": segments.to(torch.int64),
                 "grid": torch.tensor(grids[image_id], dtype=torch.int32),
+                # carried along so that consumers can map the patch grid back onto the image
+                "geometry": images[image_id]["geometry"],
             }
     meta = {"format": FORMAT, "image_ids": sorted(out), "spectral": cfg, "seed": params["seed"]}
     shards.write_shard(out_path, shards.per_image_tensors(out), meta)
@@ -158,7 +160,7 @@ def crop_tensor(rgb: np.ndarray, box: tuple[int, int, int, int], size: int, mean
 def run_segment_features_shard(
     spectral_path: Path, features_path: Path, manifest_path: Path, out_path: Path, params: dict, threads: int
 ) -> None:
-    from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size
+    from pipeline.backbone import build_backbone, embed_dim, extract_features, normalisation, patch_size
     from pipeline.datasets import read_manifest
     from pipeline.imageio import load_rgb
 
@@ -172,8 +174,8 @@ def run_segment_features_shard(
     mean, std = normalisation(model)
     patch = patch_size(model)
     rows = read_manifest(manifest_path).set_index("image_id")
-    spectral = shards.read_named(spectral_path, {"segments"})
-    geometry = shards.read_named(features_path, {"geometry"})
+    spectral = shards.read_images(spectral_path, names={"segments"})
+    geometry = shards.read_images(features_path, names={"geometry"})
 
     owners: list[tuple[str, int, tuple[int, int, int, int]]] = []
     features: list[torch.Tensor] = []
@@ -201,19 +203,20 @@ def run_segment_features_shard(
             if len(pending) == cfg["batch_size"]:
                 flush()
     flush()
-    cls = torch.cat(features) if features else torch.zeros(0, 1)
+    cls = torch.cat(features) if features else []
 
-    per_image: dict[str, dict[str, list]] = {}
+    dim = embed_dim(model)
+    # Every image gets entries, an image without foreground segments with zero rows.
+    per_image: dict[str, dict[str, list]] = {i: {"cls": [], "segment_ids": [], "boxes": []} for i in spectral}
     for (image_id, segment_id, box), feature in zip(owners, cls):
-        entry = per_image.setdefault(image_id, {"cls": [], "segment_ids": [], "boxes": []})
-        entry["cls"].append(feature)
-        entry["segment_ids"].append(segment_id)
-        entry["boxes"].append(box)
+        per_image[image_id]["cls"].append(feature)
+        per_image[image_id]["segment_ids"].append(segment_id)
+        per_image[image_id]["boxes"].append(box)
     tensors = {
         image_id: {
-            "cls": torch.stack(entry["cls"]).half(),
+            "cls": torch.stack(entry["cls"]).half() if entry["cls"] else torch.zeros(0, dim, dtype=torch.float16),
             "segment_ids": torch.tensor(entry["segment_ids"], dtype=torch.int64),
-            "boxes": torch.tensor(entry["boxes"], dtype=torch.int32),
+            "boxes": torch.tensor(entry["boxes"], dtype=torch.int32).reshape(-1, 4),
         }
         for image_id, entry in per_image.items()
     }

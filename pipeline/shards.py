@@ -54,13 +54,23 @@ def read_meta(path: str | Path) -> dict:
         return {key: json.loads(value) for key, value in (fh.metadata() or {}).items()}
 
 
-def read_all(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every tensor of a shard, grouped by image: {image_id: {name: tensor}}."""
+def read_images(
+    path: str | Path, images: set[str] | None = None, names: set[str] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensors of a shard grouped by image, {image_id: {name: tensor}}, restricted to ``images``
+    and ``names`` when given (cheap on big shards: only those tensors are read)."""
+    path = _existing(path)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(_existing(path)), framework="pt", device="cpu") as fh:
-        for key in fh.keys():
-            image_id, _, name = key.rpartition("/")
-            out.setdefault(image_id, {})[name] = fh.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for key in fh.keys():
+                image_id, slash, name = key.rpartition("/")
+                if not slash:
+                    raise BadInputError(f"{path}: tensor {key!r} is not named <image_id>/<name>")
+                if (images is None or image_id in images) and (names is None or name in names):
+                    out.setdefault(image_id, {})[name] = fh.get_tensor(key)
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' errors on a corrupt file
+        raise BadInputError(f"{path}: unreadable shard ({exc})") from None
     return out
 
 
@@ -70,13 +80,3 @@ def _existing(path: str | Path) -> Path:
         raise BadInputError(f"{path}: shard not found")
     return path
 
-
-def read_named(path: str | Path, names: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Only the tensors called one of ``names``, grouped by image (cheap on big shards)."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(_existing(path)), framework="pt", device="cpu") as fh:
-        for key in fh.keys():
-            image_id, _, name = key.rpartition("/")
-            if name in names:
-                out.setdefault(image_id, {})[name] = fh.get_tensor(key)
-    return out

@@ -1,0 +1,215 @@
+"""Feature stage: geometry, batching, the shard file (shapes, determinism, atomicity, errors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import features as fx
+from pipeline.backbone import build_backbone, extract_features
+from pipeline.cli import main as cli_main
+from pipeline.errors import BadInputError, ConfigError
+from pipeline.features import (
+    Geometry, ShardReader, batches_by_size, extract_shard, image_geometry, prepare_image,
+    read_shard, read_shard_meta,
+)
+
+TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3}
+COLUMNS = ["image_id", "image_path", "mask_path", "labels", "has_labels", "split", "width",
+           "height", "shard"]
+# (image_id, width, height, shard): two of one size, a portrait, one smaller than a patch, one
+# larger than max_size, and one image of another shard.
+IMAGES = [("b", 40, 30, 0), ("a/x", 40, 30, 0), ("c", 20, 50, 0), ("tiny", 9, 7, 0),
+          ("big", 300, 200, 0), ("other", 40, 30, 1)]
+
+
+def params(**features) -> dict:
+    return {
+        "backbone": {"name": "vit_small_patch16_224.dino", "weights": "random",
+                     "checkpoint_key": "teacher", "model_kwargs": TINY},
+        "features": {"max_size": 64, "fit": "crop", "keep": ["keys", "cls"], "batch_size": 2,
+                     "num_workers": 0, "device": "cpu", **features},
+        "seed": 0,
+    }
+
+
+def write_image(path: Path, width: int, height: int, seed: int) -> None:
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+@pytest.fixture()
+def manifest(tmp_path) -> Path:
+    rows = []
+    for seed, (image_id, width, height, shard) in enumerate(IMAGES):
+        path = tmp_path / "images" / f"{image_id.replace('/', '_')}.png"
+        path.parent.mkdir(exist_ok=True)
+        write_image(path, width, height, seed)
+        rows.append([image_id, str(path), "", "", False, "train", width, height, shard])
+    out = tmp_path / "manifest.csv"
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(out, index=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and batching
+
+
+def test_crop_and_pad_to_patch_multiples():
+    assert image_geometry(100, 75, 512, 16, "crop") == Geometry(1.0, (100, 75), (96, 64), (6, 4))
+    assert image_geometry(100, 75, 512, 16, "pad") == Geometry(1.0, (100, 75), (112, 80), (7, 5))
+
+
+def test_a_side_shorter_than_a_patch_is_always_padded():
+    assert image_geometry(10, 40, 512, 16, "crop").final == (16, 32)
+    assert image_geometry(3, 5, 512, 14, "crop").final == (14, 14)
+    assert image_geometry(3, 5, 512, 14, "pad").grid == (1, 1)
+
+
+def test_longer_side_downscaled_to_max_size_never_upscaled():
+    g = image_geometry(1000, 500, 512, 16, "crop")
+    assert g.scale == pytest.approx(0.512) and g.resized == (512, 256) and g.final == (512, 256)
+    g = image_geometry(375, 500, 448, 8, "pad")
+    assert g.resized == (336, 448) and g.final == (336, 448)
+    assert image_geometry(50, 60, 512, 16, "crop").scale == 1.0
+    assert image_geometry(50, 60, 512, 16, "crop").resized == (50, 60)
+    # Extreme aspect ratios keep at least one pixel, hence one patch.
+    assert image_geometry(10000, 3, 100, 16, "crop").final == (96, 16)
+
+
+def test_batches_group_equal_sizes_in_first_seen_order():
+    sizes = [(32, 48), (48, 32), (32, 48), (32, 48), (48, 32), (16, 16)]
+    assert batches_by_size(sizes, 2) == [[0, 2], [3], [1, 4], [5]]
+    assert batches_by_size(sizes, 8) == [[0, 2, 3], [1, 4], [5]]
+
+
+def test_prepare_image_normalises_then_crops_or_pads_bottom_right():
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.5, 1.0)
+    cropped = prepare_image(rgb, image_geometry(20, 30, 512, 16, "crop"), mean, std)
+    assert cropped.shape == (3, 16, 16)
+    assert torch.all(cropped[0] == 2.0) and torch.all(cropped[1] == -1.0)
+    padded = prepare_image(rgb, image_geometry(20, 30, 512, 16, "pad"), mean, std)
+    assert padded.shape == (3, 32, 32)
+    assert torch.all(padded[:, :20, :30] == cropped[:, :1, :1])
+    assert torch.all(padded[:, 20:] == 0) and torch.all(padded[:, :, 30:] == 0)
+    resized = prepare_image(rgb, image_geometry(20, 30, 15, 4, "crop"), mean, std)
+    assert resized.shape == (3, 8, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shard file
+
+
+def test_shard_contents(manifest, tmp_path):
+    out = tmp_path / "shard-00000.safetensors"
+    extract_shard(manifest, 0, out, params(), threads=2)
+    meta = read_shard_meta(out)
+    assert meta["image_ids"] == ["b", "a/x", "c", "tiny", "big"]  # manifest order, shard 0 only
+    assert meta["patch_size"] == 16 and meta["embed_dim"] == 48 and meta["keep"] == ["keys", "cls"]
+    assert meta["backbone"] == "vit_small_patch16_224.dino" and meta["weights"] == "random"
+    assert meta["format"] == fx.FORMAT_VERSION and meta["geometry_fields"] == list(fx.GEOMETRY_FIELDS)
+
+    shard = read_shard(out)
+    assert list(shard) == meta["image_ids"]
+    expected_grid = {"b": (1, 2), "a/x": (1, 2), "c": (3, 1), "tiny": (1, 1), "big": (2, 4)}
+    for image_id, tensors in shard.items():
+        assert set(tensors) == {"keys", "cls", "grid", "geometry"}
+        gh, gw = tensors["grid"].tolist()
+        assert tensors["grid"].dtype == torch.int32 and (gh, gw) == expected_grid[image_id]
+        assert tensors["keys"].shape == (gh * gw, 48) and tensors["keys"].dtype == torch.float16
+        assert tensors["cls"].shape == (48,) and tensors["cls"].dtype == torch.float16
+        assert tensors["geometry"].dtype == torch.float32
+    # 300 x 200 with max_size 64: resized to 64 x 43 (w x h), cropped to 64 x 32.
+    assert shard["big"]["geometry"].tolist() == pytest.approx([64 / 300, 43, 64, 32, 64])
+    assert shard["tiny"]["geometry"].tolist() == [1.0, 7, 9, 16, 16]
+
+
+def test_stored_keys_are_the_backbone_keys_of_the_prepared_image(manifest, tmp_path):
+    out = tmp_path / "s.safetensors"
+    extract_shard(manifest, 0, out, params(fit="pad"), threads=2)
+    torch.manual_seed(0)  # the seed that extract_shard draws the random weights from
+    model = build_backbone("vit_small_patch16_224.dino", "random", model_kwargs=TINY)
+    geometry = image_geometry(50, 20, 64, 16, "pad")
+    rgb = np.asarray(Image.open(manifest.parent / "images" / "c.png").convert("RGB"))
+    image = prepare_image(rgb, geometry, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = extract_features(model, image[None], keys=True, cls=True)
+    with ShardReader(out) as reader:
+        assert "c" in reader and len(reader) == 5
+        assert torch.equal(reader.get("c", "keys"), expected.keys[0].half())
+        assert torch.equal(reader.get("c", "cls"), expected.cls[0].half())
+
+
+def test_identical_bytes_across_runs_and_worker_counts(manifest, tmp_path):
+    first, second = tmp_path / "1.safetensors", tmp_path / "2.safetensors"
+    extract_shard(manifest, 0, first, params(), threads=2)
+    extract_shard(manifest, 0, second, params(num_workers=1), threads=2)
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_header_is_canonical_whatever_the_metadata_order():
+    from safetensors.torch import save
+
+    tensors = {"x/keys": torch.ones(2, 3, dtype=torch.float16)}
+    meta = {f"k{i}": str(i) for i in range(20)}
+    blobs = {fx.canonical_safetensors(save(tensors, dict(items)))
+             for items in (sorted(meta.items()), sorted(meta.items(), reverse=True))}
+    assert len(blobs) == 1
+
+
+def test_keep_list_is_respected(manifest, tmp_path):
+    out = tmp_path / "tokens.safetensors"
+    extract_shard(manifest, 1, out, params(keep=["tokens"]), threads=1)
+    shard = read_shard(out)
+    assert list(shard) == ["other"]
+    assert set(shard["other"]) == {"tokens", "grid", "geometry"}
+    assert shard["other"]["tokens"].shape == (2, 48)
+    with pytest.raises(ConfigError, match=r"features\.keep.*unknown: attn"):
+        extract_shard(manifest, 1, out, params(keep=["keys", "attn"]), threads=1)
+
+
+def test_failed_write_leaves_no_shard(manifest, tmp_path, monkeypatch):
+    def write_half_then_die(path: Path, blob: bytes) -> None:
+        path.write_bytes(blob[: len(blob) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fx, "_write_blob", write_half_then_die)
+    out = tmp_path / "features" / "shard-00000.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        extract_shard(manifest, 0, out, params(), threads=1)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_error_names_the_file(manifest, tmp_path, workers):
+    bad = tmp_path / "images" / "c.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "shard.safetensors"
+    with pytest.raises(BadInputError, match=rf"^{bad}: corrupt") as info:
+        extract_shard(manifest, 0, out, params(num_workers=workers), threads=1)
+    assert "Traceback" not in str(info.value)
+    assert not out.exists()
+
+
+def test_unknown_shard_is_an_error(manifest, tmp_path):
+    with pytest.raises(BadInputError, match=r"manifest\.csv: no image belongs to shard 7"):
+        extract_shard(manifest, 7, tmp_path / "x.safetensors", params(), threads=1)
+
+
+def test_cli_runs_the_stage_and_reports_bad_weights_in_one_line(manifest, tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    argv = ["extract-features", "--manifest", str(manifest), "--shard", "1", "--out", str(out),
+            "--threads", "1"]
+    assert cli_main([*argv, "--params", json.dumps(params())]) == 0
+    assert read_shard_meta(out)["image_ids"] == ["other"]
+    bad = params()
+    bad["backbone"]["weights"] = str(tmp_path / "nope.pth")
+    assert cli_main([*argv, "--params", json.dumps(bad)]) == 2
+    assert "nope.pth: no such file" in capsys.readouterr().err
