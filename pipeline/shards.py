@@ -38,7 +38,8 @@ def canonical_safetensors(blob: bytes) -> bytes:
 def write_shard(out_path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write ``tensors`` (names ``"{image_id}/{name}"``) and JSON-encoded ``metadata`` atomically."""
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in metadata.items()}
-    contiguous = {key: value.contiguous() for key, value in tensors.items()}
+    # Own storage per tensor: safetensors refuses tensors that share memory (views of one batch).
+    contiguous = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
     blob = canonical_safetensors(safetensors_bytes(contiguous, metadata=encoded))
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(blob)
