@@ -37,11 +37,10 @@ import pandas as pd
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path
+from pipeline import shards
 from pipeline.backbone import (
     build_backbone,
     embed_dim,
@@ -309,7 +308,7 @@ def extract_shard(
     per_image = compute_features(model, rows, geometries, settings, device, desc=f"shard {shard}")
     tensors = shard_tensors(list(rows["image_id"]), per_image, geometries)
     metadata = shard_metadata(model, params, settings, list(rows["image_id"]), shard)
-    write_shard(Path(out_path), tensors, metadata)
+    shards.write_shard(Path(out_path), tensors, metadata)
     log.info("wrote %s (%d tensors)", out_path, len(tensors))
 
 
@@ -362,8 +361,8 @@ def shard_tensors(
 
 def shard_metadata(
     model: torch.nn.Module, params: dict, settings: FeatureSettings, image_ids: list[str], shard: int
-) -> dict[str, str]:
-    """Everything a later stage needs to interpret the shard; every value is JSON."""
+) -> dict:
+    """Everything a later stage needs to interpret the shard (stored JSON-encoded)."""
     import timm
 
     backbone = params["backbone"]
@@ -389,41 +388,11 @@ def shard_metadata(
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
-    return {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------
 # Shard files
-
-
-def write_shard(out_path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    blob = canonical_safetensors(safetensors_bytes(tensors, metadata=metadata))
-    with atomic_path(out_path) as tmp:
-        _write_blob(tmp, blob)
-
-
-def _write_blob(path: Path, blob: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(blob)
-
-
-def canonical_safetensors(blob: bytes) -> bytes:
-    """The same file with its metadata sorted by key.
-
-    safetensors serialises ``__metadata__`` from a Rust HashMap whose order changes from process
-    to process, so two identical runs would differ in their header bytes. Data offsets are
-    relative to the end of the header, so rewriting (and re-padding) the header is safe.
-    """
-    header_len = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + header_len])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    ordered = {"__metadata__": header.pop("__metadata__")} if "__metadata__" in header else {}
-    ordered.update(header)
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    # The format wants the data to start 8-byte aligned; pad the header with spaces as it does.
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + blob[8 + header_len :]
 
 
 def read_shard_meta(path: str | Path) -> dict:

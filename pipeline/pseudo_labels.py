@@ -27,7 +27,6 @@ Choices (ours unless cited):
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 

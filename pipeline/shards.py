@@ -42,7 +42,12 @@ def write_shard(out_path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     contiguous = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
     blob = canonical_safetensors(safetensors_bytes(contiguous, metadata=encoded))
     with atomic_path(out_path) as tmp:
-        tmp.write_bytes(blob)
+        _write_blob(tmp, blob)
+
+
+def _write_blob(path: Path, blob: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(blob)
 
 
 def per_image_tensors(per_image: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline import features as fx
+from pipeline import shards
 from pipeline.backbone import build_backbone, extract_features
 from pipeline.cli import main as cli_main
 from pipeline.errors import BadInputError, ConfigError
@@ -159,7 +160,7 @@ def test_header_is_canonical_whatever_the_metadata_order():
 
     tensors = {"x/keys": torch.ones(2, 3, dtype=torch.float16)}
     meta = {f"k{i}": str(i) for i in range(20)}
-    blobs = {fx.canonical_safetensors(save(tensors, dict(items)))
+    blobs = {shards.canonical_safetensors(save(tensors, dict(items)))
              for items in (sorted(meta.items()), sorted(meta.items(), reverse=True))}
     assert len(blobs) == 1
 
@@ -180,7 +181,7 @@ def test_failed_write_leaves_no_shard(manifest, tmp_path, monkeypatch):
         path.write_bytes(blob[: len(blob) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fx, "_write_blob", write_half_then_die)
+    monkeypatch.setattr(shards, "_write_blob", write_half_then_die)
     out = tmp_path / "features" / "shard-00000.safetensors"
     with pytest.raises(KeyboardInterrupt):
         extract_shard(manifest, 0, out, params(), threads=1)
