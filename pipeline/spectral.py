@@ -67,22 +67,27 @@ def _eigh_lowest(lap: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     """The k lowest eigenpairs of each symmetric matrix of a batch, ascending.
 
     GPU: one batched ``torch.linalg.eigh`` (full spectrum; fast there). CPU: LAPACK's
-    relatively-robust-representations driver (``syevr``) asked for the k lowest pairs only, per
-    matrix — still a dense solve, but on 2 cores it is ~4x faster than a full ``eigh`` and ~5x faster
-    than shift-invert ``eigsh`` at 713 patches, while torch's batched CPU ``eigh`` was erratic
-    (0.3-7 s per matrix; bench/spectral.py has the numbers).
+    relatively-robust-representations driver (``syevr``) asked for the k lowest pairs only —
+    still a dense solve — one matrix per thread with single-threaded BLAS: multi-threaded BLAS
+    on matrices this small made each solve 10-30x slower on a busy 2-core machine, and torch's
+    batched CPU ``eigh`` was erratic (0.3-7 s per matrix). bench/spectral.py has the numbers.
     """
     if lap.device.type != "cpu":
         values, vectors = torch.linalg.eigh(lap)
         return values[..., :k], vectors[..., :k]
-    import scipy.linalg
+    from concurrent.futures import ThreadPoolExecutor
 
-    values, vectors = [], []
-    for matrix in lap.numpy():
-        w, v = scipy.linalg.eigh(matrix, subset_by_index=[0, k - 1], driver="evr")
-        values.append(torch.from_numpy(w))
-        vectors.append(torch.from_numpy(v))
-    return torch.stack(values), torch.stack(vectors)
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
+
+    def solve(matrix):
+        return scipy.linalg.eigh(matrix, subset_by_index=[0, k - 1], driver="evr")
+
+    with threadpool_limits(1), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        pairs = list(pool.map(solve, lap.numpy()))
+    values = torch.stack([torch.from_numpy(w) for w, _ in pairs])
+    vectors = torch.stack([torch.from_numpy(v) for _, v in pairs])
+    return values, vectors
 
 
 def smallest_eigenpairs(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

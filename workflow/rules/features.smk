@@ -17,7 +17,8 @@ rule extract_features:
         results("benchmarks/extract_features/shard-{shard}.tsv")
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -16,7 +16,8 @@ rule spectral_segments:
         results("benchmarks/spectral_segments/shard-{shard}.tsv")
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -46,7 +47,8 @@ rule segment_features:
         results("benchmarks/segment_features/shard-{shard}.tsv")
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -75,7 +77,8 @@ rule pseudo_labels:
         results("benchmarks/pseudo_labels.tsv")
     threads: 2
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -1,0 +1,133 @@
+"""Training images for PC2M: labels per image, and per-sample augmentation seeded by
+(seed, epoch, image index) so that the views do not depend on workers, processes or on where a
+run was resumed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline.datasets import parse_labels, read_manifest
+from pipeline.errors import BadInputError
+from pipeline.imageio import load_rgb
+from pipeline.pc2m.model import multi_hot
+from pipeline.pc2m.views import ViewSettings, make_views
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    image_id: str
+    image_path: str
+    labels: tuple[int, ...]
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix-style mixing; Python's hash() is salted per process)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def weak_training_images(manifest_path: Path) -> list[LabelledImage]:
+    """Train-split images with their GT image-level labels (weak supervision, Sec. 3.1)."""
+    manifest = read_manifest(manifest_path)
+    train = manifest[manifest["split"] == TRAIN_SPLIT]
+    unlabelled = train[~train["has_labels"]]
+    if len(unlabelled):
+        log.warning("%d train images have no labels and are not used for training (e.g. %s)",
+                    len(unlabelled), unlabelled["image_id"].iloc[0])
+    labelled = train[train["has_labels"]]
+    return [LabelledImage(r.image_id, r.image_path, tuple(parse_labels(r.labels))) for r in labelled.itertuples()]
+
+
+def unsupervised_training_images(manifest_path: Path, labels_path: Path) -> list[LabelledImage]:
+    """Train-split images with their clustering pseudo-labels (Sec. 3.3); GT is never read."""
+    manifest = read_manifest(manifest_path)
+    train = manifest[manifest["split"] == TRAIN_SPLIT]
+    if not Path(labels_path).is_file():
+        raise BadInputError(f"{labels_path}: pseudo-label file not found")
+    pseudo = pd.read_csv(labels_path, dtype={"image_id": str, "labels": str, "has_labels": bool},
+                         keep_default_na=False, na_filter=False)
+    missing = sorted(set(train["image_id"]) - set(pseudo["image_id"]))
+    if missing:
+        raise BadInputError(f"{labels_path}: no pseudo-labels for {len(missing)} train images (e.g. {missing[0]})")
+    by_id = pseudo.set_index("image_id")
+    images = []
+    for row in train.itertuples():
+        entry = by_id.loc[row.image_id]
+        if bool(entry["has_labels"]):
+            images.append(LabelledImage(row.image_id, row.image_path, tuple(parse_labels(entry["labels"]))))
+    if len(images) < len(train):
+        log.warning("%d train images have no pseudo-labels and are not used", len(train) - len(images))
+    return images
+
+
+def check_label_range(images: Sequence[LabelledImage], num_classes: int, source: str) -> None:
+    for image in images:
+        bad = [c for c in image.labels if not 1 <= c < num_classes]
+        if bad:
+            raise BadInputError(f"{source}: image {image.image_id} has labels {bad} outside 1..{num_classes - 1}")
+
+
+def source_image(path: str, size: int) -> torch.Tensor:
+    """The image as 3 x size x size in [0, 1]: ViT-PCM resizes to a square (aspect not kept)."""
+    rgb = load_rgb(path)
+    if rgb.shape[:2] != (size, size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+class TwoViewDataset(Dataset):
+    """Item i: normalised global and local views, their thetas, the multi-hot target, i."""
+
+    def __init__(self, images: Sequence[LabelledImage], num_classes: int, views: ViewSettings,
+                 mean: Sequence[float], std: Sequence[float], seed: int) -> None:
+        self.images = list(images)
+        self.num_classes = num_classes
+        self.views = views
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index]
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+        pair = make_views(source_image(image.image_path, self.views.global_size), self.views, generator)
+        return {
+            "global": (pair.global_view - self.mean) / self.std,
+            "local": (pair.local_view - self.mean) / self.std,
+            "theta_global": pair.theta_global,
+            "theta_local": pair.theta_local,
+            "target": multi_hot(list(image.labels), self.num_classes),
+            "index": torch.tensor(index),
+        }
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's share of each global batch of the epoch's permutation (last partial batch
+    dropped). Global batch k is the same set of images whatever the number of processes, which
+    makes a data-parallel run equal the single-process run on the same global batch."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(derived_seed(seed, epoch))).tolist()
+    per_process = batch_size // world
+    return [
+        order[start + rank * per_process : start + (rank + 1) * per_process]
+        for start in range(0, num_images - batch_size + 1, batch_size)
+    ]

@@ -1,0 +1,106 @@
+"""The PC2M objective (paper 000 Sec. 3.1, Algorithm 1):
+
+    L = L_MCE + CE(Q^g, P^l) / 2 + CE(Q^l, P^g) / 2
+
+with Q^t the optimal-transport plan of branch t (``ot.sinkhorn``) and the global branch's maps
+resampled at the local patches (``views.resample``) so both terms compare the same regions; local
+patches not seen by the global view are left out. The entropy terms H(Q) of eq. 2 carry no
+gradient (stop-gradient) and are left out, as in Algorithm 1.
+
+Ablations of Table 1: ``use_ot = False`` matches the raw (detached) predictions of the other
+branch instead of transport plans; ``use_match = False`` trains each branch against its own plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.pc2m.model import PatchPredictions, image_class_probabilities, multilabel_bce
+from pipeline.pc2m.ot import LOCAL, Reducer, sinkhorn
+from pipeline.pc2m.views import Alignment, resample
+
+# log(0) guard for the resampled global probabilities.
+_PROB_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    use_ot: bool
+    use_match: bool
+    sinkhorn_iterations: int
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    mce: torch.Tensor
+    match: torch.Tensor
+
+
+def _flat(maps: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w -> (B*h*w) x C, patches as rows (the N x |C| matrices of Sec. 3.1)."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def _unflat(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = like.shape
+    return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def transport_plan(
+    predictions: PatchPredictions, alpha: torch.Tensor, epsilon: float, iterations: int, reduce: Reducer
+) -> torch.Tensor:
+    """Q of one branch as B x C x h x w soft labels (each patch sums to 1)."""
+    log_probs = predictions.log_probs.detach()
+    return _unflat(sinkhorn(_flat(log_probs), alpha, epsilon, iterations, reduce), log_probs)
+
+
+def masked_cross_entropy(
+    target: torch.Tensor, log_probs: torch.Tensor, valid: torch.Tensor, reduce: Reducer
+) -> torch.Tensor:
+    """CE(t, y) = -sum_c t log y, averaged over the valid patches of the GLOBAL batch.
+
+    Scaled by the number of processes, because DDP averages the gradients of the processes: the
+    sum of the local terms over the global count is then the single-process mean.
+    """
+    per_patch = -(target * log_probs).sum(dim=1)
+    weight = valid.to(per_patch.dtype)
+    count = reduce.sum(weight.sum().detach()).clamp_min(1.0)
+    processes = reduce.sum(torch.ones((), device=per_patch.device))
+    return (per_patch * weight).sum() * processes / count
+
+
+def pc2m_loss(
+    global_pred: PatchPredictions,
+    local_pred: PatchPredictions,
+    alignment: Alignment,
+    targets: torch.Tensor,
+    alpha: torch.Tensor,
+    epsilon: float,
+    settings: LossSettings,
+    reduce: Reducer = LOCAL,
+) -> LossTerms:
+    """L_PC2M of Algorithm 1 for one batch (``targets``: B x C multi-hot, background on)."""
+    mce = multilabel_bce(image_class_probabilities(global_pred), targets)
+    if settings.use_ot:
+        q_global = transport_plan(global_pred, alpha, epsilon, settings.sinkhorn_iterations, reduce)
+        q_local = transport_plan(local_pred, alpha, epsilon, settings.sinkhorn_iterations, reduce)
+    else:
+        q_global, q_local = global_pred.probs.detach(), local_pred.probs.detach()
+    if settings.use_match:
+        q_global_at_local = resample(q_global, alignment)
+        p_global_at_local = resample(global_pred.probs, alignment).clamp_min(_PROB_FLOOR).log()
+        match = (
+            masked_cross_entropy(q_global_at_local, local_pred.log_probs, alignment.valid, reduce)
+            + masked_cross_entropy(q_local, p_global_at_local, alignment.valid, reduce)
+        ) / 2
+    else:
+        everywhere_g = torch.ones_like(global_pred.log_probs[:, 0], dtype=torch.bool)
+        everywhere_l = torch.ones_like(local_pred.log_probs[:, 0], dtype=torch.bool)
+        match = (
+            masked_cross_entropy(q_global, global_pred.log_probs, everywhere_g, reduce)
+            + masked_cross_entropy(q_local, local_pred.log_probs, everywhere_l, reduce)
+        ) / 2
+    return LossTerms(total=mce + match, mce=mce, match=match)

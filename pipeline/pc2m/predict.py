@@ -1,0 +1,181 @@
+"""PC2M inference: class-probability maps of every image of a manifest shard (all splits), and
+their argmax masks at image size (the baseline pseudo-masks, BPM, of paper 001).
+
+Images are resized so that their longer side is ``predict.max_size`` (paper 001 infers at 960 px
+for +2-3 mIoU; ``upscale: true`` lets small images grow to it, as ViT-PCM's 960 x 960 input does,
+while keeping the aspect) and padded bottom/right to the patch size, with the geometry of the
+feature stage, so ``pipeline.geometry.grid_to_image`` maps the grid back.
+
+Shard format (``FORMAT_VERSION``) per image ``<id>``: ``<id>/probs`` float16 C x gh x gw (each
+patch a distribution over the classes, background 0 first) and ``<id>/geometry`` float32
+[scale, resized_h, resized_w, final_h, final_w].
+
+``restrict_to_labels`` zeroes the classes an image is not labelled with (ViT-PCM does this for
+its train pseudo-masks), for TRAIN images only: GT labels in weak mode, the clustering
+pseudo-labels in unsupervised mode (GT is never read there). Val images are never restricted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline import shards
+from pipeline.backbone import build_backbone, normalisation, patch_size
+from pipeline.datasets import parse_labels
+from pipeline.errors import BadInputError, ConfigError, WeightsError
+from pipeline.features import (
+    Geometry,
+    ShardImages,
+    batches_by_size,
+    fit_side,
+    image_geometry,
+    make_loader,
+    resolve_device,
+    shard_rows,
+)
+from pipeline.geometry import grid_to_image
+from pipeline.imageio import write_label_png
+from pipeline.pc2m.data import TRAIN_SPLIT
+from pipeline.pc2m.model import PatchClassifier
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "pc2m-predictions/1"
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    max_size: int
+    upscale: bool
+    fit: str
+    batch_size: int
+    num_workers: int
+    device: str
+    restrict_to_labels: bool
+    flip: bool
+
+    @classmethod
+    def from_params(cls, predict: dict) -> PredictSettings:
+        settings = cls(**predict)
+        if settings.fit not in ("crop", "pad"):
+            raise ConfigError(f"predict.fit: {settings.fit!r} is not crop or pad")
+        return settings
+
+
+def prediction_geometry(height: int, width: int, settings: PredictSettings, patch: int) -> Geometry:
+    """The feature stage's geometry, or the same with the longer side scaled up to max_size."""
+    if not settings.upscale or max(height, width) >= settings.max_size:
+        return image_geometry(height, width, settings.max_size, patch, settings.fit)
+    scale = settings.max_size / max(height, width)
+    rh, rw = max(1, round(height * scale)), max(1, round(width * scale))
+    fh, fw = fit_side(rh, patch, settings.fit), fit_side(rw, patch, settings.fit)
+    return Geometry(scale=scale, resized=(rh, rw), final=(fh, fw), grid=(fh // patch, fw // patch))
+
+
+def load_model(model_path: Path, backbone: dict, device: torch.device) -> PatchClassifier:
+    """The trained network: backbone architecture from the config, every weight from model.pt."""
+    if not Path(model_path).is_file():
+        raise WeightsError(f"{model_path}: trained model not found")
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        num_classes = int(state["classifier.weight"].shape[0])
+    except Exception as exc:  # noqa: BLE001 - any failure: not a usable model file
+        raise WeightsError(f"{model_path}: not a PC2M model file ({type(exc).__name__}: {exc})") from None
+    # `random`: the architecture only; model.pt overwrites every tensor (strict below).
+    net = build_backbone(backbone["name"], "random", backbone.get("checkpoint_key", "teacher"),
+                         backbone.get("model_kwargs") or {})
+    model = PatchClassifier(net, num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{model_path}: does not fit backbone {backbone['name']!r} ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def restriction_labels(rows: pd.DataFrame, mode: str, labels_path: Path | None) -> dict[str, list[int]]:
+    """Foreground labels allowed per TRAIN image of the shard (weak: GT; unsupervised: pseudo)."""
+    train = rows[rows["split"] == TRAIN_SPLIT]
+    if mode == "weak":
+        return {r.image_id: parse_labels(r.labels) for r in train.itertuples() if r.has_labels}
+    if labels_path is None:
+        raise ConfigError("predict.restrict_to_labels in unsupervised mode needs the pseudo-label file")
+    pseudo = pd.read_csv(labels_path, dtype={"image_id": str, "labels": str, "has_labels": bool},
+                         keep_default_na=False, na_filter=False).set_index("image_id")
+    return {i: parse_labels(pseudo.loc[i, "labels"]) for i in train["image_id"]
+            if i in pseudo.index and bool(pseudo.loc[i, "has_labels"])}
+
+
+def restrict(probs: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """C x gh x gw probabilities with only background and ``labels`` kept, renormalised."""
+    keep = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device)
+    keep[0] = 1
+    keep[[c for c in labels if c < probs.shape[0]]] = 1
+    masked = probs * keep[:, None, None]
+    return masked / masked.sum(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def predict_batch(model: PatchClassifier, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """B x C x gh x gw probabilities, averaged with the horizontally flipped input if ``flip``."""
+    probs = model(images).probs
+    if flip:
+        probs = (probs + model(images.flip(-1)).probs.flip(-1)) / 2
+    return probs.float()
+
+
+def predict_shard(
+    manifest_path: str | Path,
+    shard: int,
+    model_path: str | Path,
+    out_probs: str | Path,
+    out_masks_dir: str | Path,
+    params: dict,
+    threads: int,
+    labels_path: str | Path | None = None,
+) -> None:
+    """Probability maps of ``shard`` into ``out_probs`` and masks ``<out_masks_dir>/<id>.png``.
+
+    ``params`` = {"backbone": {...}, "predict": {...}, "mode": ...}; ``labels_path`` is the
+    pseudo-label file (unsupervised mode with ``restrict_to_labels`` only).
+    """
+    settings = PredictSettings.from_params(params["predict"])
+    torch.set_num_threads(max(1, int(threads)))
+    device = resolve_device(settings.device)
+    rows = shard_rows(Path(manifest_path), shard)
+    model = load_model(Path(model_path), params["backbone"], device)
+    patch = patch_size(model.backbone)
+    mean, std = normalisation(model.backbone)
+    allowed = (restriction_labels(rows, params["mode"], Path(labels_path) if labels_path else None)
+               if settings.restrict_to_labels else {})
+    sizes = [(int(r.height), int(r.width)) for r in rows.itertuples()]
+    geometries = [prediction_geometry(h, w, settings, patch) for h, w in sizes]
+    batches = batches_by_size([g.final for g in geometries], settings.batch_size)
+    dataset = ShardImages(rows["image_path"].tolist(), sizes, geometries, mean, std)
+    loader = make_loader(dataset, batches, settings.num_workers, device.type == "cuda")
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for indices, images, error in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
+            if error is not None:
+                raise BadInputError(error)
+            probs = predict_batch(model, images.to(device), settings.flip).cpu()
+            for index, image_probs in zip(indices, probs):
+                image_id = rows["image_id"][index]
+                if image_id in allowed:
+                    image_probs = restrict(image_probs, allowed[image_id])
+                geometry = geometries[index].as_tensor()
+                tensors[f"{image_id}/probs"] = image_probs.half()
+                tensors[f"{image_id}/geometry"] = geometry
+                on_image = grid_to_image(image_probs, geometry, sizes[index], mode="bilinear")
+                write_label_png(Path(out_masks_dir) / f"{image_id}.png", on_image.argmax(dim=0).to(torch.uint8).numpy())
+    shards.write_shard(Path(out_probs), tensors, {
+        "format": FORMAT_VERSION, "image_ids": rows["image_id"].tolist(), "num_classes": model.num_classes,
+        "patch_size": patch, "max_size": settings.max_size, "upscale": settings.upscale, "fit": settings.fit,
+        "flip": settings.flip, "restricted_images": sorted(allowed), "mode": params["mode"],
+    })
+    log.info("predicted %d images of shard %d (%d restricted to their labels)", len(rows), shard, len(allowed))

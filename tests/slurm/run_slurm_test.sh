@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Real SLURM test: bring up a one-node SLURM cluster on localhost (slurmctld + slurmd + munge),
+# run the demo pipeline through workflow/profiles/slurm, check its outputs equal a local run's,
+# and stop exactly the daemons started here (also on failure).
+#
+#   bash tests/slurm/run_slurm_test.sh            (as root on Debian/Ubuntu; installs slurm-wlm, munge)
+#
+# Exit 0 with "SLURM test skipped: <why>" where it cannot run (not root, no apt-get, packages
+# unavailable); exit non-zero when the pipeline fails under SLURM or its outputs differ.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+SCRATCH="$(mktemp -d /tmp/slurm-test.XXXXXX)"
+PIDS=()
+
+skip() { echo "SLURM test skipped: $*"; exit 0; }
+fail() { echo "SLURM test FAILED: $*"; exit 1; }
+
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null
+    done
+    [ -n "${SLURM_CONF_BACKUP:-}" ] && mv -f "$SLURM_CONF_BACKUP" /etc/slurm/slurm.conf
+    [ -z "${SLURM_CONF_BACKUP:-}" ] && [ "${WROTE_SLURM_CONF:-0}" = 1 ] && rm -f /etc/slurm/slurm.conf
+    echo "stopped daemons: ${PIDS[*]:-none}"
+    exit "$rc"
+}
+trap cleanup EXIT
+
+[ "$(id -u)" = 0 ] || skip "needs root to install and start slurmctld/slurmd/munged"
+command -v apt-get >/dev/null || skip "no apt-get to install slurm-wlm and munge"
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends slurm-wlm munge >"$SCRATCH/apt.log" 2>&1 \
+        || { apt-get update >>"$SCRATCH/apt.log" 2>&1 \
+             && apt-get install -y --no-install-recommends slurm-wlm munge >>"$SCRATCH/apt.log" 2>&1; } \
+        || skip "apt-get could not install slurm-wlm and munge (see $SCRATCH/apt.log)"
+fi
+python -c "import snakemake_executor_plugin_slurm" 2>/dev/null \
+    || python -m pip install -q "snakemake-executor-plugin-slurm>=2.8" \
+    || skip "cannot install snakemake-executor-plugin-slurm"
+
+# --- munge ---------------------------------------------------------------------------------
+mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
+[ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
+chown -R munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge
+chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    setsid su -s /bin/sh munge -c "exec /usr/sbin/munged --foreground" >"$SCRATCH/munged.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+munge -n | unmunge | grep -q Success || fail "munge does not work (see $SCRATCH/munged.log)"
+
+# --- slurm ---------------------------------------------------------------------------------
+mkdir -p /etc/slurm "$SCRATCH"/{state,spool,log}
+if [ -e /etc/slurm/slurm.conf ]; then
+    SLURM_CONF_BACKUP="$SCRATCH/slurm.conf.orig"; cp /etc/slurm/slurm.conf "$SLURM_CONF_BACKUP"
+fi
+CPUS=$(nproc)
+MEM_MB=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) - 2048 ))
+cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=pipelinetest
+SlurmctldHost=localhost
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+StateSaveLocation=$SCRATCH/state
+SlurmdSpoolDir=$SCRATCH/spool
+SlurmctldPidFile=$SCRATCH/slurmctld.pid
+SlurmdPidFile=$SCRATCH/slurmd.pid
+SlurmctldLogFile=$SCRATCH/log/slurmctld.log
+SlurmdLogFile=$SCRATCH/log/slurmd.log
+NodeName=localhost CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+WROTE_SLURM_CONF=1
+setsid /usr/sbin/slurmctld -D -f /etc/slurm/slurm.conf >"$SCRATCH/slurmctld.out" 2>&1 &
+PIDS+=($!)
+setsid /usr/sbin/slurmd -D -N localhost -f /etc/slurm/slurm.conf >"$SCRATCH/slurmd.out" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 60); do sinfo -h -o %T 2>/dev/null | grep -qx idle && break; sleep 0.5; done
+sinfo -h -o %T | grep -qx idle || fail "the SLURM node never became idle (logs in $SCRATCH/log)"
+echo "SLURM up: $(sinfo -h -o '%P %D %c %m %T')"
+
+# --- the pipeline, through SLURM and locally -----------------------------------------------
+cat > "$SCRATCH/tiny.yaml" <<YAML
+dataset: {images_per_shard: 6, demo: {n_train: 8, n_val: 4, width: 96, height: 80}}
+backbone: {model_kwargs: {depth: 2, embed_dim: 48, num_heads: 3}}
+features: {batch_size: 4, num_workers: 0}
+YAML
+run_pipeline() {  # $1 = work dir, rest = extra snakemake arguments
+    local work="$1"; shift
+    mkdir -p "$work"
+    (cd "$work" && python -m snakemake -s "$REPO/Snakefile" --configfile "$SCRATCH/tiny.yaml" \
+        --config results="$work/results" "$@")
+}
+run_pipeline "$SCRATCH/slurm" --workflow-profile "$REPO/workflow/profiles/slurm" \
+    --default-resources slurm_partition=debug "mem_mb=2000" "runtime=30" \
+    --set-resources extract_features:slurm_partition=debug extract_features:gpu=0 \
+        segment_features:slurm_partition=debug segment_features:gpu=0 \
+    --slurm-no-account --slurm-status-command squeue --slurm-init-seconds-before-status-checks 2 \
+    --jobs 4 >"$SCRATCH/slurm-run.log" 2>&1 \
+    || { tail -50 "$SCRATCH/slurm-run.log"; fail "the pipeline failed under SLURM (log: $SCRATCH/slurm-run.log)"; }
+echo "SLURM job ids of the stages:"
+grep -E "submitted with SLURM jobid|SLURM run ID|jobid [0-9]+" "$SCRATCH/slurm-run.log" | sed 's/^/  /' | head -40
+grep -q "SLURM jobid" "$SCRATCH/slurm-run.log" || fail "no job was submitted to SLURM"
+
+run_pipeline "$SCRATCH/local" --cores 2 >"$SCRATCH/local-run.log" 2>&1 \
+    || { tail -30 "$SCRATCH/local-run.log"; fail "the local reference run failed"; }
+
+compare() {
+    (cd "$1/results" && find . -type f ! -path './logs/*' ! -path './benchmarks/*' ! -name '.*' | sort)
+}
+diff <(compare "$SCRATCH/slurm") <(compare "$SCRATCH/local") >/dev/null \
+    || fail "SLURM and local runs produced different sets of files"
+differ=0
+while read -r file; do
+    cmp -s "$SCRATCH/slurm/results/$file" "$SCRATCH/local/results/$file" || { echo "  differs: $file"; differ=1; }
+done < <(compare "$SCRATCH/local")
+[ "$differ" = 0 ] || fail "outputs of the SLURM run differ from the local run"
+echo "SLURM test passed: $(compare "$SCRATCH/local" | wc -l) output files identical to a local run"
+rm -rf "$SCRATCH/slurm/results" "$SCRATCH/local/results"
