@@ -10,6 +10,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/pseudo_labels.smk"
+include: "workflow/rules/pc2m.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -111,6 +111,36 @@ def _cmd_pseudo_label_report(args: argparse.Namespace) -> None:
     report_pseudo_labels(Path(args.pseudo_dir), Path(args.manifest), Path(args.classes), Path(args.csv), Path(args.md))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.pc2m.train import train
+
+    train(Path(args.manifest), Path(args.classes), Path(args.labels) if args.labels else None,
+          Path(args.out_dir), _params(args.params), args.threads)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from pipeline.pc2m.predict import predict_shard
+
+    predict_shard(Path(args.manifest), args.shard, Path(args.model), Path(args.out_probs), Path(args.out_masks),
+                  _params(args.params), args.threads, labels_path=Path(args.labels) if args.labels else None)
+
+
+def _cmd_crf(args: argparse.Namespace) -> None:
+    from pipeline.crf import crf_shard
+
+    crf_shard(Path(args.probs), Path(args.manifest), Path(args.out_masks), _params(args.params), args.threads)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import evaluate_masks
+
+    params = _params(args.params)
+    evaluate_masks([Path(d) for d in args.masks], Path(args.manifest), Path(args.classes), args.split,
+                   params["mode"], Path(args.out_json), Path(args.out_csv),
+                   num_predicted_classes=params.get("num_predicted_classes"),
+                   matching=params["evaluate"]["matching"], discovered_iou=params["evaluate"]["discovered_iou"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -175,6 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
     p.set_defaults(func=_cmd_pseudo_label_report)
+
+    p = sub.add_parser("train", help="train PC2M (weak: dataset labels; unsupervised: pseudo-labels)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--classes", required=True)
+    p.add_argument("--labels", help="pseudo-label image_labels.csv (unsupervised mode)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"backbone", "train", "mode", "seed"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="PC2M class-probability maps and masks of one shard")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--labels", help="pseudo-label image_labels.csv (unsupervised mode)")
+    p.add_argument("--out-probs", required=True)
+    p.add_argument("--out-masks", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"backbone", "predict", "mode"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("crf", help="dense-CRF refinement of one shard of probability maps")
+    p.add_argument("--probs", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out-masks", required=True)
+    p.add_argument("--params", required=True, help="JSON: the crf config section")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_crf)
+
+    p = sub.add_parser("evaluate", help="mIoU & co. of a stage's masks against GT (streaming)")
+    p.add_argument("--masks", nargs="+", required=True, help="folders of <image_id>.png masks")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--classes", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

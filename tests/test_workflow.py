@@ -42,6 +42,8 @@ def tiny_demo_config(tmp_path: Path) -> Path:
         "dataset": {"images_per_shard": 4, "demo": {"n_train": 6, "n_val": 2, "width": 80, "height": 64}},
         "backbone": {"model_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 3}},
         "features": {"batch_size": 4, "num_workers": 0},
+        "train": {"epochs": 2, "global_size": 64, "local_size": 32, "batch_size": 4, "num_workers": 0},
+        "predict": {"max_size": 96, "num_workers": 0},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))

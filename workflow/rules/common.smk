@@ -1,5 +1,6 @@
 # Config validation, paths and input functions shared by every rule.
 import json
+import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -17,9 +18,14 @@ RESULTS = config["results"].rstrip("/")
 DATASET = config["dataset"]
 
 
+# Stages whose masks are evaluated: name -> folder (one sub-folder per shard).
+MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks"}
+
+
 wildcard_constraints:
     shard=r"\d{5}",
     split=r"[A-Za-z0-9_]+",
+    stage="|".join(MASK_STAGES),
 
 
 def as_json(obj):
@@ -79,8 +85,46 @@ def sharded(stage):
     return expand(results(f"{stage}/shard-{{shard}}.safetensors"), shard=shard_ids())
 
 
+def sharded_dirs(stage_dir):
+    """Every per-shard output folder of a sharded stage that writes masks."""
+    return expand(results(f"{stage_dir}/shard-{{shard}}"), shard=shard_ids())
+
+
+def weights_input():
+    """The backbone's weights file, when it is one: changing it reruns what depends on it."""
+    weights = config["backbone"]["weights"]
+    return [] if weights in ("random", "timm") else [weights]
+
+
+def train_inputs(wildcards):
+    inputs = {
+        "manifest": results("dataset/manifest.csv"),
+        "classes": results("dataset/classes.json"),
+        "weights": weights_input(),
+    }
+    if config["mode"] == "unsupervised":
+        inputs["labels"] = results("pseudo_labels/image_labels.csv")
+        inputs["pseudo_summary"] = results("pseudo_labels/summary.json")
+    return inputs
+
+
+def predict_inputs(wildcards):
+    inputs = {"manifest": results("dataset/manifest.csv"), "model": results("pc2m/model.pt")}
+    if config["mode"] == "unsupervised":
+        inputs["labels"] = results("pseudo_labels/image_labels.csv")
+    return inputs
+
+
+def predicted_classes(input):
+    """Ids a stage can predict in unsupervised mode: background + one per cluster (for matching)."""
+    if config["mode"] != "unsupervised":
+        return None
+    return json.loads(Path(input.pseudo_summary[0]).read_text())["num_clusters"] + 1
+
+
 def final_targets(wildcards):
     """What `snakemake` builds by default: the last stage of the mode's DAG built so far."""
+    targets = [results(f"eval/{stage}-{split}.json") for stage in MASK_STAGES for split in ("train", "val")]
     if config["mode"] == "unsupervised":
-        return [results("reports/pseudo_labels.md")]
-    return sharded("features")
+        targets.append(results("reports/pseudo_labels.md"))
+    return targets

@@ -1,0 +1,56 @@
+# PC2M training (paper 000 Sec. 3.1-3.2, 4.2) and its sharded inference: class-probability maps
+# and masks of every image (train split: the baseline pseudo-masks, BPM; val split: PC2M on val).
+
+
+rule train_pc2m:
+    input:
+        unpack(train_inputs),
+    output:
+        model=results("pc2m/model.pt"),
+        done=results("pc2m/done.json"),
+        history=report(results("pc2m/history.csv"), caption="../report/training.rst", category="Training"),
+        alpha=results("pc2m/alpha.csv"),
+    params:
+        cfg=as_json(
+            {"backbone": config["backbone"], "train": config["train"], "mode": config["mode"], "seed": config["seed"]}
+        ),
+        out_dir=lambda w, output: str(Path(output.model).parent),
+        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
+    log:
+        results("logs/train_pc2m.log"),
+    benchmark:
+        results("benchmarks/train_pc2m.tsv")
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 600 * attempt,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m pipeline train --manifest {input.manifest:q} --classes {input.classes:q} {params.labels}"
+        " --out-dir {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule predict_pc2m:
+    input:
+        unpack(predict_inputs),
+    output:
+        probs=results("pc2m/probs/shard-{shard}.safetensors"),
+        masks=directory(results("pc2m/masks/shard-{shard}")),
+    params:
+        cfg=as_json({"backbone": config["backbone"], "predict": config["predict"], "mode": config["mode"]}),
+        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
+    log:
+        results("logs/predict_pc2m/shard-{shard}.log"),
+    benchmark:
+        results("benchmarks/predict_pc2m/shard-{shard}.tsv")
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m pipeline predict --manifest {input.manifest:q} --shard {wildcards.shard} --model {input.model:q}"
+        " {params.labels} --out-probs {output.probs:q} --out-masks {output.masks:q} --params {params.cfg:q}"
+        " --threads {threads} > {log:q} 2>&1"
