@@ -101,6 +101,8 @@ cat > "$SCRATCH/tiny.yaml" <<YAML
 dataset: {images_per_shard: 6, demo: {n_train: 8, n_val: 4, width: 96, height: 80}}
 backbone: {model_kwargs: {depth: 2, embed_dim: 48, num_heads: 3}}
 features: {batch_size: 4, num_workers: 0}
+train: {epochs: 2, global_size: 64, local_size: 32, batch_size: 4, num_workers: 0}
+predict: {max_size: 96, num_workers: 0}
 YAML
 run_pipeline() {  # $1 = work dir, rest = extra snakemake arguments
     local work="$1"; shift
@@ -112,8 +114,9 @@ run_pipeline "$SCRATCH/slurm" --workflow-profile "$REPO/workflow/profiles/slurm"
     --default-resources slurm_partition=debug "mem_mb=2000" "runtime=30" \
     --set-resources extract_features:slurm_partition=debug extract_features:gpu=0 \
         segment_features:slurm_partition=debug segment_features:gpu=0 \
+        train_pc2m:slurm_partition=debug train_pc2m:gpu=0 predict_pc2m:slurm_partition=debug predict_pc2m:gpu=0 \
     --slurm-no-account --slurm-status-command squeue --slurm-init-seconds-before-status-checks 2 \
-    --jobs 4 >"$SCRATCH/slurm-run.log" 2>&1 \
+    --jobs 4 --cores "$CPUS" >"$SCRATCH/slurm-run.log" 2>&1 \
     || { tail -50 "$SCRATCH/slurm-run.log"; fail "the pipeline failed under SLURM (log: $SCRATCH/slurm-run.log)"; }
 echo "SLURM job ids of the stages:"
 grep -E "submitted with SLURM jobid|SLURM run ID|jobid [0-9]+" "$SCRATCH/slurm-run.log" | sed 's/^/  /' | head -40
