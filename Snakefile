@@ -12,6 +12,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/pseudo_labels.smk"
 include: "workflow/rules/pc2m.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/deeplab.smk"
 
 
 rule all:

@@ -141,6 +141,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                    matching=params["evaluate"]["matching"], discovered_iou=params["evaluate"]["discovered_iou"])
 
 
+def _cmd_train_deeplab(args: argparse.Namespace) -> None:
+    from pipeline.deeplab.train import train_deeplab
+
+    train_deeplab(Path(args.manifest), [Path(d) for d in args.masks], Path(args.out_dir), _params(args.params),
+                  args.threads)
+
+
+def _cmd_predict_deeplab(args: argparse.Namespace) -> None:
+    from pipeline.deeplab.predict import predict_deeplab
+
+    predict_deeplab(Path(args.manifest), args.split, Path(args.model), Path(args.out_masks), _params(args.params),
+                    args.threads)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from pipeline.report import build_report
+
+    params = _params(args.params)
+    build_report(
+        [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes), Path(args.history), Path(args.alpha),
+        {stage: [Path(d) for d in dirs] for stage, dirs in params.get("stage_mask_dirs", {}).items()},
+        Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -243,6 +268,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", required=True)
     p.add_argument("--params", required=True, help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("train-deeplab", help="train DeepLabV3+ on the train split's pseudo-masks")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--masks", nargs="+", required=True, help="folders of <image_id>.png pseudo-masks")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"deeplab", "num_classes", "seed"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_train_deeplab)
+
+    p = sub.add_parser("predict-deeplab", help="DeepLab masks of one split")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out-masks", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"deeplab"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_predict_deeplab)
+
+    p = sub.add_parser("report", help="tables and plots of every evaluated stage")
+    p.add_argument("--eval", nargs="+", required=True, help="eval/<stage>-<split>.json files")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--classes", required=True)
+    p.add_argument("--history", required=True, help="pc2m/history.csv")
+    p.add_argument("--alpha", required=True, help="pc2m/alpha.csv")
+    p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--params", required=True, help='JSON: {"qualitative_images", "stage_mask_dirs"}')
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -29,7 +29,7 @@ from pipeline import metrics
 from pipeline.atomic import atomic_path, write_json
 from pipeline.datasets import read_classes, read_manifest
 from pipeline.errors import BadInputError, ConfigError
-from pipeline.imageio import load_mask
+from pipeline.imageio import load_mask, mask_in_folders
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,9 @@ def _num_predicted(mode: str, num_predicted_classes: int | None, num_classes: in
 
 def find_prediction(mask_dirs: Sequence[Path], image_id: str, manifest_path: Path) -> Path:
     """The first ``<dir>/{image_id}.png``; BadInputError naming the image when none exists."""
-    for folder in mask_dirs:
-        path = folder / f"{image_id}.png"
-        if path.is_file():
-            return path
+    path = mask_in_folders(mask_dirs, image_id)
+    if path is not None:
+        return path
     where = ", ".join(str(folder / f"{image_id}.png") for folder in mask_dirs)
     raise BadInputError(f"no prediction for image {image_id!r} of {manifest_path} (expected {where})")
 

@@ -211,3 +211,13 @@ def check_image_id(image_id: str) -> str:
     if "." in parts or "" in parts:
         raise BadInputError(f"unsafe image id {image_id!r}: contains an empty or '.' component")
     return image_id
+
+
+def mask_in_folders(folders, image_id: str) -> Path | None:
+    """The first ``<folder>/<image_id>.png`` that exists (a stage's masks are spread over one
+    folder per shard), or None."""
+    for folder in folders:
+        path = Path(folder) / f"{image_id}.png"
+        if path.is_file():
+            return path
+    return None

@@ -18,8 +18,10 @@ RESULTS = config["results"].rstrip("/")
 DATASET = config["dataset"]
 
 
-# Stages whose masks are evaluated: name -> folder (one sub-folder per shard).
-MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks"}
+# Stages whose masks are evaluated: name -> folder (one sub-folder per shard, or per split for
+# DeepLab), and the splits each is evaluated on (paper 000 Tables 3-4, 11).
+MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
+EVALUATED = {"pc2m": ("train", "val"), "crf": ("train", "val"), "deeplab": ("val",)}
 
 
 wildcard_constraints:
@@ -90,6 +92,24 @@ def sharded_dirs(stage_dir):
     return expand(results(f"{stage_dir}/shard-{{shard}}"), shard=shard_ids())
 
 
+def mask_dirs(stage, split):
+    """The folders holding a stage's masks for ``split``."""
+    if stage == "deeplab":
+        return [results(f"{MASK_STAGES[stage]}/{split}")]
+    return sharded_dirs(MASK_STAGES[stage])
+
+
+def eval_targets():
+    return [results(f"eval/{stage}-{split}.json") for stage, splits in EVALUATED.items() for split in splits]
+
+
+def model_classes(input):
+    """Classes a trained segmentation model predicts: the dataset's (weak) or clusters + 1."""
+    if config["mode"] == "unsupervised":
+        return predicted_classes(input)
+    return json.loads(Path(input.classes).read_text())["num_classes"]
+
+
 def weights_input():
     """The backbone's weights file, when it is one: changing it reruns what depends on it."""
     weights = config["backbone"]["weights"]
@@ -124,7 +144,4 @@ def predicted_classes(input):
 
 def final_targets(wildcards):
     """What `snakemake` builds by default: the last stage of the mode's DAG built so far."""
-    targets = [results(f"eval/{stage}-{split}.json") for stage in MASK_STAGES for split in ("train", "val")]
-    if config["mode"] == "unsupervised":
-        targets.append(results("reports/pseudo_labels.md"))
-    return targets
+    return [results("reports/summary.md")]

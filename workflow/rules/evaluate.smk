@@ -27,7 +27,7 @@ rule crf:
 
 rule evaluate:
     input:
-        masks=lambda w: sharded_dirs(MASK_STAGES[w.stage]),
+        masks=lambda w: mask_dirs(w.stage, w.split),
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
         pseudo_summary=lambda w: [results("pseudo_labels/summary.json")] if config["mode"] == "unsupervised" else [],
@@ -49,3 +49,39 @@ rule evaluate:
         "python -m pipeline evaluate --masks {input.masks:q} --manifest {input.manifest:q} --classes {input.classes:q}"
         " --split {wildcards.split} --out-json {output.json:q} --out-csv {output.csv:q} --params {params.cfg:q}"
         " > {log:q} 2>&1"
+
+
+rule report:
+    input:
+        evals=lambda w: eval_targets(),
+        manifest=results("dataset/manifest.csv"),
+        classes=results("dataset/classes.json"),
+        history=results("pc2m/history.csv"),
+        alpha=results("pc2m/alpha.csv"),
+        masks=lambda w: [d for stage in MASK_STAGES for d in mask_dirs(stage, "val")],
+        pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
+    output:
+        summary=report(results("reports/summary.csv"), caption="../report/summary.rst", category="Results"),
+        markdown=results("reports/summary.md"),
+        per_class=report(
+            results("reports/per_class_iou.png"), caption="../report/per_class_iou.rst", category="Results"
+        ),
+        alpha=report(results("reports/alpha.png"), caption="../report/alpha.rst", category="Training"),
+        qualitative=report(
+            results("reports/qualitative.png"), caption="../report/qualitative.rst", category="Results"
+        ),
+    params:
+        cfg=lambda w: as_json(
+            {"qualitative_images": 4, "stage_mask_dirs": {s: mask_dirs(s, "val") for s in MASK_STAGES}}
+        ),
+        out_dir=lambda w, output: str(Path(output.summary).parent),
+        pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
+    log:
+        results("logs/report.log"),
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
+        " --history {input.history:q} --alpha {input.alpha:q} {params.pseudo} --out-dir {params.out_dir:q}"
+        " --params {params.cfg:q} > {log:q} 2>&1"

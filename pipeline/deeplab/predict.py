@@ -1,0 +1,143 @@
+"""Predict masks with a trained DeepLab: one palette PNG per image of a split, then ``.done``.
+
+Test geometry follows the DeepLab recipe in PRIOR-ART (test size 513): each image is resized so its
+longer side is ``test_size`` (``null``: native size), the network runs on the whole image, and
+the softmax is upsampled to the image's own size before the argmax. With ``multiscale: true``
+the softmax is averaged over scales [0.5, 0.75, 1, 1.25, 1.5] of that size, each also flipped
+horizontally: this is the paper-faithful DeepLab test (PRIOR-ART, paper 004's base code); the
+default ``false`` (one scale, no flip) is ~10x cheaper and what the demo uses.
+
+Predicting the *train* split gives the masks of a next self-training round (COMUS, paper 002).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.atomic import write_json
+from pipeline.datasets import read_manifest
+from pipeline.deeplab.model import DeepLabV3Plus, load_trained_deeplab
+from pipeline.deeplab.train import resolve_deeplab_device
+from pipeline.errors import BadInputError
+from pipeline.imageio import load_rgb, write_label_png
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = ".done"
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    test_size: int | None
+    scales: tuple[float, ...]
+    flip: bool
+    num_workers: int
+    device: str
+
+    @classmethod
+    def from_params(cls, params: dict) -> PredictSettings:
+        cfg = params["deeplab"]
+        multiscale = bool(cfg["multiscale"])
+        test_size = cfg["test_size"]
+        return cls(
+            test_size=None if test_size is None else int(test_size),
+            scales=tuple(float(s) for s in cfg["test_scales"]) if multiscale else (1.0,),
+            flip=multiscale,
+            num_workers=int(cfg["num_workers"]),
+            device=str(cfg["device"]),
+        )
+
+
+class SplitImages(Dataset):
+    """(uint8 H x W x 3 tensor, error) per image of one split, in manifest order.
+
+    A bad file gives an error message, not an exception (see ``PseudoMaskSamples``)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return torch.from_numpy(np.array(load_rgb(self.paths[index]))), ""  # a writable copy
+        except BadInputError as exc:
+            return torch.zeros(0), str(exc)
+
+
+def scaled_size(height: int, width: int, test_size: int | None, scale: float) -> tuple[int, int]:
+    """Network input size: longer side at ``test_size`` (native if None), times ``scale``."""
+    base = 1.0 if test_size is None else test_size / max(height, width)
+    return max(1, round(height * base * scale)), max(1, round(width * base * scale))
+
+
+def to_input(rgb: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 H x W x 3 -> normalised float 1 x 3 x H x W."""
+    image = rgb.permute(2, 0, 1).float().div(255.0)
+    mean_t = torch.tensor(mean, device=image.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=image.device).view(3, 1, 1)
+    return ((image - mean_t) / std_t).unsqueeze(0)
+
+
+@torch.inference_mode()
+def class_probabilities(model: DeepLabV3Plus, image: torch.Tensor, settings: PredictSettings) -> torch.Tensor:
+    """Softmax (C x H x W) at the image's size, averaged over test scales and flips."""
+    height, width = image.shape[-2:]
+    total = None
+    views = 0
+    for scale in settings.scales:
+        scaled = F.interpolate(image, size=scaled_size(height, width, settings.test_size, scale),
+                               mode="bilinear", align_corners=False)
+        for flipped in (False, True) if settings.flip else (False,):
+            batch = scaled.flip(-1) if flipped else scaled
+            with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16,
+                                enabled=image.device.type == "cuda"):
+                logits = model(batch)
+            logits = logits.flip(-1) if flipped else logits
+            probs = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
+                                  align_corners=False).softmax(dim=1)[0]
+            total = probs if total is None else total + probs
+            views += 1
+    return total / views
+
+
+def predict_deeplab(
+    manifest_path: str | Path, split: str, model_path: str | Path, out_masks_dir: str | Path,
+    params: dict, threads: int,
+) -> None:
+    """Write ``out_masks_dir/{image_id}.png`` for every image of ``split``, then ``.done``."""
+    settings = PredictSettings.from_params(params)
+    torch.set_num_threads(max(1, threads))
+    manifest = read_manifest(manifest_path)
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        raise BadInputError(f"{manifest_path}: no images in split {split!r} to predict")
+    device = resolve_deeplab_device(settings.device)
+    model = load_trained_deeplab(model_path).to(device).eval()
+    mean, std = model.normalisation
+    out_dir = Path(out_masks_dir)
+    loader = DataLoader(SplitImages(list(rows["image_path"])), batch_size=None,
+                        num_workers=settings.num_workers)
+    log.info("predicting %d %s images with %s (scales %s, flip %s) on %s", len(rows), split,
+             model_path, list(settings.scales), settings.flip, device)
+    progress = tqdm(zip(rows["image_id"], loader), total=len(rows), desc=f"deeplab {split}",
+                    unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
+    for image_id, (rgb, error) in progress:
+        if error:
+            raise BadInputError(error)
+        probs = class_probabilities(model, to_input(rgb.to(device), mean, std), settings)
+        mask = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        write_label_png(out_dir / f"{image_id}.png", mask)
+    write_json(out_dir / DONE_MARKER, {"images": len(rows), "split": split, "model": str(model_path),
+                                       "scales": list(settings.scales), "flip": settings.flip})
+    log.info("wrote %d masks to %s", len(rows), out_dir)

@@ -1,0 +1,392 @@
+"""Final report: one results table over every evaluated stage, and three figures.
+
+Reads the evaluation summaries (``eval/{stage}-{split}.json``), the PC2M training logs
+(``pc2m/history.csv``, ``pc2m/alpha.csv``), the dataset manifest and classes, each stage's mask
+folders and, in the unsupervised mode, the pseudo-label report; writes into ``out_dir``:
+
+- ``summary.csv`` / ``summary.md``: per-class IoU, mIoU, pixel accuracy and mIoU_shape in % (one
+  decimal), one column per evaluated stage and split, laid out like paper 000 Tables 3, 4 and 11.
+  Columns use the paper's names (pc2m on train = "BPM", on val = "PC2M"; crf adds "+CRF"); the
+  columns are whatever evaluation files are given, so a stage that was not run is simply absent.
+- ``per_class_iou.png``: the table's per-class IoU as grouped bars.
+- ``alpha.png``: alpha-tilde per class over the epochs, and the Jensen-Shannon divergences of
+  paper 000 Fig. 6/10 with the Sinkhorn epsilon (App. B).
+- ``qualitative.png``: image | GT | each stage's mask for the first few val images (paper 000
+  Fig. 12-16), VOC palette. A stage without a mask for one of those images is an error naming
+  the stage: every evaluated image must have one, so a gap means the results are inconsistent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from pipeline.atomic import atomic_path, write_text
+from pipeline.datasets import read_classes, read_manifest
+from pipeline.errors import BadInputError, ConfigError
+from pipeline.evaluate import find_prediction
+from pipeline.imageio import load_mask, load_rgb, voc_palette
+from pipeline.pseudo_label_report import markdown_table
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUALITATIVE_IMAGES = 4
+# Column order of the paper's tables: train (Table 3) before val (Table 4), pipeline order within.
+STAGE_ORDER = ("pc2m", "crf", "deeplab")
+SPLIT_ORDER = ("train", "val")
+# Summary rows after the per-class rows: label -> key of the evaluation JSON.
+METRIC_ROWS = {"mIoU": "miou", "pixel accuracy": "pixel_accuracy", "mIoU_shape": "miou_shape"}
+# Paper 000's Table 11 shows the 21 VOC classes by name; beyond that a legend is unreadable.
+MAX_LEGEND_CLASSES = 21
+
+
+@dataclass(frozen=True)
+class StageEval:
+    """One evaluation summary: a stage's masks scored on one split."""
+
+    stage: str
+    split: str
+    result: dict
+
+    @property
+    def column(self) -> str:
+        return f"{paper_name(self.stage, self.split)} ({self.split})"
+
+
+def paper_name(stage: str, split: str) -> str:
+    """Paper 000's name for a stage's masks: on train they are the Baseline Pseudo-Masks (BPM,
+    Table 3, the ViT-PCM nomenclature), on val/test the model's predictions (PC2M, Table 4)."""
+    base = "BPM" if split == "train" else "PC2M"
+    names = {"pc2m": base, "crf": f"{base}+CRF", "deeplab": "DeepLab"}
+    return names.get(stage, stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the artifacts
+
+
+def eval_jsons_in(eval_dir: Path) -> list[Path]:
+    """Every ``{stage}-{split}.json`` of an evaluation folder."""
+    return sorted(Path(eval_dir).glob("*-*.json"))
+
+
+def read_evals(eval_jsons: Sequence[Path]) -> list[StageEval]:
+    """The evaluation summaries in the paper's column order (unknown stages and splits last)."""
+    evals = []
+    for path in map(Path, eval_jsons):
+        stage, sep, split = path.stem.rpartition("-")
+        if not sep or not stage:
+            raise BadInputError(f"{path}: expected an evaluation file named {{stage}}-{{split}}.json")
+        evals.append(StageEval(stage, split, _read_json(path)))
+    if not evals:
+        raise BadInputError("no evaluation results to report (no eval/{stage}-{split}.json given)")
+
+    def rank(item: StageEval) -> tuple:
+        return (_rank(item.split, SPLIT_ORDER), item.split, _rank(item.stage, STAGE_ORDER), item.stage)
+
+    return sorted(evals, key=rank)
+
+
+def _rank(value: str, order: Sequence[str]) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: unreadable evaluation summary ({exc})") from None
+
+
+def common_mode(evals: Sequence[StageEval]) -> str:
+    """The evaluation mode (weak | unsupervised); every summary must share it."""
+    modes = {item.result["mode"] for item in evals}
+    if len(modes) != 1:
+        raise BadInputError(f"evaluation summaries mix modes {sorted(modes)}: re-run the evaluations")
+    return modes.pop()
+
+
+def class_names(classes: dict, evals: Sequence[StageEval]) -> list[str]:
+    num_classes = int(classes["num_classes"])
+    names = classes.get("names") or [str(i) for i in range(num_classes)]
+    for item in evals:
+        if len(item.result["iou"]) != len(names):
+            raise BadInputError(
+                f"evaluation {item.stage}-{item.split} has {len(item.result['iou'])} classes, the dataset "
+                f"{len(names)}: re-run the evaluation"
+            )
+    return list(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def percent(value: float | None) -> float:
+    """A score in [0, 1] (None: undefined) as % with one decimal, the precision of the paper."""
+    return math.nan if value is None else round(100.0 * float(value), 1)
+
+
+def summary_frame(evals: Sequence[StageEval], names: Sequence[str]) -> pd.DataFrame:
+    """Rows: classes (by id), then the METRIC_ROWS; columns: class_id, class, one per evaluation."""
+    frame = pd.DataFrame({
+        "class_id": pd.array(list(range(len(names))) + [None] * len(METRIC_ROWS), dtype="Int64"),
+        "class": list(names) + list(METRIC_ROWS),
+    })
+    for item in evals:
+        scores = list(item.result["iou"]) + [item.result.get(key) for key in METRIC_ROWS.values()]
+        frame[item.column] = [percent(value) for value in scores]
+    return frame
+
+
+def header_lines(classes: dict, manifest: pd.DataFrame, mode: str) -> list[str]:
+    counts = []
+    for split, rows in manifest.groupby("split", sort=False):
+        counts.append(f"{split} {len(rows)} ({int((rows['mask_path'] != '').sum())} with GT masks)")
+    return [
+        "# PC2M results",
+        "",
+        f"- Dataset: {classes.get('kind', 'unknown')}, {classes['num_classes']} classes (background included).",
+        f"- Mode: {mode} ({'image-level labels' if mode == 'weak' else 'pseudo-labels from clustering, no labels'}).",
+        f"- Images per split: {', '.join(counts)}.",
+        "",
+    ]
+
+
+def unsupervised_notes(evals: Sequence[StageEval]) -> list[str]:
+    """Why the unsupervised scores are comparable at all: predicted ids are clusters, matched to
+    classes before scoring; plus the COMUS discovery counts (paper 002), which matter on COCO."""
+    lines = [
+        "Unsupervised: predicted ids are clusters, matched to classes on each column's dataset "
+        "confusion before scoring (Hungarian one-to-one on IoU, or majority vote when there are "
+        "more clusters than classes).",
+        "",
+    ]
+    for item in evals:
+        result = item.result
+        total = result["num_classes"]
+        threshold = 100 * result["discovered_iou"]
+        lines.append(
+            f"- {item.column}: matching {result['matching']}; {result['discovered']}/{total} classes "
+            f"discovered (IoU ≥ {threshold:g}%, mIoU {_fmt(result['miou_discovered'])}), "
+            f"{result['with_cluster']}/{total} with a cluster (IoU > 0, mIoU {_fmt(result['miou_with_cluster'])})."
+        )
+    return lines + [""]
+
+
+def _fmt(value: float | None) -> str:
+    """A score in [0, 1] as '12.3' (%), '–' when undefined."""
+    scaled = percent(value)
+    return "–" if math.isnan(scaled) else f"{scaled:.1f}"
+
+
+def pseudo_label_lines(pseudo_csv: Path) -> list[str]:
+    """The pseudo-label scores (``reports/pseudo_labels.csv``, rows 'macro' / 'micro'); none when
+    the train split had no ground truth (the report is then empty)."""
+    rows = pd.read_csv(pseudo_csv).set_index("class_name")
+    if "macro" not in rows.index:
+        return []
+    macro, micro = rows.loc["macro"], rows.loc["micro"]
+    return [
+        f"Pseudo-labels (train split, `{Path(pseudo_csv).name}`): multi-label F1 macro {_fmt(macro['f1'])}, "
+        f"micro {_fmt(micro['f1'])} (paper 000 Appendix, VOC trainaug: 53 / 51); "
+        f"pseudo-map mIoU {_fmt(macro['iou'])}.",
+        "",
+    ]
+
+
+def summary_markdown(frame: pd.DataFrame, header: list[str], notes: list[str]) -> str:
+    return "\n".join(header + [
+        "Scores in % (one decimal); rows as in paper 000 Table 11, columns as in Tables 3 (train) "
+        "and 4 (val): BPM = PC2M's pseudo-masks on train, +CRF = refined by the dense CRF. "
+        "'–': undefined (class absent from GT and prediction).",
+        "",
+    ] + notes) + "\n" + markdown_table(frame)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def save_figure(figure: Figure, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        # The temporary name ends in .partial, so the format cannot come from the extension.
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def per_class_iou_figure(frame: pd.DataFrame, names: Sequence[str]) -> Figure:
+    """Grouped bars: one group per class, one bar per evaluated stage/split."""
+    columns = list(frame.columns[2:])
+    per_class = frame.iloc[: len(names)]
+    x = np.arange(len(names))
+    width = 0.8 / len(columns)
+    # Wide enough for every bar of every class (81 on COCO), capped to keep the PNG viewable.
+    width_inches = min(30.0, max(6.0, 0.5 + len(names) * (0.15 * len(columns) + 0.2)))
+    figure = Figure(figsize=(width_inches, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for index, column in enumerate(columns):
+        ax.bar(x + (index - (len(columns) - 1) / 2) * width, per_class[column].to_numpy(float), width,
+               label=column)
+    ax.set_xticks(x, list(names), rotation=90 if len(names) > 12 else 30, ha="center" if len(names) > 12 else "right")
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_title("Per-class IoU (paper 000 Table 11)")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def read_alpha(alpha_csv: Path, num_classes: int) -> pd.DataFrame:
+    """alpha.csv: row m = alpha-tilde used in epoch m (row 0 = nu_D, the last row the estimate after
+    the final epoch), columns epoch, class_0..class_{C-1}."""
+    frame = pd.read_csv(alpha_csv)
+    expected = ["epoch"] + [f"class_{c}" for c in range(num_classes)]
+    if list(frame.columns) != expected:
+        raise BadInputError(f"{alpha_csv}: columns {list(frame.columns)}, expected {expected}")
+    return frame
+
+
+def alpha_figure(alpha: pd.DataFrame, history: pd.DataFrame, names: Sequence[str]) -> Figure:
+    """Top: alpha-tilde_m per class. Bottom (paper 000 Fig. 6/10): D_JS(alpha_m, alpha_{m-1}) and
+    D_JS(alpha_m, alpha*) on a log axis, epsilon on a twin axis. History row e is epoch e, whose
+    update produced alpha_{e+1}, so its divergences are drawn at m = e + 1 and its epsilon at e."""
+    figure = Figure(figsize=(8.0, 7.0), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    epochs = alpha["epoch"].to_numpy()
+    for c, name in enumerate(names):
+        top.plot(epochs, alpha[f"class_{c}"].to_numpy(), marker=".", label=name)
+    top.set_ylabel("α̃ (normalised class area)")
+    top.set_title("Class-area estimate α̃ (row 0 = ν_D)")
+    if len(names) <= MAX_LEGEND_CLASSES:
+        top.legend(fontsize="x-small", ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    top.grid(alpha=0.3)
+
+    divergences = {"js_alpha_change": ("D_JS(α̃_m, α̃_m-1)", "tab:blue"),
+                   "js_alpha_gt": ("D_JS(α̃_m, α*) (GT areas)", "tab:red")}
+    drawn, positive = [], False
+    for column, (label, colour) in divergences.items():
+        if column in history and history[column].notna().any():
+            drawn += bottom.plot(history["epoch"] + 1, history[column], marker=".", color=colour, label=label)
+            positive |= bool((history[column] > 0).any())
+    if positive:  # divergences span decades (Fig. 10: ~1e-1 down to ~1e-5)
+        bottom.set_yscale("log", nonpositive="mask")
+    bottom.set_ylabel("Jensen-Shannon divergence")
+    bottom.set_xlabel("epoch m")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.grid(alpha=0.3)
+    twin = bottom.twinx()
+    drawn += twin.plot(history["epoch"], history["epsilon"], linestyle="--", color="tab:gray", label="ε (Sinkhorn)")
+    twin.set_ylabel("ε")
+    bottom.legend(handles=drawn, fontsize="small", loc="upper right")
+    return figure
+
+
+def qualitative_images(manifest: pd.DataFrame, count: int) -> tuple[str, list[str]]:
+    """The split shown (val, else train) and its first ``count`` image ids in sorted order,
+    those with a GT mask first (a row without GT says less)."""
+    split = "val" if (manifest["split"] == "val").any() else "train"
+    rows = manifest[manifest["split"] == split]
+    with_gt = sorted(rows.loc[rows["mask_path"] != "", "image_id"])
+    without_gt = sorted(rows.loc[rows["mask_path"] == "", "image_id"])
+    return split, (with_gt + without_gt)[:count]
+
+
+def stage_mask(stage: str, mask_dirs: Sequence[Path], image_id: str, manifest_path: Path) -> np.ndarray:
+    try:
+        return load_mask(find_prediction([Path(d) for d in mask_dirs], image_id, manifest_path))
+    except BadInputError as exc:
+        raise BadInputError(f"qualitative figure, stage {stage!r}: {exc}") from None
+
+
+def qualitative_figure(manifest: pd.DataFrame, manifest_path: Path, split: str, image_ids: Sequence[str],
+                       stage_mask_dirs: Mapping[str, Sequence[Path]], mode: str) -> Figure:
+    """Rows: images; columns: image | GT | one mask per stage, coloured with the VOC palette
+    (255 = ignore, ivory as in the paper's figures)."""
+    palette = voc_palette()
+    rows = manifest.set_index("image_id")
+    stages = list(stage_mask_dirs)
+    id_note = ", cluster ids" if mode == "unsupervised" else ""
+    titles = ["image", "ground truth"] + [f"{paper_name(s, split)} ({split}){id_note}" for s in stages]
+    figure = Figure(figsize=(2.4 * len(titles), 2.2 * len(image_ids) + 0.6), layout="constrained")
+    axes = figure.subplots(len(image_ids), len(titles), squeeze=False)
+    for r, image_id in enumerate(image_ids):
+        row = rows.loc[image_id]
+        panels = [load_rgb(row["image_path"]),
+                  palette[load_mask(row["mask_path"])] if row["mask_path"] else None]
+        panels += [palette[stage_mask(s, stage_mask_dirs[s], image_id, manifest_path)] for s in stages]
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if panel is None:
+                ax.text(0.5, 0.5, "no GT", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.imshow(panel, interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize="small")
+        axes[r, 0].set_ylabel(image_id, fontsize="small")
+    if mode == "unsupervised":
+        figure.suptitle("Unsupervised: predictions shown as raw cluster ids (VOC palette), so their colours "
+                        "need not match the GT classes'", fontsize="small")
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def build_report(
+    eval_jsons: Sequence[Path],
+    manifest_path: Path,
+    classes_path: Path,
+    history_csv: Path,
+    alpha_csv: Path,
+    stage_mask_dirs: Mapping[str, Sequence[Path]],
+    out_dir: Path,
+    params: Mapping | None = None,
+    pseudo_labels_csv: Path | None = None,
+) -> pd.DataFrame:
+    """Write summary.csv, summary.md, per_class_iou.png, alpha.png and qualitative.png into
+    ``out_dir``; return the summary table. ``stage_mask_dirs``: stage -> its mask folders (one per
+    shard), the columns of the qualitative figure, in that order. ``params``:
+    ``qualitative_images`` (default 4). ``pseudo_labels_csv``: the pseudo-label report
+    (unsupervised mode), summarised under the table."""
+    params = dict(params or {})
+    count = params.get("qualitative_images", DEFAULT_QUALITATIVE_IMAGES)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ConfigError(f"report.qualitative_images must be a positive integer, not {count!r}")
+    out_dir = Path(out_dir)
+
+    evals = read_evals(eval_jsons)
+    mode = common_mode(evals)
+    classes = read_classes(classes_path)
+    names = class_names(classes, evals)
+    manifest = read_manifest(manifest_path)
+
+    frame = summary_frame(evals, names)
+    notes = unsupervised_notes(evals) if mode == "unsupervised" else []
+    if pseudo_labels_csv is not None and Path(pseudo_labels_csv).is_file():
+        notes += pseudo_label_lines(Path(pseudo_labels_csv))
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    write_text(out_dir / "summary.md", summary_markdown(frame, header_lines(classes, manifest, mode), notes))
+
+    save_figure(per_class_iou_figure(frame, names), out_dir / "per_class_iou.png")
+    history = pd.read_csv(history_csv)
+    save_figure(alpha_figure(read_alpha(alpha_csv, len(names)), history, names), out_dir / "alpha.png")
+    split, image_ids = qualitative_images(manifest, count)
+    save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, stage_mask_dirs, mode),
+                out_dir / "qualitative.png")
+    log.info("report of %d evaluations (%s) written to %s", len(evals),
+             ", ".join(f"{item.column}: mIoU {_fmt(item.result['miou'])}" for item in evals), out_dir)
+    return frame

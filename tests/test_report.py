@@ -1,0 +1,187 @@
+"""The final report on a tiny synthetic results tree (evaluations made by pipeline.evaluate)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.atomic import write_json
+from pipeline.datasets import MANIFEST_COLUMNS
+from pipeline.errors import BadInputError
+from pipeline.evaluate import evaluate_masks
+from pipeline.imageio import write_label_png
+from pipeline.report import build_report, eval_jsons_in, paper_name, qualitative_images
+
+NAMES = ["background", "cat", "dog"]
+TRAIN_IDS = ["t0", "t1"]
+VAL_IDS = ["v1", "v0", "v2"]  # unsorted on purpose: the figure takes sorted ids
+STAGES = ("pc2m", "crf")
+H, W = 6, 8
+
+
+def gt_mask(index: int, split: str) -> np.ndarray:
+    """Left half background, right half cat; dog only on train, so on val it is absent from GT."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[:, W // 2 :] = 1
+    if split == "train":
+        mask[: H // 2, W // 2 :] = 2
+    mask[0, 0] = 255 if index == 0 else 0
+    return mask
+
+
+def predicted_mask(index: int, split: str, stage: str) -> np.ndarray:
+    """The GT with a stage-dependent band wrong, so every column has different scores."""
+    mask = gt_mask(index, split)
+    mask[mask == 255] = 0
+    band = 1 if stage == "pc2m" else 2
+    mask[:, W // 2 - band : W // 2] = 1
+    return mask
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> dict:
+    """results/{dataset,eval,pc2m,crf}: manifest, classes, masks, weak-mode evaluations, logs."""
+    results = tmp_path / "results"
+    rows = []
+    for split, ids in (("train", TRAIN_IDS), ("val", VAL_IDS)):
+        for index, image_id in enumerate(ids):
+            image = results / "data" / "images" / f"{image_id}.png"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((H, W, 3), 40 * index, dtype=np.uint8)).save(image)
+            mask = results / "data" / "masks" / f"{image_id}.png"
+            write_label_png(mask, gt_mask(index, split))
+            for stage in STAGES:
+                write_label_png(results / stage / "masks" / "shard-00000" / f"{image_id}.png",
+                                predicted_mask(index, split, stage))
+            rows.append({"image_id": image_id, "image_path": str(image), "mask_path": str(mask),
+                         "labels": "1", "has_labels": True, "split": split, "width": W, "height": H,
+                         "shard": 0})
+    manifest = results / "dataset" / "manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(manifest, index=False)
+    classes = results / "dataset" / "classes.json"
+    write_json(classes, {"kind": "demo", "num_classes": len(NAMES), "names": NAMES, "background": 0,
+                         "ignore_index": 255})
+    mask_dirs = {stage: [results / stage / "masks" / "shard-00000"] for stage in STAGES}
+    for stage in STAGES:
+        for split in ("train", "val"):
+            evaluate_masks(mask_dirs[stage], manifest, classes, split, "weak",
+                           results / "eval" / f"{stage}-{split}.json", results / "eval" / f"{stage}-{split}.csv")
+    pd.DataFrame({
+        "epoch": [0, 1], "unfrozen_blocks": [0, 5], "lr": [1e-3, 1e-4], "epsilon": [0.1, 0.105],
+        "loss": [2.0, 1.5], "mce": [1.0, 0.8], "match": [1.0, 0.7], "seconds": [1.0, 1.0],
+        "js_alpha_change": [2e-3, 1e-4], "js_alpha_gt": [0.05, 0.04],
+    }).to_csv(results / "pc2m" / "history.csv", index=False)
+    pd.DataFrame({"epoch": [0, 1, 2], "class_0": [0.6, 0.55, 0.5], "class_1": [0.2, 0.25, 0.3],
+                  "class_2": [0.2, 0.2, 0.2]}).to_csv(results / "pc2m" / "alpha.csv", index=False)
+    return {"results": results, "manifest": manifest, "classes": classes, "mask_dirs": mask_dirs,
+            "out": tmp_path / "report"}
+
+
+def run_report(tree: dict, **overrides) -> pd.DataFrame:
+    results = tree["results"]
+    arguments = {
+        "eval_jsons": eval_jsons_in(results / "eval"), "manifest_path": tree["manifest"],
+        "classes_path": tree["classes"], "history_csv": results / "pc2m" / "history.csv",
+        "alpha_csv": results / "pc2m" / "alpha.csv", "stage_mask_dirs": tree["mask_dirs"],
+        "out_dir": tree["out"], "params": {"qualitative_images": 2},
+    }
+    arguments.update(overrides)
+    return build_report(**arguments)
+
+
+def test_tables_hold_each_evaluation_in_percent_with_one_decimal(tree):
+    run_report(tree)
+    summary = pd.read_csv(tree["out"] / "summary.csv")
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert list(summary.columns) == ["class_id", "class", "BPM (train)", "BPM+CRF (train)", "PC2M (val)",
+                                     "PC2M+CRF (val)"]
+    assert list(summary["class"]) == NAMES + ["mIoU", "pixel accuracy", "mIoU_shape"]
+    table = markdown[markdown.index("| class_id"):].splitlines()
+    for stage, split, column in (("pc2m", "train", "BPM (train)"), ("crf", "val", "PC2M+CRF (val)")):
+        result = json.loads((tree["results"] / "eval" / f"{stage}-{split}.json").read_text())
+        expected = result["iou"] + [result["miou"], result["pixel_accuracy"], result["miou_shape"]]
+        position = list(summary.columns).index(column)
+        for row, value in enumerate(expected):
+            cell = table[2 + row].strip("|").split("|")[position].strip()
+            if value is None:
+                assert math.isnan(summary.at[row, column]) and cell == "–"
+            else:
+                assert summary.at[row, column] == pytest.approx(round(100 * value, 1))
+                assert cell == f"{100 * value:.1f}"
+    # dog is absent from the val GT and predictions: undefined, not 0.
+    assert json.loads((tree["results"] / "eval" / "pc2m-val.json").read_text())["iou"][2] is None
+    assert "- Mode: weak" in markdown and "val 3 (3 with GT masks)" in markdown
+    assert "Unsupervised" not in markdown
+
+
+def test_columns_are_the_evaluations_given(tree):
+    evals = tree["results"] / "eval"
+    shutil.copy(evals / "pc2m-val.json", evals / "deeplab-val.json")
+    jsons = [path for path in eval_jsons_in(evals) if path.name != "crf-train.json"]
+    run_report(tree, eval_jsons=jsons)
+    summary = pd.read_csv(tree["out"] / "summary.csv")
+    assert list(summary.columns)[2:] == ["BPM (train)", "PC2M (val)", "PC2M+CRF (val)", "DeepLab (val)"]
+    assert "BPM+CRF" not in (tree["out"] / "summary.md").read_text(encoding="utf-8")
+
+
+def test_figures_are_png_files_and_nothing_partial_is_left(tree):
+    run_report(tree)
+    for name in ("per_class_iou.png", "alpha.png", "qualitative.png"):
+        with Image.open(tree["out"] / name) as image:
+            assert image.format == "PNG"
+            image.verify()
+    assert not list(tree["out"].glob(".*partial"))
+    assert sorted(p.name for p in tree["out"].iterdir()) == [
+        "alpha.png", "per_class_iou.png", "qualitative.png", "summary.csv", "summary.md"]
+
+
+def test_a_stage_without_the_mask_of_a_shown_image_is_an_error_naming_it(tree):
+    (tree["mask_dirs"]["crf"][0] / "v0.png").unlink()  # v0 is the first sorted val image
+    with pytest.raises(BadInputError, match=r"stage 'crf'.*'v0'"):
+        run_report(tree)
+    assert not (tree["out"] / "qualitative.png").exists()
+
+
+def test_unsupervised_report_notes_the_matching_and_the_pseudo_label_scores(tree):
+    evals = tree["results"] / "eval"
+    for path in eval_jsons_in(evals):
+        result = json.loads(path.read_text())
+        write_json(path, {**result, "mode": "unsupervised", "matching": "hungarian"})
+    pseudo = tree["results"] / "reports" / "pseudo_labels.csv"
+    pseudo.parent.mkdir()
+    pd.DataFrame({"class_name": ["background", "cat", "dog", "macro", "micro"],
+                  "f1": [None, 0.5, 0.4, 0.474, 0.485], "iou": [0.8, 0.1, 0.2, 0.222, None]}).to_csv(pseudo, index=False)
+    run_report(tree, pseudo_labels_csv=pseudo)
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert "clusters, matched to classes" in markdown
+    assert "- PC2M (val): matching hungarian;" in markdown and "classes discovered" in markdown
+    assert "multi-label F1 macro 47.4, micro 48.5" in markdown and "pseudo-map mIoU 22.2" in markdown
+
+
+def test_mixed_modes_are_refused(tree):
+    path = tree["results"] / "eval" / "crf-val.json"
+    write_json(path, {**json.loads(path.read_text()), "mode": "unsupervised"})
+    with pytest.raises(BadInputError, match="mix modes"):
+        run_report(tree)
+
+
+def test_qualitative_images_are_the_first_sorted_val_ids_with_gt_first():
+    manifest = pd.DataFrame({"image_id": ["b", "a", "c", "t"], "split": ["val", "val", "val", "train"],
+                             "mask_path": ["m", "", "m", "m"]})
+    assert qualitative_images(manifest, 2) == ("val", ["b", "c"])
+    assert qualitative_images(manifest, 9) == ("val", ["b", "c", "a"])
+    assert qualitative_images(manifest[manifest["split"] == "train"], 4) == ("train", ["t"])
+
+
+def test_paper_names():
+    assert [paper_name(s, "train") for s in ("pc2m", "crf")] == ["BPM", "BPM+CRF"]
+    assert [paper_name(s, "val") for s in ("pc2m", "crf", "deeplab")] == ["PC2M", "PC2M+CRF", "DeepLab"]
+    assert paper_name("other", "val") == "other"
