@@ -28,6 +28,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import print_and_append  # noqa: E402
 
 from pipeline import crf, shards  # noqa: E402
 from pipeline.datasets import MANIFEST_COLUMNS  # noqa: E402
@@ -152,10 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    print_and_append(text, args.out)
 
 
 if __name__ == "__main__":

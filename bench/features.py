@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model  # noqa: E402
 
 from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size  # noqa: E402
 from pipeline.features import extract_shard, image_geometry, prepare_image, resolve_device  # noqa: E402
@@ -121,16 +123,6 @@ def time_naive_loop(
         torch.save({"keys": out.keys[0].to("cpu", torch.float16), "cls": out.cls[0].to("cpu", torch.float16)},
                    out_dir / f"{image_id}.pt")
     return time.perf_counter() - start
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine(device: torch.device, load_before: float) -> str:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -68,10 +67,14 @@ from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model  # noqa: E402
 
 from pipeline.datasets.demo import generate_demo  # noqa: E402
 from pipeline.imageio import load_rgb  # noqa: E402
 from pipeline.spectral import (  # noqa: E402
+    colour_patch_features,
     MIN_DEGREE,
     fix_signs,
     key_affinity,
@@ -104,22 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------- inputs
 
-def colour_keys(rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Per-patch colour mean and spread, centred per image (as tests/test_segments.py)."""
-    h, w, _ = rgb.shape
-    gh, gw = h // PATCH, w // PATCH
-    patches = rgb[: gh * PATCH, : gw * PATCH].reshape(gh, PATCH, gw, PATCH, 3).transpose(0, 2, 1, 3, 4)
-    patches = patches.reshape(gh * gw, PATCH * PATCH, 3).astype(np.float32) / 255
-    f = np.concatenate([patches.mean(1), patches.std(1)], 1)
-    return torch.from_numpy(f - f.mean(0)), (gh, gw)
-
-
 def demo_affinities(count: int, seed: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """W (count×N×N) of ``count`` demo images at 384x288 from the colour stand-in keys."""
     with tempfile.TemporaryDirectory(prefix="bench-spectral-") as tmp:
         generate_demo(Path(tmp), seed=seed, n_train=count, n_val=0, width=384, height=288)
         paths = sorted((Path(tmp) / "images" / "train").glob("*.png"))
-        keys = [colour_keys(load_rgb(path)) for path in paths]
+        keys = [colour_patch_features(load_rgb(path), PATCH) for path in paths]
     grid = keys[0][1]
     return key_affinity(torch.stack([k for k, _ in keys])), grid
 
@@ -311,16 +304,6 @@ def verify(result: SetResult, w, grid, ours_values, ours_vectors, ref_results, a
 
 
 # ---------------------------------------------------------------------------------------- report
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def load_text(load: tuple[float, float, float]) -> str:
     return "/".join(f"{value:.2f}" for value in load)

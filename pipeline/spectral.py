@@ -8,11 +8,24 @@ it sometimes returns a wrong subspace on these singular Laplacians).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Floor on a patch's degree: a patch whose keys are all zero has no affinity to anything; the floor
 # keeps D^{-1/2} finite and leaves such a patch as an isolated vertex (its own null eigenvector).
 MIN_DEGREE = 1e-6
+
+
+def colour_patch_features(rgb: np.ndarray, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Per-patch colour mean and spread, centred per image: a network-free stand-in for ViT keys
+    (unlike patches get negative, i.e. zero, affinity), used to check the spectral machinery on
+    images without a trained backbone (tests, bench/spectral.py). Returns (N×6, grid)."""
+    h, w, _ = rgb.shape
+    gh, gw = h // patch, w // patch
+    patches = rgb[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch, 3).transpose(0, 2, 1, 3, 4)
+    patches = patches.reshape(gh * gw, patch * patch, 3).astype(np.float32) / 255
+    f = np.concatenate([patches.mean(1), patches.std(1)], 1)
+    return torch.from_numpy(f - f.mean(0)), (gh, gw)
 
 
 def key_affinity(keys: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pipeline.datasets.demo import generate_demo
 from pipeline.errors import BadInputError
 from pipeline.imageio import load_mask, load_rgb
 from pipeline.segments import group_by_grid, run_spectral_shard, segment_box, segment_masks_on_resized
-from pipeline.spectral import key_affinity, segment_patches, smallest_eigenpairs
+from pipeline.spectral import colour_patch_features, key_affinity, segment_patches, smallest_eigenpairs
 
 PATCH = 8
 SPECTRAL = {
@@ -32,17 +32,6 @@ SPECTRAL = {
 }
 
 
-def colour_keys(rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Stand-in for ViT keys that needs no trained network: per-patch colour mean and spread,
-    centred per image (so unlike patches get negative, i.e. zero, affinity)."""
-    h, w, _ = rgb.shape
-    gh, gw = h // PATCH, w // PATCH
-    patches = rgb[: gh * PATCH, : gw * PATCH].reshape(gh, PATCH, gw, PATCH, 3).transpose(0, 2, 1, 3, 4)
-    patches = patches.reshape(gh * gw, PATCH * PATCH, 3).astype(np.float32) / 255
-    f = np.concatenate([patches.mean(1), patches.std(1)], 1)
-    return torch.from_numpy(f - f.mean(0)), (gh, gw)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
@@ -55,7 +44,7 @@ def mean_best_match_iou(demo: Path, corrupt_eigenvectors: bool) -> float:
     for image_path in sorted((demo / "images" / "train").glob("*.png")):
         rgb = load_rgb(image_path)
         gt = load_mask(demo / "masks" / "train" / image_path.name)
-        keys, grid = colour_keys(rgb)
+        keys, grid = colour_patch_features(rgb, PATCH)
         values, vectors = smallest_eigenpairs(key_affinity(keys[None]), 20)
         if corrupt_eigenvectors:  # what a broken solver would hand on
             vectors = torch.randn_like(vectors, generator=torch.Generator().manual_seed(0))
