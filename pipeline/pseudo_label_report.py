@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ from pipeline.datasets import parse_labels, read_classes, read_manifest
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX
 from pipeline.errors import BadInputError
 from pipeline.imageio import load_mask
-from pipeline import shards
+from pipeline.tables import markdown_table
+from pipeline import metrics, shards
 
 log = logging.getLogger(__name__)
 
@@ -137,33 +137,6 @@ def upsample_nearest(pseudo_map: np.ndarray, height: int, width: int,
     return pseudo_map[rows[:, None], cols[None, :]]
 
 
-def confusion_update(confusion: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> None:
-    """Add one image to ``confusion`` ((k+2) × C: rows 0 background, 1..k pseudo-classes, k+1
-    unpredicted (255); columns GT classes). GT pixels 255 are skipped."""
-    rows, num_classes = confusion.shape
-    unpredicted = rows - 1
-    valid = gt != IGNORE_INDEX
-    p = pred[valid].astype(np.int64)
-    g = gt[valid].astype(np.int64)
-    p[p == IGNORE_INDEX] = unpredicted
-    if p.size and (p.max() > unpredicted or g.max() >= num_classes):
-        raise BadInputError(
-            f"pseudo map value {p.max()} or GT value {g.max()} out of range "
-            f"(pseudo-classes 0..{unpredicted - 1} and 255, classes 0..{num_classes - 1})"
-        )
-    confusion += np.bincount(p * num_classes + g, minlength=confusion.size).reshape(confusion.shape)
-
-
-def iou_matrix(confusion: np.ndarray) -> np.ndarray:
-    """IoU of every pseudo-class 1..k (rows) with every foreground class 1..C-1 (columns)."""
-    k = confusion.shape[0] - 2
-    inter = confusion[1 : k + 1, 1:].astype(np.float64)
-    pred_total = confusion[1 : k + 1].sum(axis=1)[:, None]
-    gt_total = confusion.sum(axis=0)[None, 1:]
-    union = pred_total + gt_total - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 @dataclass(frozen=True)
 class MapScores:
     cluster_of_class: dict[int, int]  # foreground class -> matched pseudo-class
@@ -172,22 +145,22 @@ class MapScores:
 
 
 def map_scores(confusion: np.ndarray) -> MapScores:
-    """Hungarian-match pseudo-classes to foreground classes on IoU, background fixed, then the
-    per-class IoU of the mapped prediction."""
-    num_classes = confusion.shape[1]
-    match = hungarian_match(iou_matrix(confusion))  # cluster row (0-based) -> fg class col (0-based)
-    class_of_row = {BACKGROUND: BACKGROUND}
-    class_of_row.update({cluster + 1: cls + 1 for cluster, cls in match.items()})
-    mapped = np.zeros((num_classes, num_classes), dtype=np.int64)  # predicted class × GT class
-    for row, cls in class_of_row.items():
-        mapped[cls] += confusion[row]
-    tp = np.diag(mapped).astype(np.float64)
-    union = confusion.sum(axis=0) + mapped.sum(axis=1) - tp
-    iou = np.divide(tp, union, out=np.full(num_classes, np.nan), where=union > 0)
+    """Hungarian-match pseudo-classes 1..k to foreground classes on IoU (background fixed to
+    background), then the per-class IoU of the mapped prediction (pipeline.metrics).
+
+    ``confusion`` is (k+2) × C: rows 0 background, 1..k pseudo-classes, k+1 unpredicted (255)."""
+    k = confusion.shape[0] - 2
+    foreground = metrics.iou_matrix(confusion)[1 : k + 1, 1:]
+    match = hungarian_match(foreground)  # cluster row (0-based) -> fg class col (0-based)
+    mapping = np.full(confusion.shape[0], metrics.UNMATCHED, dtype=np.int64)
+    mapping[BACKGROUND] = BACKGROUND
+    for cluster, cls in match.items():
+        mapping[cluster + 1] = cls + 1
+    iou = metrics.per_class_iou(metrics.remap_confusion(confusion, mapping))
     return MapScores(
         cluster_of_class={cls + 1: cluster + 1 for cluster, cls in match.items()},
         iou=iou,
-        miou=float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan,
+        miou=metrics.mean_iou(iou),
     )
 
 
@@ -256,8 +229,15 @@ def accumulate_confusion(maps_path: Path, rows: pd.DataFrame, num_clusters: int,
             maps[image_id]["pseudo_map"].numpy(), *gt.shape,
             geometry=None if geometry is None else geometry.tolist(),
         )
-        confusion_update(confusion, pred, gt)
+        add_pseudo_map(confusion, pred, gt, image_id)
     return confusion
+
+
+def add_pseudo_map(confusion: np.ndarray, pred: np.ndarray, gt: np.ndarray, image_id: str = "image") -> None:
+    """Add one image to the (k+2) × C confusion; filtered-out regions (255 in the pseudo map)
+    count in the "unpredicted" row k+1, GT 255 pixels are skipped."""
+    unpredicted = confusion.shape[0] - 1
+    metrics.confusion_update(confusion, np.where(pred == IGNORE_INDEX, unpredicted, pred), gt, image_id=image_id)
 
 
 def report_frame(names: Sequence[str], labels: LabelScores, maps: MapScores | None) -> pd.DataFrame:
@@ -286,22 +266,6 @@ def report_frame(names: Sequence[str], labels: LabelScores, maps: MapScores | No
     for column in ("class_id", "label_cluster", "support", "map_cluster"):
         frame[column] = frame[column].astype("Int64")
     return frame
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub table (pandas' to_markdown needs tabulate, which the project does not install);
-    scores in percent with one decimal, missing values as '–'."""
-    score_columns = {"precision", "recall", "f1", "iou"}
-
-    def cell(column: str, value) -> str:
-        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        return f"{100 * value:.1f}" if column in score_columns else str(value)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def report_markdown(frame: pd.DataFrame, summary: dict, labels: LabelScores, maps: MapScores | None,

@@ -16,7 +16,7 @@ from pipeline.datasets import MANIFEST_COLUMNS
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import write_label_png
 from pipeline.pseudo_label_report import (
-    confusion_update,
+    add_pseudo_map,
     map_scores,
     multilabel_scores,
     report_pseudo_labels,
@@ -93,7 +93,7 @@ def test_map_iou_equals_hand_computed_values():
     gt = np.array([[0, 0, 1, 1], [2, 2, 2, 255]], dtype=np.uint8)
     pred = np.array([[0, 2, 2, 2], [1, 1, 255, 1]], dtype=np.uint8)
     confusion = np.zeros((4, 3), dtype=np.int64)
-    confusion_update(confusion, pred, gt)
+    add_pseudo_map(confusion, pred, gt)
     assert confusion.sum() == 7  # the 255 GT pixel is skipped
     scores = map_scores(confusion)
     assert scores.cluster_of_class == {1: 2, 2: 1}
@@ -114,7 +114,7 @@ def test_a_permutation_of_ground_truth_scores_perfectly():
     for _ in range(5):
         gt = rng.integers(0, 4, size=(6, 7)).astype(np.uint8)
         pred = np.vectorize(lambda c: permutation.get(c, 0))(gt).astype(np.uint8)
-        confusion_update(confusion, pred, gt)
+        add_pseudo_map(confusion, pred, gt)
     assert map_scores(confusion).miou == 1.0
 
 
