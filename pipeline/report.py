@@ -35,7 +35,7 @@ from pipeline.datasets import read_classes, read_manifest
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.evaluate import find_prediction
 from pipeline.imageio import load_mask, load_rgb, voc_palette
-from pipeline.pseudo_label_report import markdown_table
+from pipeline.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
