@@ -246,14 +246,24 @@ def per_class_iou_figure(frame: pd.DataFrame, names: Sequence[str]) -> Figure:
     return figure
 
 
-def read_alpha(alpha_csv: Path, num_classes: int) -> pd.DataFrame:
+def read_alpha(alpha_csv: Path, num_classes: int | None = None) -> pd.DataFrame:
     """alpha.csv: row m = alpha-tilde used in epoch m (row 0 = nu_D, the last row the estimate after
-    the final epoch), columns epoch, class_0..class_{C-1}."""
+    the final epoch), columns epoch, class_0..class_{C-1} (C = the model's classes: the dataset's in
+    weak mode, background + clusters in unsupervised mode)."""
     frame = pd.read_csv(alpha_csv)
-    expected = ["epoch"] + [f"class_{c}" for c in range(num_classes)]
+    count = num_classes if num_classes is not None else len(frame.columns) - 1
+    expected = ["epoch"] + [f"class_{c}" for c in range(count)]
     if list(frame.columns) != expected:
         raise BadInputError(f"{alpha_csv}: columns {list(frame.columns)}, expected {expected}")
     return frame
+
+
+def model_class_names(mode: str, names: Sequence[str], count: int) -> list[str]:
+    """Legend names of the model's classes: the dataset's in weak mode; in unsupervised mode the
+    model predicts background + clusters, which are not the dataset's classes."""
+    if mode == "weak":
+        return list(names)
+    return ["background", *[f"cluster {i}" for i in range(1, count)]]
 
 
 def alpha_figure(alpha: pd.DataFrame, history: pd.DataFrame, names: Sequence[str]) -> Figure:
@@ -383,7 +393,9 @@ def build_report(
 
     save_figure(per_class_iou_figure(frame, names), out_dir / "per_class_iou.png")
     history = pd.read_csv(history_csv)
-    save_figure(alpha_figure(read_alpha(alpha_csv, len(names)), history, names), out_dir / "alpha.png")
+    alpha = read_alpha(alpha_csv, len(names) if mode == "weak" else None)
+    alpha_names = model_class_names(mode, names, len(alpha.columns) - 1)
+    save_figure(alpha_figure(alpha, history, alpha_names), out_dir / "alpha.png")
     split, image_ids = qualitative_images(manifest, count)
     save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, stage_mask_dirs, mode),
                 out_dir / "qualitative.png")
