@@ -17,6 +17,7 @@ job gets 1 thread.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
           f"load average (1/5/15 min) {'/'.join(f'{v:.2f}' for v in load_before)} before, "
           f"{'/'.join(f'{v:.2f}' for v in load_after)} after.")
-    print(f"Reduced training config (the rest is config.yaml's demo): {yaml.safe_dump(REDUCED, default_flow_style=True).strip()}")
+    print(f"Reduced training config (the rest is config.yaml's demo): {json.dumps(REDUCED, separators=(', ', ': '))}")
 
 
 if __name__ == "__main__":

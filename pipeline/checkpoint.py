@@ -7,6 +7,7 @@ A checkpoint holds only tensors and plain Python values, so it loads with
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,5 +59,16 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"{path}: unreadable or unsafe checkpoint ({reason})") from None
+        raise WeightsError(f"{path}: unreadable or unsafe checkpoint ({load_error_reason(exc)})") from None
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` failed. For a refused pickle, the
+    offending global, not torch's advice to retry with weights_only=False (which would run it)."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        match = re.search(r"(?:WeightsUnpickler error: |Trying to load )([^\n]+)", text)
+        what = match.group(1).strip().rstrip(".") if match else "it holds pickled objects"
+        return f"refused, not a plain tensor file: {what}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

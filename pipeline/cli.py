@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except PipelineError as exc:
         # A user-fixable problem: one line that names the file or key, no traceback.
-        print(f"error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -39,11 +39,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.atomic import write_text
+from pipeline.atomic import atomic_dir, write_text
 from pipeline.datasets import read_manifest
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.geometry import grid_to_image
-from pipeline.imageio import load_rgb, write_label_png
+from pipeline.imageio import load_rgb, safe_child, write_label_png
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,17 @@ def crf_shard(probs_shard: Path, manifest_path: Path, out_masks_dir: Path, param
     ``threads`` worker processes; ``out_masks_dir/.done`` is written last."""
     crf_params = resolve_params(params)
     out_masks_dir = Path(out_masks_dir)
+    # Everything goes to a temporary folder renamed to out_masks_dir at the end: a killed job
+    # never leaves a folder of some masks that a rerun could take as finished.
+    with atomic_dir(out_masks_dir) as tmp_dir:
+        _crf_into(Path(probs_shard), Path(manifest_path), tmp_dir, crf_params, threads)
+    log.info("CRF (%s unary, %d iterations): masks -> %s", crf_params.unary, crf_params.iterations, out_masks_dir)
+
+
+def _crf_into(probs_shard: Path, manifest_path: Path, out_masks_dir: Path, crf_params: CrfParams,
+              threads: int) -> None:
     done = out_masks_dir / DONE_MARKER
-    done.unlink(missing_ok=True)  # a rerun is incomplete until it finishes
-    tasks = build_tasks(Path(probs_shard), Path(manifest_path), out_masks_dir)
+    tasks = build_tasks(probs_shard, manifest_path, out_masks_dir)
     jobs = [(task, crf_params) for task in tasks]
     workers = max(1, min(int(threads), len(jobs)))
     with _progress(len(jobs)) as progress:
@@ -210,8 +218,6 @@ def crf_shard(probs_shard: Path, manifest_path: Path, out_masks_dir: Path, param
                     executor.shutdown(cancel_futures=True)
     write_text(done, json.dumps({"images": len(tasks), "params": dataclasses.asdict(crf_params)},
                                 sort_keys=True) + "\n")
-    log.info("CRF (%s unary, %d iterations): %d images -> %s", crf_params.unary,
-             crf_params.iterations, len(tasks), out_masks_dir)
 
 
 def build_tasks(probs_shard: Path, manifest_path: Path, out_masks_dir: Path) -> list[ImageTask]:
@@ -231,7 +237,7 @@ def build_tasks(probs_shard: Path, manifest_path: Path, out_masks_dir: Path) -> 
             height=int(row["height"]), width=int(row["width"]),
             grid_probs=tensors["probs"].to(torch.float16).numpy(),
             geometry=tensors["geometry"].to(torch.float32).numpy(),
-            out_path=str(out_masks_dir / f"{image_id}.png"),
+            out_path=str(safe_child(out_masks_dir, image_id)),
         ))
     return tasks
 

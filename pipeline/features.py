@@ -50,7 +50,7 @@ from pipeline.backbone import (
     patch_size,
 )
 from pipeline.errors import BadInputError, ConfigError
-from pipeline.imageio import load_rgb
+from pipeline.imageio import load_rgb_resized
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,16 @@ class FeatureSettings:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; an explicit CUDA request must be met."""
+    """``auto`` is a GPU that no other process has claimed (:mod:`pipeline.devices`) when CUDA is
+    available, else the CPU; an explicit CUDA request must be met."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from pipeline.devices import process_gpu
+
+        index = process_gpu(torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -224,15 +231,16 @@ class ShardImages(Dataset):
     def __getitem__(self, index: int) -> Sample:
         path = self.paths[index]
         try:
-            rgb = load_rgb(path)
+            # Resized while still a Pillow image: a huge file is never held as three copies.
+            rgb, decoded = load_rgb_resized(path, self.geometries[index].resized, _RESAMPLE)
         except BadInputError as exc:
             return Sample(index, None, str(exc))
-        if rgb.shape[:2] != self.sizes[index]:
+        if decoded != self.sizes[index]:
             # The batches were planned from the manifest's size: a changed file would break them.
             h, w = self.sizes[index]
             return Sample(
                 index, None,
-                f"{path}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from the manifest's "
+                f"{path}: decoded size {decoded[1]}x{decoded[0]} differs from the manifest's "
                 f"{w}x{h} (file changed since indexing? re-run the index stage)",
             )
         return Sample(index, prepare_image(rgb, self.geometries[index], self.mean, self.std), None)
@@ -397,8 +405,12 @@ def shard_metadata(
 
 def read_shard_meta(path: str | Path) -> dict:
     """The shard's metadata with JSON values decoded (``image_ids`` in manifest order)."""
-    with safe_open(str(_existing_shard(path)), framework="pt", device="cpu") as fh:
-        return _decode_meta(fh.metadata(), path)
+    path = _existing_shard(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return _decode_meta(fh.metadata(), path)
+    except shards.SHARD_ERRORS as exc:
+        raise BadInputError(f"{path}: unreadable shard ({exc})") from None
 
 
 def read_shard(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -412,7 +424,10 @@ class ShardReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = _existing_shard(path)
-        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        except shards.SHARD_ERRORS as exc:
+            raise BadInputError(f"{self.path}: unreadable shard ({exc})") from None
         self.meta = _decode_meta(self._file.metadata(), self.path)
         self.image_ids: list[str] = list(self.meta["image_ids"])
         self._names = set(self._file.keys())

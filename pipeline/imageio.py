@@ -130,6 +130,26 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
+def load_rgb_resized(path: str | os.PathLike, size: tuple[int, int],
+                     resample: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``load_rgb`` resized to ``size`` = (height, width), and the decoded (height, width).
+
+    The decoded Pillow image is resized directly, so a huge file costs one decoded copy, not
+    three (decode, array, array back to an image); the pixels equal those of resizing
+    ``load_rgb``'s array."""
+    path = Path(path)
+    im = _exif_upright(_open_decoded(path), path)
+    decoded = (im.height, im.width)
+    if im.mode != "RGB":
+        try:
+            im = Image.fromarray(np.ascontiguousarray(_to_rgb_array(im), dtype=np.uint8))
+        except _DECODE_ERRORS as exc:
+            raise BadFileError(path, f"unsupported image mode {im.mode!r} ({exc})") from None
+    if decoded != tuple(size):
+        im = im.resize((size[1], size[0]), resample)
+    return np.ascontiguousarray(np.asarray(im), dtype=np.uint8), decoded
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
     path = Path(path)
@@ -211,6 +231,18 @@ def check_image_id(image_id: str) -> str:
     if "." in parts or "" in parts:
         raise BadInputError(f"unsafe image id {image_id!r}: contains an empty or '.' component")
     return image_id
+
+
+def safe_child(folder: str | os.PathLike, image_id: str, suffix: str = ".png") -> Path:
+    """``<folder>/<image_id><suffix>``, refusing an id that would land outside ``folder``
+    (``../x``, absolute paths, ...): every writer of per-image files names them through here."""
+    check_image_id(image_id)
+    folder = Path(folder)
+    path = folder / f"{image_id}{suffix}"
+    root = os.path.abspath(folder)
+    if os.path.commonpath([root, os.path.abspath(path)]) != root:
+        raise BadInputError(f"unsafe image id {image_id!r}: escapes {folder}")
+    return path
 
 
 def mask_in_folders(folders, image_id: str) -> Path | None:

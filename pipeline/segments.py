@@ -168,6 +168,9 @@ def run_segment_features_shard(
     torch.set_num_threads(max(1, threads))
     device = resolve_device(params["features"]["device"])
     backbone = params["backbone"]
+    # Same seed as the feature stage: `weights: random` must give the same network (and crop
+    # features) on every run, and the same one the feature stage used.
+    torch.manual_seed(int(params["seed"]))
     model = build_backbone(
         backbone["name"], backbone["weights"], backbone["checkpoint_key"], backbone["model_kwargs"]
     ).to(device)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.atomic import atomic_path
@@ -55,9 +55,17 @@ def per_image_tensors(per_image: dict[str, dict[str, torch.Tensor]]) -> dict[str
     return {f"{image_id}/{name}": value for image_id, named in per_image.items() for name, value in named.items()}
 
 
+# What safetensors raises for a truncated or corrupt file (SafetensorError is none of the others).
+SHARD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+
 def read_meta(path: str | Path) -> dict:
-    with safe_open(str(_existing(path)), framework="pt", device="cpu") as fh:
-        return {key: json.loads(value) for key, value in (fh.metadata() or {}).items()}
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return {key: json.loads(value) for key, value in (fh.metadata() or {}).items()}
+    except SHARD_ERRORS as exc:
+        raise BadInputError(f"{path}: unreadable shard ({exc})") from None
 
 
 def read_images(
@@ -75,7 +83,7 @@ def read_images(
                     raise BadInputError(f"{path}: tensor {key!r} is not named <image_id>/<name>")
                 if (images is None or image_id in images) and (names is None or name in names):
                     out.setdefault(image_id, {})[name] = fh.get_tensor(key)
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' errors on a corrupt file
+    except SHARD_ERRORS as exc:  # safetensors' errors on a corrupt file
         raise BadInputError(f"{path}: unreadable shard ({exc})") from None
     return out
 

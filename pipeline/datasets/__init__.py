@@ -71,6 +71,12 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=_MANIFEST_DTYPES, keep_default_na=False, na_filter=False)
     if list(frame.columns) != MANIFEST_COLUMNS:
         raise BadInputError(f"{path}: columns {list(frame.columns)}, expected {MANIFEST_COLUMNS}")
+    # Ids become file names in every later stage: a crafted row must not reach a writer.
+    for line, image_id in enumerate(frame["image_id"], start=2):
+        try:
+            check_image_id(image_id)
+        except BadInputError as exc:
+            raise BadInputError(f"{path}: line {line}: {exc}") from None
     return frame
 
 

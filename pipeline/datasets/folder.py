@@ -19,6 +19,7 @@ from pipeline.datasets.common import (
     BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir, require_entries,
 )
 from pipeline.errors import BadInputError, ConfigError
+from pipeline.imageio import check_image_id
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def read_labels_csv(path: Path, num_classes: int) -> dict[str, tuple[int, ...]]:
     for line, (image_id, text) in enumerate(zip(table["image_id"], table["labels"]), start=2):
         if image_id in labels:
             raise BadInputError(f"{path}: line {line}: image id {image_id!r} listed twice")
+        try:
+            check_image_id(image_id)
+        except BadInputError as exc:
+            raise BadInputError(f"{path}: line {line}: {exc}") from None
         try:
             ids = {int(token) for token in text.split()}
         except ValueError:

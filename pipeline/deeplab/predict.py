@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.datasets import read_manifest
 from pipeline.deeplab.model import DeepLabV3Plus, load_trained_deeplab
 from pipeline.deeplab.train import resolve_deeplab_device
 from pipeline.errors import BadInputError
-from pipeline.imageio import load_rgb, write_label_png
+from pipeline.imageio import load_rgb, safe_child, write_label_png
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,14 @@ def predict_deeplab(
              model_path, list(settings.scales), settings.flip, device)
     progress = tqdm(zip(rows["image_id"], loader), total=len(rows), desc=f"deeplab {split}",
                     unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
-    for image_id, (rgb, error) in progress:
-        if error:
-            raise BadInputError(error)
-        probs = class_probabilities(model, to_input(rgb.to(device), mean, std), settings)
-        mask = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
-        write_label_png(out_dir / f"{image_id}.png", mask)
-    write_json(out_dir / DONE_MARKER, {"images": len(rows), "split": split, "model": str(model_path),
-                                       "scales": list(settings.scales), "flip": settings.flip})
+    # The folder appears complete (with .done) or not at all: a killed job leaves no partial one.
+    with atomic_dir(out_dir) as tmp_dir:
+        for image_id, (rgb, error) in progress:
+            if error:
+                raise BadInputError(error)
+            probs = class_probabilities(model, to_input(rgb.to(device), mean, std), settings)
+            mask = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+            write_label_png(safe_child(tmp_dir, image_id), mask)
+        write_json(tmp_dir / DONE_MARKER, {"images": len(rows), "split": split, "model": str(model_path),
+                                           "scales": list(settings.scales), "flip": settings.flip})
     log.info("wrote %d masks to %s", len(rows), out_dir)

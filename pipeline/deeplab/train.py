@@ -274,8 +274,12 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 
 def settings_fingerprint(settings: TrainSettings, images: list[TrainImage]) -> str:
-    """What a checkpoint must match to be resumed: the recipe and the training images."""
-    record = {"settings": asdict(settings), "images": [i.image_id for i in images]}
+    """What a checkpoint must match to be resumed: the recipe, the training images and their
+    pseudo-masks' bytes (new CRF masks must not resume a model trained on the old ones)."""
+    masks = hashlib.sha256()
+    for image in images:
+        masks.update(image.image_id.encode() + b"\0" + Path(image.mask_path).read_bytes())
+    record = {"settings": asdict(settings), "images": [i.image_id for i in images], "masks": masks.hexdigest()}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,10 +1,16 @@
-"""The PC2M network: a timm ViT and one patch classifier shared by both branches (paper 000
-Sec. 3.1, Fig. 2), as in ViT-PCM (paper 001) without its HV-BiLSTM."""
+"""The patch-classifier networks of PC2M (paper 000 Sec. 3.1, Fig. 2) and ViT-PCM (paper 001
+Sec. 5): a timm ViT, an optional HV-BiLSTM conditioning of the patch grid (ViT-PCM only), and one
+bias-free patch classifier, softmax per patch.
+
+The HV-BiLSTM lives here rather than in ``vitpcm.py`` because prediction rebuilds either network
+from the architecture record saved in ``model.pt`` (``Architecture``), and ``vitpcm.py`` builds on
+this module.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # log(0) guard for the BCE on max-pooled probabilities.
 _PROB_FLOOR = 1e-6
+MODEL_FORMAT = "pc2m-model/1"
 
 
 @dataclass
@@ -29,34 +36,102 @@ class PatchPredictions:
         return self.log_probs.exp()
 
 
-class PatchClassifier(nn.Module):
-    """ViT encoder f and the dense layer W in R^{e x |C|} (no bias: F_i W^c is a similarity)."""
+@dataclass(frozen=True)
+class Architecture:
+    """What, besides the backbone (from the config), rebuilds a trained network: saved in model.pt."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    method: str
+    num_classes: int
+    lstm_hidden: int  # HV-BiLSTM units per direction; 0 = none (PC2M, ViT-PCM's Table 1 ablations)
+
+
+class HVBiLSTM(nn.Module):
+    """ViT-PCM's patch conditioning (paper 001 Sec. 5): a bidirectional LSTM along every row and
+    another along every column of the patch grid, their outputs concatenated per patch
+    (B x gh x gw x e -> B x gh x gw x 4 hidden: [row fwd, row bwd, column fwd, column bwd]).
+
+    Dropout as the official code: elementwise on the grid (``Dropout`` before both LSTMs), then the
+    Keras ``LSTM(dropout=p)`` input mask, one per sequence and shared by all its steps. Keras draws
+    that mask per direction; here both directions of a BiLSTM share it (one fused ``nn.LSTM``).
+    """
+
+    def __init__(self, in_features: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.rows = nn.LSTM(in_features, hidden, batch_first=True, bidirectional=True)
+        self.columns = nn.LSTM(in_features, hidden, batch_first=True, bidirectional=True)
+        self.dropout = dropout
+        self.out_features = 4 * hidden
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        b, gh, gw, e = grid.shape
+        # LSTMs in float32 even under bf16 autocast: recurrent state accumulates rounding, and
+        # cuDNN's RNN kernels do not take every reduced-precision input.
+        with torch.autocast(grid.device.type, enabled=False):
+            grid = F.dropout(grid.float(), self.dropout, self.training)
+            rows = self._scan(self.rows, grid.reshape(b * gh, gw, e)).reshape(b, gh, gw, -1)
+            columns = self._scan(self.columns, grid.transpose(1, 2).reshape(b * gw, gh, e))
+            columns = columns.reshape(b, gw, gh, -1).transpose(1, 2)
+        return torch.cat([rows, columns], dim=-1)
+
+    def _scan(self, lstm: nn.LSTM, sequences: torch.Tensor) -> torch.Tensor:
+        """Both directions' outputs at every step of N x L x e sequences: N x L x 2 hidden."""
+        if self.training and self.dropout > 0:
+            keep = torch.rand(sequences.shape[0], 1, sequences.shape[2], device=sequences.device) >= self.dropout
+            sequences = sequences * keep / (1.0 - self.dropout)
+        return lstm(sequences)[0]
+
+
+class PatchClassifier(nn.Module):
+    """ViT encoder f, optional conditioning of the patch grid, and the dense layer W in
+    R^{e x |C|} (no bias: F_i W^c is a similarity), with dropout on its input (ViT-PCM: 0.2)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, conditioning: HVBiLSTM | None = None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.classifier = nn.Linear(embed_dim(backbone), num_classes, bias=False)
+        self.conditioning = conditioning if conditioning is not None else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        features = conditioning.out_features if conditioning is not None else embed_dim(backbone)
+        self.classifier = nn.Linear(features, num_classes, bias=False)
         # ViT-PCM's head initialiser (N(0, 0.05), PRIOR-ART.md); paper 000 does not say.
         nn.init.normal_(self.classifier.weight, std=0.05)
         self.num_classes = num_classes
 
     def forward(self, images: torch.Tensor) -> PatchPredictions:
-        """Eq. 1: P = softmax(F W) per patch; F = final patch tokens (after the last norm)."""
+        """Eq. 1 of paper 000 / eq. 2 of paper 001: P = softmax(F W) per patch; F = the final
+        patch tokens (after the last norm), conditioned by the HV-BiLSTM for ViT-PCM."""
         size = patch_size(self.backbone)
         grid = (images.shape[-2] // size, images.shape[-1] // size)
         tokens = self.backbone.forward_features(images)[:, num_prefix_tokens(self.backbone) :]
-        logits = self.classifier(tokens).float()
-        log_probs = F.log_softmax(logits, dim=-1)
-        return PatchPredictions(log_probs.transpose(1, 2).reshape(images.shape[0], -1, *grid))
+        features = self.conditioning(tokens.reshape(images.shape[0], *grid, -1))
+        logits = self.classifier(self.dropout(features)).float()
+        return PatchPredictions(F.log_softmax(logits, dim=-1).permute(0, 3, 1, 2).contiguous())
+
+
+def build_network(backbone: nn.Module, arch: Architecture, dropout: float = 0.0) -> PatchClassifier:
+    conditioning = HVBiLSTM(embed_dim(backbone), arch.lstm_hidden, dropout) if arch.lstm_hidden > 0 else None
+    return PatchClassifier(backbone, arch.num_classes, conditioning, dropout)
+
+
+def model_payload(model: PatchClassifier, arch: Architecture) -> dict:
+    """model.pt: the architecture record and the weights (on the CPU)."""
+    return {"format": MODEL_FORMAT, "arch": asdict(arch),
+            "model": {k: v.cpu() for k, v in model.state_dict().items()}}
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast of the forward passes on CUDA; full precision on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def image_class_probabilities(predictions: PatchPredictions) -> torch.Tensor:
-    """Global max pooling over the patches: B x C image-level class probabilities (paper 001)."""
+    """Global max pooling over the patches: B x C image-level class probabilities (paper 001 eq. 3)."""
     return predictions.probs.amax(dim=(2, 3))
 
 
 def multilabel_bce(image_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """L_MCE: binary cross-entropy summed over classes, mean over images (Algorithm 1, MCE).
+    """L_MCE: binary cross-entropy summed over classes, mean over images (paper 000 Algorithm 1,
+    MCE; paper 001 eq. 1 averages over the classes instead: ``vitpcm.vitpcm_loss`` divides by |C|).
 
     ``targets`` is multi-hot B x C with background (class 0) always 1, as in ViT-PCM.
     """
@@ -75,10 +150,12 @@ def multi_hot(labels: list[int], num_classes: int) -> torch.Tensor:
 
 def set_trainable(model: PatchClassifier, unfrozen_blocks: int) -> list[nn.Parameter]:
     """Freeze the backbone except its last ``unfrozen_blocks`` blocks (and the final norm when
-    any block trains); the classifier always trains. Returns the trainable parameters.
+    any block trains); the conditioning (HV-BiLSTM) and the classifier always train. Returns the
+    trainable parameters.
 
     Paper 000 Sec. 4.2: warm-up with the initialised weights frozen (0 blocks), then the last
-    five layers unfrozen; ViT-PCM's code unfreezes the final norm with them.
+    five layers unfrozen; ViT-PCM's code unfreezes the final norm with them, and trains its
+    HV-BiLSTM and classifier during the warm-up.
     """
     backbone = model.backbone
     for parameter in backbone.parameters():
@@ -87,5 +164,6 @@ def set_trainable(model: PatchClassifier, unfrozen_blocks: int) -> list[nn.Param
         for block in list(backbone.blocks)[-unfrozen_blocks:]:
             block.requires_grad_(True)
         backbone.norm.requires_grad_(True)
+    model.conditioning.requires_grad_(True)
     model.classifier.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]

@@ -1,5 +1,5 @@
-"""PC2M inference: class-probability maps of every image of a manifest shard (all splits), and
-their argmax masks at image size (the baseline pseudo-masks, BPM, of paper 001).
+"""PC2M / ViT-PCM inference: class-probability maps of every image of a manifest shard (all
+splits), and their argmax masks at image size (the baseline pseudo-masks, BPM, of paper 001).
 
 Images are resized so that their longer side is ``predict.max_size`` (paper 001 infers at 960 px
 for +2-3 mIoU; ``upscale: true`` lets small images grow to it, as ViT-PCM's 960 x 960 input does,
@@ -40,9 +40,11 @@ from pipeline.features import (
     shard_rows,
 )
 from pipeline.geometry import grid_to_image
-from pipeline.imageio import write_label_png
+from pipeline.atomic import atomic_dir
+from pipeline.checkpoint import load_error_reason
+from pipeline.imageio import safe_child, write_label_png
 from pipeline.pc2m.data import TRAIN_SPLIT
-from pipeline.pc2m.model import PatchClassifier
+from pipeline.pc2m.model import MODEL_FORMAT, Architecture, PatchClassifier, build_network, mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +80,28 @@ def prediction_geometry(height: int, width: int, settings: PredictSettings, patc
     return Geometry(scale=scale, resized=(rh, rw), final=(fh, fw), grid=(fh // patch, fw // patch))
 
 
-def load_model(model_path: Path, backbone: dict, device: torch.device) -> PatchClassifier:
-    """The trained network: backbone architecture from the config, every weight from model.pt."""
+def read_model_file(model_path: Path) -> tuple[Architecture, dict[str, torch.Tensor]]:
+    """model.pt's architecture record and weights; a plain state dict (written before the record
+    existed) is a PC2M network."""
     if not Path(model_path).is_file():
         raise WeightsError(f"{model_path}: trained model not found")
     try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-        num_classes = int(state["classifier.weight"].shape[0])
+        payload = torch.load(model_path, map_location="cpu", weights_only=True)
+        if payload.get("format") == MODEL_FORMAT:
+            return Architecture(**payload["arch"]), payload["model"]
+        return Architecture("pc2m", int(payload["classifier.weight"].shape[0]), 0), payload
     except Exception as exc:  # noqa: BLE001 - any failure: not a usable model file
-        raise WeightsError(f"{model_path}: not a PC2M model file ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{model_path}: not a PC2M / ViT-PCM model file ({load_error_reason(exc)})") from None
+
+
+def load_model(model_path: Path, backbone: dict, device: torch.device) -> PatchClassifier:
+    """The trained network: backbone architecture from the config, the rest of the architecture
+    (HV-BiLSTM or none, classes) from model.pt's record, every weight from model.pt."""
+    arch, state = read_model_file(model_path)
     # `random`: the architecture only; model.pt overwrites every tensor (strict below).
     net = build_backbone(backbone["name"], "random", backbone.get("checkpoint_key", "teacher"),
                          backbone.get("model_kwargs") or {})
-    model = PatchClassifier(net, num_classes)
+    model = build_network(net, arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -159,7 +170,8 @@ def predict_shard(
     dataset = ShardImages(rows["image_path"].tolist(), sizes, geometries, mean, std)
     loader = make_loader(dataset, batches, settings.num_workers, device.type == "cuda")
     tensors: dict[str, torch.Tensor] = {}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # The masks folder appears complete or not at all (a killed job leaves no partial folder).
+    with atomic_dir(out_masks_dir) as masks_tmp, mixed_precision(device):
         for indices, images, error in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
             if error is not None:
                 raise BadInputError(error)
@@ -172,7 +184,7 @@ def predict_shard(
                 tensors[f"{image_id}/probs"] = image_probs.half()
                 tensors[f"{image_id}/geometry"] = geometry
                 on_image = grid_to_image(image_probs, geometry, sizes[index], mode="bilinear")
-                write_label_png(Path(out_masks_dir) / f"{image_id}.png", on_image.argmax(dim=0).to(torch.uint8).numpy())
+                write_label_png(safe_child(masks_tmp, image_id), on_image.argmax(dim=0).to(torch.uint8).numpy())
     shards.write_shard(Path(out_probs), tensors, {
         "format": FORMAT_VERSION, "image_ids": rows["image_id"].tolist(), "num_classes": model.num_classes,
         "patch_size": patch, "max_size": settings.max_size, "upscale": settings.upscale, "fit": settings.fit,

@@ -1,4 +1,5 @@
-"""PC2M training runtime (paper 000 Sec. 4.2, Algorithm 1).
+"""PC2M training runtime (paper 000 Sec. 4.2, Algorithm 1), shared by its baseline ViT-PCM
+(paper 001; ``train.method: vitpcm``, its views, step and loss in ``vitpcm.py``).
 
 Schedule: ``warmup_epochs`` (1) with the backbone frozen and only the patch classifier training,
 then the last ``unfreeze_blocks`` (5) blocks and the final norm unfrozen; Adam at ``lr`` (1e-3)
@@ -6,38 +7,48 @@ scaled by ``lr_after_warmup_factor`` (0.1) after the warm-up. alpha-tilde (eq. 7
 end of every epoch. Instead of Algorithm 1's second pass over the dataset, q (eq. 6) is averaged
 over the global-view predictions seen during the epoch (our choice: it halves the cost; the
 global view retains most of the image, and eq. 7's q_{m-1} is "the dataset's current predictions").
+ViT-PCM trains the same way (its official schedule has the same values: 1 warm-up epoch at 1e-3
+with the HV-BiLSTM and classifier only, then 5 blocks + final norm at 1e-4), without transport:
+its alpha-tilde is only the diagnostic EMA of the predicted areas (``alpha.csv``, ``js_alpha_*``),
+and its ``epsilon`` column is empty.
 
 Outputs in ``out_dir``: ``history.csv``, ``alpha.csv`` (alpha-tilde used in each epoch),
 ``checkpoints/epoch-XXXX.pt`` (XXXX = epochs completed) and ``checkpoints/last.pt`` after every
-epoch, ``model.pt`` (state dict) and ``done.json`` last. A run finding ``checkpoints/last.pt``
-resumes after it, and ends with the same weights as an uninterrupted run: every random choice is
-drawn from generators seeded by (seed, epoch[, image]), never from state carried across epochs.
+epoch, ``model.pt`` (``model.model_payload``: architecture record + state dict) and ``done.json``
+last. A run finding ``checkpoints/last.pt`` resumes after it, and ends with the same weights as an
+uninterrupted run: every random choice is drawn from generators seeded by (seed, epoch[, image]),
+never from state carried across epochs.
 
 Data parallel: launched by torchrun with WORLD_SIZE > 1, each process takes its share of every
 global batch; the Sinkhorn sums, nu_b, the match-loss normaliser and the area estimate are
 reduced over processes, and gradients are averaged with one flat all-reduce per step (the
 frozen/unfrozen phases change which parameters train, which a DDP wrapper fixes at construction).
+ViT-PCM's mosaics are formed within each process's share of the batch (4 tiles each), so its
+data-parallel runs differ from single-process ones, as the official 4-GPU training does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoint import load_error_reason
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.datasets import read_classes, read_manifest
 from pipeline.errors import BadInputError, ConfigError, PipelineError
@@ -54,7 +65,14 @@ from pipeline.pc2m.data import (
     weak_training_images,
 )
 from pipeline.pc2m.losses import LossSettings, pc2m_loss
-from pipeline.pc2m.model import PatchClassifier, set_trainable
+from pipeline.pc2m.model import (
+    Architecture,
+    PatchClassifier,
+    build_network,
+    mixed_precision,
+    model_payload,
+    set_trainable,
+)
 from pipeline.pc2m.ot import (
     Reducer,
     absent_classes,
@@ -67,6 +85,7 @@ from pipeline.pc2m.ot import (
     multi_hot_frequencies,
 )
 from pipeline.pc2m.views import ViewSettings, local_to_global
+from pipeline.pc2m.vitpcm import MosaicViewDataset, MosaicViews, ViTPCMSettings, vitpcm_step
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +93,10 @@ CHECKPOINT_FORMAT = "pc2m-checkpoint/1"
 # Settings that may change when a run is resumed (they do not change the result).
 _RESUMABLE_KEYS = ("epochs", "num_workers", "device", "keep_checkpoints")
 MODES = ("weak", "unsupervised")
-METHODS = ("pc2m",)
+METHODS = ("pc2m", "vitpcm")
+# One training step: the batch -> named loss terms ("loss" = the total) and the detached
+# probabilities of the full-image branch (B x C x gh x gw, for the area diagnostics).
+Step = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -103,12 +125,15 @@ class TrainSettings:
     keep_checkpoints: int
     num_workers: int
     device: str
+    # ViT-PCM's own values (``train.vitpcm``; its defaults are in ViTPCMSettings).
+    vitpcm: ViTPCMSettings = field(default_factory=ViTPCMSettings)
 
     @classmethod
     def from_params(cls, train: dict) -> TrainSettings:
         values = dict(train)
         values["global_scale"] = tuple(float(v) for v in values["global_scale"])
         values["local_scale"] = tuple(float(v) for v in values["local_scale"])
+        values["vitpcm"] = ViTPCMSettings(**(values.get("vitpcm") or {}))
         settings = cls(**values)
         settings.check()
         return settings
@@ -126,13 +151,26 @@ class TrainSettings:
             raise ConfigError("train.epsilon_start must be > 0 and <= train.epsilon_end")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("train.epochs and train.batch_size must be >= 1")
+        if self.method == "vitpcm":
+            self.vitpcm.check(self.global_size)
 
     def views(self) -> ViewSettings:
         return ViewSettings(self.global_size, self.local_size, self.global_scale, self.local_scale,
                             self.max_rotation, self.flip, self.jitter)
 
+    def mosaic_views(self, patch: int) -> MosaicViews:
+        return MosaicViews(self.global_size, patch, self.vitpcm.crop_size, self.vitpcm.crop_probability,
+                           self.flip, self.jitter)
+
     def losses(self) -> LossSettings:
         return LossSettings(self.use_ot, self.use_match, self.sinkhorn_iterations)
+
+    def architecture(self, num_classes: int) -> Architecture:
+        with_lstm = self.method == "vitpcm" and self.vitpcm.use_hv_bilstm
+        return Architecture(self.method, num_classes, self.vitpcm.lstm_hidden if with_lstm else 0)
+
+    def head_dropout(self) -> float:
+        return self.vitpcm.dropout if self.method == "vitpcm" else 0.0
 
     def phase(self, epoch: int) -> int:
         """Number of unfrozen backbone blocks in ``epoch`` (0 during the warm-up)."""
@@ -229,10 +267,16 @@ def ground_truth_areas(manifest_path: Path, image_ids: set[str], num_classes: in
 # Checkpoints
 
 
-def _settings_fingerprint(params: dict) -> str:
+def _settings_fingerprint(params: dict, images: list[LabelledImage] | None = None,
+                          num_classes: int | None = None) -> str:
+    """What a checkpoint must match to be resumed: the recipe and the training data (image ids
+    and their labels: new pseudo-labels must not resume a model trained on the old ones)."""
     train = {k: v for k, v in params["train"].items() if k not in _RESUMABLE_KEYS}
-    return json.dumps({"backbone": params["backbone"], "train": train, "mode": params["mode"],
-                       "seed": params["seed"]}, sort_keys=True, default=str)
+    record = {"backbone": params["backbone"], "train": train, "mode": params["mode"], "seed": params["seed"]}
+    if images is not None:
+        data = json.dumps({"num_classes": num_classes, "images": [[i.image_id, list(i.labels)] for i in images]})
+        record["data"] = hashlib.sha256(data.encode()).hexdigest()
+    return json.dumps(record, sort_keys=True, default=str)
 
 
 def _rng_state() -> dict:
@@ -283,7 +327,7 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure: the file is not a usable checkpoint
-        raise BadInputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to restart") from None
+        raise BadInputError(f"{path}: unreadable checkpoint ({load_error_reason(exc)}); delete it to restart") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,21 +386,28 @@ def train(
     backbone = build_backbone(params["backbone"]["name"], params["backbone"]["weights"],
                               params["backbone"].get("checkpoint_key", "teacher"),
                               params["backbone"].get("model_kwargs") or {})
-    model = PatchClassifier(backbone, num_classes)
+    arch = settings.architecture(num_classes)
+    model = build_network(backbone, arch, settings.head_dropout())
     mean, std = normalisation(backbone)
-    dataset = TwoViewDataset(images, num_classes, settings.views(), mean, std, seed)
-    local_grid = (settings.local_size // patch_size(backbone),) * 2
+    patch = patch_size(backbone)
+    dataset = _training_dataset(settings, images, num_classes, patch, mean, std, seed)
 
     alpha_tilde = nu_dataset.clone()  # alpha-tilde_0 = nu_D (Sec. 3.2)
     alphas: list[list[float]] = [alpha_tilde.tolist()]
     history: list[dict] = []
     start_epoch, optimizer_state, optimizer_phase = 0, None, None
     last = out_dir / "checkpoints" / "last.pt"
-    fingerprint = _settings_fingerprint(params)
-    if last.is_file():
-        state = _load_checkpoint(last)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{last}: written with other settings (or format); delete {out_dir / 'checkpoints'} to restart")
+    fingerprint = _settings_fingerprint(params, images, num_classes)
+    state = _load_checkpoint(last) if last.is_file() else None
+    if state is not None and (state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint):
+        # Snakemake reruns this job when its inputs or params changed: the old checkpoints are
+        # of another run, never to be resumed (nor left to be pruned in place of the new ones).
+        log.warning("%s was written with other settings or training data; starting over", last)
+        if processes.main:
+            for stale in (out_dir / "checkpoints").glob("*.pt"):
+                stale.unlink()
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         alpha_tilde, alphas, history = state["alpha_tilde"], state["alphas"], state["history"]
         start_epoch, optimizer_state, optimizer_phase = state["epochs_done"], state["optimizer"], state["phase"]
@@ -375,16 +426,16 @@ def train(
                 optimizer.load_state_dict(optimizer_state)
             log.info("epoch %d: %d backbone blocks unfrozen, %d trainable tensors, lr %g",
                      epoch, phase, len(parameters), settings.learning_rate(epoch))
-        row, area_mean = _train_epoch(model, optimizer, parameters, dataset, settings, epoch, seed, alpha_tilde,
-                                      nu_dataset, local_grid, device, processes)
+        epsilon, step = _epoch_step(model, settings, epoch, alpha_tilde, nu_dataset, patch, device, processes.reducer)
+        row, area_mean = _train_epoch(model, optimizer, parameters, dataset, settings, epoch, seed, epsilon, step,
+                                      device, processes)
         new_alpha = ema_update(alpha_tilde, area_mean, settings.gamma)
         row["js_alpha_change"] = js_divergence(new_alpha, alpha_tilde)
         row["js_alpha_gt"] = js_divergence(new_alpha, gt_areas) if gt_areas is not None else float("nan")
         alpha_tilde = new_alpha
         alphas.append(alpha_tilde.tolist())
         history.append(row)
-        log.info("epoch %d: loss %.4f (mce %.4f, match %.4f), eps %.3f, JS(alpha, gt) %.4f",
-                 epoch, row["loss"], row["mce"], row["match"], row["epsilon"], row["js_alpha_gt"])
+        log.info("epoch %d: eps %.3f, JS(alpha, gt) %.4f", epoch, row["epsilon"], row["js_alpha_gt"])
         if processes.main:
             state = {
                 "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epochs_done": epoch + 1,
@@ -397,11 +448,14 @@ def train(
             dist.barrier()
 
     if processes.main:
+        # Also when resuming a run killed after its last epoch: Snakemake deleted the logs.
+        _write_logs(out_dir, history, alphas)
         with atomic_path(out_dir / "model.pt") as tmp:
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+            torch.save(model_payload(model, arch), tmp)
         write_json(out_dir / "done.json", {
-            "method": settings.method, "mode": mode, "epochs": settings.epochs, "num_classes": num_classes,
-            "num_images": len(images), "absent_classes": absent, "alpha_tilde": alpha_tilde.tolist(),
+            "method": settings.method, "architecture": asdict(arch), "mode": mode, "epochs": settings.epochs,
+            "num_classes": num_classes, "num_images": len(images), "absent_classes": absent,
+            "alpha_tilde": alpha_tilde.tolist(),
             "final_loss": history[-1]["loss"] if history else None,
             "seconds_this_run": round(time.monotonic() - started, 1), "processes": processes.world,
         })
@@ -415,51 +469,94 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train_epoch(model: PatchClassifier, optimizer: torch.optim.Optimizer, parameters: list, dataset: TwoViewDataset,
-                 settings: TrainSettings, epoch: int, seed: int, alpha_tilde: torch.Tensor, nu_dataset: torch.Tensor,
-                 local_grid: tuple[int, int], device: torch.device,
+def _training_dataset(settings: TrainSettings, images: list[LabelledImage], num_classes: int, patch: int,
+                      mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> Dataset:
+    if settings.method == "vitpcm":
+        views = settings.mosaic_views(patch)
+        views.check()
+        return MosaicViewDataset(images, num_classes, views, mean, std, seed)
+    return TwoViewDataset(images, num_classes, settings.views(), mean, std, seed)
+
+
+def _epoch_step(model: PatchClassifier, settings: TrainSettings, epoch: int, alpha_tilde: torch.Tensor,
+                nu_dataset: torch.Tensor, patch: int, device: torch.device, reducer: Reducer) -> tuple[float, Step]:
+    """The method's training step for ``epoch`` and its Sinkhorn epsilon (NaN: no transport)."""
+    if settings.method == "vitpcm":
+        tile_grid = (settings.mosaic_views(patch).tile_size // patch,) * 2
+        return float("nan"), _vitpcm_step(model, settings.vitpcm, tile_grid, device, reducer)
+    epsilon = epsilon_at(epoch, settings.epsilon_start, settings.epsilon_end, settings.epsilon_rate)
+    local_grid = (settings.local_size // patch,) * 2
+    return epsilon, _pc2m_step(model, settings, epsilon, alpha_tilde, nu_dataset, local_grid, device, reducer)
+
+
+def _pc2m_step(model: PatchClassifier, settings: TrainSettings, epsilon: float, alpha_tilde: torch.Tensor,
+               nu_dataset: torch.Tensor, local_grid: tuple[int, int], device: torch.device, reducer: Reducer) -> Step:
+    """One batch of Algorithm 1: both views forward, alpha (eq. 5), the PC2M loss."""
+    alpha_tilde_dev, nu_dataset_dev = alpha_tilde.to(device), nu_dataset.to(device)
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        global_views = batch["global"].to(device, non_blocking=True)
+        local_views = batch["local"].to(device, non_blocking=True)
+        targets = batch["target"].to(device)
+        with mixed_precision(device):
+            global_pred, local_pred = model(global_views), model(local_views)
+        alpha = batch_class_marginal(alpha_tilde_dev, multi_hot_frequencies(targets, reducer), nu_dataset_dev)
+        alignment = local_to_global(batch["theta_global"].to(device), batch["theta_local"].to(device), local_grid)
+        terms = pc2m_loss(global_pred, local_pred, alignment, targets, alpha, epsilon, settings.losses(), reducer)
+        return {"loss": terms.total, "mce": terms.mce, "match": terms.match}, global_pred.probs.detach()
+
+    return step
+
+
+def _vitpcm_step(model: PatchClassifier, settings: ViTPCMSettings, tile_grid: tuple[int, int], device: torch.device,
+                 reducer: Reducer) -> Step:
+    """One batch of ViT-PCM (``vitpcm.vitpcm_step``)."""
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        terms, probs = vitpcm_step(model, batch, settings, tile_grid, device, reducer)
+        return {"loss": terms.total, "mce": terms.mce, "et": terms.et, "l2": terms.l2}, probs
+
+    return step
+
+
+def _train_epoch(model: PatchClassifier, optimizer: torch.optim.Optimizer, parameters: list, dataset: Dataset,
+                 settings: TrainSettings, epoch: int, seed: int, epsilon: float, step: Step, device: torch.device,
                  processes: Processes) -> tuple[dict, torch.Tensor]:
-    """One epoch of Algorithm 1; returns the history row and (1/T) sum_X q(X) of the epoch."""
+    """One epoch; returns the history row and (1/T) sum_X q(X) of the epoch (eq. 6 on the
+    full-image branch)."""
     _seed_everything(derived_seed(seed, epoch, 1))
     reducer = processes.reducer
-    epsilon = epsilon_at(epoch, settings.epsilon_start, settings.epsilon_end, settings.epsilon_rate)
     dataset.epoch = epoch
     batches = epoch_batches(len(dataset), settings.batch_size, seed, epoch, processes.rank, processes.world)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda")
     model.train()
-    alpha_tilde_dev, nu_dataset_dev = alpha_tilde.to(device), nu_dataset.to(device)
     area_sum = torch.zeros(model.num_classes, dtype=torch.float64, device=device)
-    sums = {"loss": 0.0, "mce": 0.0, "match": 0.0}
+    sums: dict[str, float] = {}
     began = time.monotonic()
     progress = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not processes.main, leave=False)
     for index, batch in enumerate(progress):
-        global_views = batch["global"].to(device, non_blocking=True)
-        local_views = batch["local"].to(device, non_blocking=True)
-        targets = batch["target"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            global_pred, local_pred = model(global_views), model(local_views)
-        alpha = batch_class_marginal(alpha_tilde_dev, multi_hot_frequencies(targets, reducer), nu_dataset_dev)
-        alignment = local_to_global(batch["theta_global"].to(device), batch["theta_local"].to(device), local_grid)
-        terms = pc2m_loss(global_pred, local_pred, alignment, targets, alpha, epsilon, settings.losses(), reducer)
-        finite = reducer.sum(torch.isfinite(terms.total.detach()).float().reshape(1))
+        terms, probs = step(batch)
+        finite = reducer.sum(torch.isfinite(terms["loss"].detach()).float().reshape(1))
         if int(finite.item()) != processes.world:
+            parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "loss")
             raise PipelineError(
-                f"training diverged: non-finite loss at epoch {epoch} batch {index} "
-                f"(mce {terms.mce.item():.4g}, match {terms.match.item():.4g}); the last good checkpoint is kept"
+                f"training diverged: non-finite loss at epoch {epoch} batch {index} ({parts}); "
+                "the last good checkpoint is kept"
             )
         optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        terms["loss"].backward()
         average_gradients(parameters, processes)
         optimizer.step()
-        area_sum += image_class_areas(global_pred.probs.detach()).double().sum(dim=0)
-        for key in sums:
-            sums[key] += float(getattr(terms, "total" if key == "loss" else key).detach())
-        progress.set_postfix(loss=f"{terms.total.item():.3f}")
+        area_sum += image_class_areas(probs).double().sum(dim=0)
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        progress.set_postfix(loss=f"{terms['loss'].item():.3f}")
     steps = max(len(batches), 1)
     images_seen = reducer.sum(torch.tensor(float(sum(len(b) for b in batches)), device=device))
     area_mean = (reducer.sum(area_sum) / images_seen).float().cpu()
     means = {k: float(reducer.sum(torch.tensor(v / steps, device=device))) / processes.world for k, v in sums.items()}
+    log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     row = {"epoch": epoch, "unfrozen_blocks": settings.phase(epoch), "lr": settings.learning_rate(epoch),
            "epsilon": epsilon, **means, "seconds": round(time.monotonic() - began, 2)}
     return row, area_mean

@@ -1,6 +1,9 @@
 # Config validation, paths and input functions shared by every rule.
 import json
+import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -12,6 +15,50 @@ try:
     validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
+
+
+# The rules run `python -m pipeline ...`. The package is imported from the workflow's own source
+# folder, whatever the working directory (`--directory`) and also inside conda envs (which drop
+# the user's PYTHONPATH): the prefix below is prepended to every shell command. It is not part of
+# the rules' text, so moving the checkout does not rerun anything (envs/README.md).
+_SOURCE = workflow.basedir.replace("{", "{{").replace("}", "}}")
+shell.prefix(
+    ("set -euo pipefail; " if (shell.get_executable() or "bash").endswith("bash") else "")
+    + f"export PYTHONPATH={shlex.quote(_SOURCE)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
+
+
+# GPUs. Snakemake counts them as the resource `gpu`: every GPU rule asks for GPUS_PER_JOB (or
+# TRAIN_GPUS) units, and a local run offers as many units as this machine has GPUs, so at most
+# that many GPU jobs run at once; each job then claims a GPU no other job holds
+# (pipeline/devices.py). `--resources gpu=N` on the command line wins. Remote executors (SLURM:
+# `--jobs` sets nodes) get no global limit: the profile sets `gpu` per rule and SLURM allocates it.
+def detected_gpus():
+    """GPUs this process may use: `nvidia-smi -L`'s count, capped by CUDA_VISIBLE_DEVICES."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    count = sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [v for v in visible.split(",") if v.strip()]
+        count = 0 if entries[:1] in ([], ["-1"]) else min(count, len(entries))
+    return count
+
+
+def gpus_setting(key, default):
+    value = config.get("compute", {}).get(key, "auto")
+    return default if value == "auto" else int(value)
+
+
+GPUS = detected_gpus()
+GPUS_PER_JOB = gpus_setting("gpus_per_job", 1 if GPUS else 0)
+TRAIN_GPUS = gpus_setting("train_gpus", GPUS_PER_JOB)
+if workflow.nodes is None and not workflow.remote_exec and "gpu" not in workflow.global_resources:
+    workflow.register_resource("gpu", GPUS)
 
 
 RESULTS = config["results"].rstrip("/")

@@ -24,6 +24,7 @@ rule train_deeplab:
         results("benchmarks/train_deeplab.tsv")
     threads: 2
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
     conda:
@@ -45,6 +46,7 @@ rule predict_deeplab:
         results("logs/predict_deeplab/{split}.log"),
     threads: 2
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:

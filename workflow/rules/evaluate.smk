@@ -44,7 +44,7 @@ rule evaluate:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/report.yaml"
     shell:
         "python -m pipeline evaluate --masks {input.masks:q} --manifest {input.manifest:q} --classes {input.classes:q}"
         " --split {wildcards.split} --out-json {output.json:q} --out-csv {output.csv:q} --params {params.cfg:q}"
@@ -80,7 +80,7 @@ rule report:
         results("logs/report.log"),
     localrule: True
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/report.yaml"
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
         " --history {input.history:q} --alpha {input.alpha:q} {params.pseudo} --out-dir {params.out_dir:q}"

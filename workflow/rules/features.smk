@@ -17,6 +17,7 @@ rule extract_features:
         results("benchmarks/extract_features/shard-{shard}.tsv")
     threads: 2
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:

@@ -22,12 +22,15 @@ rule train_pc2m:
         results("benchmarks/train_pc2m.tsv")
     threads: 2
     resources:
+        gpu=TRAIN_GPUS,
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m pipeline train --manifest {input.manifest:q} --classes {input.classes:q} {params.labels}"
+        # more than one GPU: torchrun, one data-parallel process per GPU (pipeline/devices.py)
+        "python -m pipeline.devices launch --gpus {resources.gpu} --"
+        " train --manifest {input.manifest:q} --classes {input.classes:q} {params.labels}"
         " --out-dir {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -46,6 +49,7 @@ rule predict_pc2m:
         results("benchmarks/predict_pc2m/shard-{shard}.tsv")
     threads: 2
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:

@@ -16,6 +16,7 @@ rule spectral_segments:
         results("benchmarks/spectral_segments/shard-{shard}.tsv")
     threads: 2
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
@@ -47,6 +48,7 @@ rule segment_features:
         results("benchmarks/segment_features/shard-{shard}.tsv")
     threads: 2
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:

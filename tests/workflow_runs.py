@@ -1,0 +1,143 @@
+"""Shared helpers for the tests that run the whole workflow (faults, determinism, security).
+
+Not a conftest: test modules import it (``from workflow_runs import ...``; pytest puts ``tests/``
+on ``sys.path`` in its default rootdir-based import mode). The uninterrupted reference run of a
+seed is made once per session and shared by every module that asks for it (:func:`reference_run`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What a user runs: `snakemake --cores N` from a working folder, the workflow's default profile
+# (workflow/profiles/default: --rerun-incomplete, printshellcmds, ...) picked up automatically.
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]
+
+# Artifacts compared byte for byte between runs.
+COMPARED_GLOBS = (
+    "pseudo_labels/*.csv",
+    "pseudo_labels/maps.safetensors",
+    "pc2m/masks/**/*.png",
+    "crf/masks/**/*.png",
+    "deeplab/masks/**/*.png",
+    "eval/*.json",
+    "eval/*.csv",
+    "reports/summary.csv",
+)
+
+
+def tiny_config(results: Path, seed: int = 0, **overrides) -> dict:
+    """The demo at toy size: 8 train + 4 val images of 64 x 64 in 2 shards, a 2-block ViT,
+    2 PC2M epochs, 10 DeepLab iterations. Runs end to end in ~1-2 minutes on 2 cores."""
+    config = {
+        "results": str(results),
+        "seed": seed,
+        "dataset": {"images_per_shard": 6, "demo": {"n_train": 8, "n_val": 4, "width": 64, "height": 64}},
+        "backbone": {"model_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 3}},
+        "features": {"batch_size": 4, "num_workers": 0},
+        "segment_features": {"crop_size": 32},
+        "train": {"epochs": 2, "global_size": 64, "local_size": 32, "batch_size": 4, "num_workers": 0,
+                  "keep_checkpoints": 2},
+        "predict": {"max_size": 64, "num_workers": 0},
+        "deeplab": {"iterations": 10, "batch_size": 2, "crop_size": 32, "checkpoint_every": 5,
+                    "log_every": 5, "num_workers": 0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+def snakemake(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run snakemake to completion (its own process group, killed whole on timeout)."""
+    proc = subprocess.Popen([*SNAKEMAKE, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env=_env())
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"snakemake {' '.join(args)} hung for {timeout}s:\n{out[-4000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL snakemake and every job it started (they share its session / process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def run_and_kill_when(condition: Callable[[], bool], *args: str, cwd: Path, timeout: float = 600,
+                      poll: float = 0.05) -> tuple[bool, str]:
+    """Start snakemake, SIGKILL its whole process group as soon as ``condition()`` holds.
+
+    Returns (killed, output). ``killed`` is False when the run ended before the condition held."""
+    log_path = cwd / f"snakemake-{time.monotonic_ns()}.out"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*SNAKEMAKE, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=_env())
+        deadline = time.monotonic() + timeout
+        killed = False
+        while proc.poll() is None:
+            if condition():
+                kill_group(proc)
+                killed = True
+                break
+            if time.monotonic() > deadline:
+                kill_group(proc)
+                raise AssertionError(f"snakemake {' '.join(args)} did not reach the kill point in {timeout}s")
+            time.sleep(poll)
+    return killed, log_path.read_text()
+
+
+def digests(results: Path) -> dict[str, str]:
+    """sha256 of every compared artifact, keyed by its path relative to ``results``."""
+    out = {}
+    for pattern in COMPARED_GLOBS:
+        for path in sorted(results.glob(pattern)):
+            if path.is_file():
+                out[str(path.relative_to(results))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+_REFERENCE: dict[int, Path] = {}
+
+
+def reference_run(tmp_path_factory, seed: int = 0) -> Path:
+    """The results folder of one uninterrupted tiny run with ``seed`` (made once per session)."""
+    if seed not in _REFERENCE:
+        work = tmp_path_factory.mktemp(f"reference-seed{seed}")
+        config = write_config(work / "tiny.yaml", tiny_config(work / "results", seed=seed))
+        result = snakemake("--configfile", str(config), cwd=work)
+        assert result.returncode == 0, result.stdout[-6000:]
+        _REFERENCE[seed] = work / "results"
+    return _REFERENCE[seed]
