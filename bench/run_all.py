@@ -52,6 +52,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--images", "12"],
         [],
     ),
+    "scaling": (
+        "Wall time of the whole demo pipeline (reduced training) with 1 and 2 cores and at two dataset sizes: "
+        "how the cost grows with the data and the cores.",
+        ["--sizes", "16", "48"],
+        [],
+    ),
     "train": (
         "PC2M training images/s at 384 px with a breakdown (data, forward, Sinkhorn, backward) and the memory peak. "
         "Paper: ~32 images/s on 2 RTX A6000; target on one H100 >= 300 images/s for ViT-B/16.",

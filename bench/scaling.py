@@ -30,6 +30,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model  # noqa: E402
 
 REDUCED = {
     "dataset": {"images_per_shard": 8},
@@ -46,16 +49,6 @@ def config_for(size: int, results: Path) -> dict:
     config["results"] = str(results)
     config["dataset"]["demo"] = {"n_train": size - n_val, "n_val": n_val}
     return config
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_once(size: int, cores: int, work: Path) -> float:

@@ -19,7 +19,7 @@ from pipeline.datasets import parse_labels, read_manifest
 from pipeline.errors import BadInputError
 from pipeline.imageio import load_rgb
 from pipeline.pc2m.model import multi_hot
-from pipeline.pc2m.views import ViewSettings, make_views
+from pipeline.pc2m.views import make_views
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,12 @@ def source_image(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
 
 
-class TwoViewDataset(Dataset):
-    """Item i: normalised global and local views, their thetas, the multi-hot target, i."""
+class AugmentedViewDataset(Dataset):
+    """Labelled training images whose random views come from a generator seeded by
+    (seed, epoch, index), so an epoch's augmentations are the same however it is resumed; the
+    trainer sets ``epoch`` before each epoch. Subclasses render the views of one item."""
 
-    def __init__(self, images: Sequence[LabelledImage], num_classes: int, views: ViewSettings,
+    def __init__(self, images: Sequence[LabelledImage], num_classes: int, views,
                  mean: Sequence[float], std: Sequence[float], seed: int) -> None:
         self.images = list(images)
         self.num_classes = num_classes
@@ -106,6 +108,10 @@ class TwoViewDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+class TwoViewDataset(AugmentedViewDataset):
+    """Item i: normalised global and local views, their thetas, the multi-hot target, i."""
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.images[index]

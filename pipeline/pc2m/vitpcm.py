@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from pipeline.errors import ConfigError
-from pipeline.pc2m.data import LabelledImage, derived_seed, source_image
+from pipeline.pc2m.data import AugmentedViewDataset, derived_seed, source_image
 from pipeline.pc2m.losses import masked_cross_entropy
 from pipeline.pc2m.model import (
     PatchClassifier,
@@ -137,25 +135,12 @@ def et_affine(generator: torch.Generator, views: MosaicViews) -> torch.Tensor:
     return torch.cat([side * dihedral(generator, views.flip), centre], dim=1)
 
 
-class MosaicViewDataset(Dataset):
+class MosaicViewDataset(AugmentedViewDataset):
     """Item i: the normalised main view and ET tile, their thetas, the multi-hot target, i.
 
     Every random choice comes from a generator seeded by (seed, epoch, i). Each branch jitters
     the colours of the source independently before its geometric transform (official order).
     """
-
-    def __init__(self, images: Sequence[LabelledImage], num_classes: int, views: MosaicViews,
-                 mean: Sequence[float], std: Sequence[float], seed: int) -> None:
-        self.images = list(images)
-        self.num_classes = num_classes
-        self.views = views
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def _branch_source(self, source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return colour_jitter(source, generator) if self.views.jitter else source
