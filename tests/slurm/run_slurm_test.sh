@@ -125,15 +125,67 @@ grep -q "SLURM jobid" "$SCRATCH/slurm-run.log" || fail "no job was submitted to 
 run_pipeline "$SCRATCH/local" --cores 2 >"$SCRATCH/local-run.log" 2>&1 \
     || { tail -30 "$SCRATCH/local-run.log"; fail "the local reference run failed"; }
 
-compare() {
-    (cd "$1/results" && find . -type f ! -path './logs/*' ! -path './benchmarks/*' ! -name '.*' | sort)
-}
-diff <(compare "$SCRATCH/slurm") <(compare "$SCRATCH/local") >/dev/null \
-    || fail "SLURM and local runs produced different sets of files"
-differ=0
-while read -r file; do
-    cmp -s "$SCRATCH/slurm/results/$file" "$SCRATCH/local/results/$file" || { echo "  differs: $file"; differ=1; }
-done < <(compare "$SCRATCH/local")
-[ "$differ" = 0 ] || fail "outputs of the SLURM run differ from the local run"
-echo "SLURM test passed: $(compare "$SCRATCH/local" | wc -l) output files identical to a local run"
+# Same outputs: every artifact byte for byte, except what records where or how long a run took:
+# text files are compared with the results folder's path replaced (the manifest holds absolute
+# paths), training histories without their seconds column, model files tensor by tensor; run
+# records (done.json) and resume state (checkpoints) are not results and are left out.
+python - "$SCRATCH/slurm/results" "$SCRATCH/local/results" <<'PY' || fail "outputs of the SLURM run differ from the local run"
+import io, sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+slurm, local = (Path(p) for p in sys.argv[1:])
+SKIP_DIRS = {"logs", "benchmarks", "checkpoints"}
+# Run records and resume state, not results: wall-clock times, RNG states of the last process.
+SKIP_NAMES = {"done.json", "checkpoint.pt"}
+TIMED = {"history.csv"}
+
+
+def files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()
+                  and not SKIP_DIRS & set(p.relative_to(root).parts) and p.name not in SKIP_NAMES
+                  and not p.name.startswith("."))
+
+
+def text(path, root):
+    return path.read_text(encoding="utf-8").replace(str(root), "<results>")
+
+
+def tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for key in sorted(obj) for t in tensors(obj[key])]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in tensors(item)]
+    return []
+
+
+def same(rel):
+    a, b = slurm / rel, local / rel
+    if rel.name in TIMED:
+        drop = lambda f: f.drop(columns=[c for c in f.columns if c == "seconds"])
+        return drop(pd.read_csv(a)).equals(drop(pd.read_csv(b)))
+    if rel.suffix == ".pt":
+        ta = tensors(torch.load(a, weights_only=True))
+        tb = tensors(torch.load(b, weights_only=True))
+        return len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    if rel.suffix in {".csv", ".json", ".md", ".txt"}:
+        return text(a, slurm) == text(b, local)
+    return a.read_bytes() == b.read_bytes()
+
+
+names_slurm, names_local = files(slurm), files(local)
+if names_slurm != names_local:
+    print("different sets of files:", sorted(set(map(str, names_slurm)) ^ set(map(str, names_local))))
+    sys.exit(1)
+differ = [str(rel) for rel in names_local if not same(rel)]
+for rel in differ:
+    print("  differs:", rel)
+print(f"compared {len(names_local)} output files")
+sys.exit(1 if differ else 0)
+PY
+echo "SLURM test passed: the SLURM run's outputs equal the local run's"
 rm -rf "$SCRATCH/slurm/results" "$SCRATCH/local/results"
