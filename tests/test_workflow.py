@@ -91,3 +91,19 @@ def job_counts(output: str) -> dict[str, int]:
         if parts[0] != "total":
             counts[parts[0]] = int(parts[1])
     return counts
+
+
+@pytest.mark.slow
+def test_weak_mode_runs_end_to_end_without_the_unsupervised_stages(repo, tmp_path):
+    configfile = tiny_demo_config(tmp_path)
+    config = yaml.safe_load(configfile.read_text())
+    config.update(mode="weak", deeplab={"iterations": 10, "crop_size": 64, "batch_size": 4, "num_workers": 0})
+    configfile.write_text(yaml.safe_dump(config))
+    run = snakemake(repo, "--configfile", str(configfile), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    counts = job_counts(run.stdout + run.stderr)
+    # labels come from the dataset: no features, segments or pseudo-labels are computed
+    assert not {"extract_features", "spectral_segments", "pseudo_labels"} & set(counts)
+    assert counts["train_pc2m"] == 1 and counts["report"] == 1
+    summary = (tmp_path / "results" / "reports" / "summary.md").read_text()
+    assert "Mode: weak" in summary and "DeepLab (val)" in summary
