@@ -161,7 +161,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     params = _params(args.params)
     build_report(
         [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes), Path(args.history), Path(args.alpha),
-        {stage: [Path(d) for d in dirs] for stage, dirs in params.get("stage_mask_dirs", {}).items()},
+        {stage: [Path(d) for d in dirs] for stage, dirs in params.get("stage_mask_dirs", [])},
         Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
     )
 
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", required=True, help="pc2m/alpha.csv")
     p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"qualitative_images", "stage_mask_dirs"}')
+    p.add_argument("--params", required=True, help='JSON: {"qualitative_images": int, "stage_mask_dirs": [[stage, [folder, ...]], ...]}')
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -72,7 +72,8 @@ rule report:
         ),
     params:
         cfg=lambda w: as_json(
-            {"qualitative_images": 4, "stage_mask_dirs": {s: mask_dirs(s, "val") for s in MASK_STAGES}}
+            # pairs, not a mapping: as_json sorts keys, and the figure's columns follow the stages' order
+            {"qualitative_images": 4, "stage_mask_dirs": [[s, mask_dirs(s, "val")] for s in MASK_STAGES]}
         ),
         out_dir=lambda w, output: str(Path(output.summary).parent),
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
