@@ -88,6 +88,21 @@ def run(name: str, args: list[str]) -> tuple[str, float]:
     return f"`{shown}` ({seconds:.0f} s)\n\n{body}\n", seconds
 
 
+def previous_sections(path: Path) -> dict[str, str]:
+    """The ``## <benchmark>`` sections of an earlier RESULTS.md, by benchmark name."""
+    if not path.is_file():
+        return {}
+    sections: dict[str, str] = {}
+    name = None
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.startswith("## ") and line[3:].strip() in BENCHMARKS:
+            name = line[3:].strip()
+            sections[name] = ""
+        if name is not None:
+            sections[name] += line
+    return sections
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run just these")
@@ -96,15 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = args.only or list(BENCHMARKS)
-    sections = []
+    # With --only, the other benchmarks' sections of the existing file are kept as they are.
+    sections = previous_sections(Path(args.out)) if args.only else {}
     for name in names:
         what, cpu_args, gpu_args = BENCHMARKS[name]
         print(f"running {name} ...", file=sys.stderr, flush=True)
         text, _ = run(name, cpu_args)
-        sections.append(f"## {name}\n\n{what}\n\n### CPU\n\n{text}")
+        sections[name] = f"## {name}\n\n{what}\n\n### CPU\n\n{text}"
         if args.device == "cuda" and gpu_args:
             text, _ = run(name, gpu_args)
-            sections.append(f"### GPU\n\n{text}")
+            sections[name] += f"\n### GPU\n\n{text}"
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     header = (
         "# Benchmark results\n\n"
@@ -113,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "Ratios compare methods measured in the same run on the same machine; absolute numbers move with "
         "the machine's load.\n"
     )
-    write_text(args.out, header + "\n" + "\n".join(sections))
+    ordered = [sections[name] for name in BENCHMARKS if name in sections]
+    write_text(args.out, header + "\n" + "\n".join(ordered))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -76,44 +76,56 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     return torch.where(flip.unsqueeze(-2), -vectors, vectors)
 
 
-def _eigh_lowest(lap: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k lowest eigenpairs of each symmetric matrix of a batch, ascending.
+def _normalized_affinity_top(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU solve: the k LARGEST eigenpairs of M = D^{-1/2} W D^{-1/2}, one matrix per thread.
 
-    GPU: one batched ``torch.linalg.eigh`` (full spectrum; fast there). CPU: LAPACK's
-    relatively-robust-representations driver (``syevr``) asked for the k lowest pairs only —
-    still a dense solve — one matrix per thread with single-threaded BLAS: multi-threaded BLAS
-    on matrices this small made each solve 10-30x slower on a busy 2-core machine, and torch's
-    batched CPU ``eigh`` was erratic (0.3-7 s per matrix). bench/spectral.py has the numbers.
+    L = I - M, so L's k smallest eigenvalues are 1 - M's k largest with the same eigenvectors;
+    working on M skips forming I - M and symmetrising (LAPACK reads one triangle). LAPACK's
+    relatively-robust-representations driver (``syevr``) computes only the k pairs asked for —
+    still a dense solve — with single-threaded BLAS per matrix: multi-threaded BLAS on matrices
+    this small was 10-30x slower on a busy 2-core machine, and torch's batched CPU ``eigh`` was
+    erratic (0.3-7 s per matrix). bench/spectral.py has the numbers.
+    Returns (L's eigenvalues B×k ascending, eigenvectors B×N×k, d^{-1/2} B×N).
     """
-    if lap.device.type != "cpu":
-        values, vectors = torch.linalg.eigh(lap)
-        return values[..., :k], vectors[..., :k]
     from concurrent.futures import ThreadPoolExecutor
 
     import scipy.linalg
     from threadpoolctl import threadpool_limits
 
-    def solve(matrix):
-        return scipy.linalg.eigh(matrix, subset_by_index=[0, k - 1], driver="evr")
+    n = w.shape[-1]
+    inv_sqrt = w.sum(-1).clamp_min(MIN_DEGREE).rsqrt()
+
+    def solve(index: int):
+        scale = inv_sqrt[index].numpy()
+        m = w[index].numpy() * scale[:, None] * scale[None, :]
+        mu, vectors = scipy.linalg.eigh(m, subset_by_index=[n - k, n - 1], driver="evr",
+                                        overwrite_a=True, check_finite=False)
+        return 1.0 - mu[::-1], vectors[:, ::-1]
 
     with threadpool_limits(1), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        pairs = list(pool.map(solve, lap.numpy()))
-    values = torch.stack([torch.from_numpy(w) for w, _ in pairs])
-    vectors = torch.stack([torch.from_numpy(v) for _, v in pairs])
-    return values, vectors
+        pairs = list(pool.map(solve, range(w.shape[0])))
+    values = torch.stack([torch.from_numpy(np.ascontiguousarray(lam)) for lam, _ in pairs])
+    vectors = torch.stack([torch.from_numpy(np.ascontiguousarray(vec)) for _, vec in pairs])
+    return values, vectors, inv_sqrt
 
 
 def smallest_eigenpairs(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest eigenpairs of the generalised problem (D - W) v = λ D v, batched.
 
     Solved through the symmetric normalised Laplacian (paper 000 Sec. 3.3): L u = λ u with
-    v = D^{-1/2} u (same eigenvalues). Returns (eigenvalues B×k ascending, eigenvectors B×N×k with
-    unit norm and reproducible signs), float32.
+    v = D^{-1/2} u (same eigenvalues). GPU: one batched ``torch.linalg.eigh`` of L (fast there);
+    CPU: see :func:`_normalized_affinity_top`. Returns (eigenvalues B×k ascending, eigenvectors
+    B×N×k with unit norm and reproducible signs), float32.
     """
     n = w.shape[-1]
     k = min(k, n)
-    lap, inv_sqrt = normalized_laplacian(w.float())
-    values, vectors = _eigh_lowest(lap, k)
+    w = w.float()
+    if w.device.type == "cpu":
+        values, vectors, inv_sqrt = _normalized_affinity_top(w, k)
+    else:
+        lap, inv_sqrt = normalized_laplacian(w)
+        values, vectors = torch.linalg.eigh(lap)
+        values, vectors = values[..., :k], vectors[..., :k]
     values = values.float().clamp_min(0.0)
     vectors = torch.nn.functional.normalize(inv_sqrt.unsqueeze(-1) * vectors.float(), dim=-2)
     return values, fix_signs(vectors)
