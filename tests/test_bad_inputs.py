@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline.config import load_schema, validate_config
 from pipeline.datasets import MANIFEST_COLUMNS, read_manifest
 from pipeline.errors import ConfigError
-from workflow_runs import REPO, SNAKEMAKE
+from workflow_runs import REPO, SNAKEMAKE, assert_one_line_error
 
 TIMEOUT = 300
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -53,17 +53,6 @@ _PEAK_RSS = (
 def cli(*args: str | Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *names: str | Path) -> str:
-    """Exit 2, last stderr line 'error: ...' naming every one of ``names``, no traceback."""
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-3000:]
-    for name in names:
-        assert str(name) in last, f"{name!r} not named in: {last}"
-    return last
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

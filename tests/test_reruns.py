@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workflow_runs import job_counts
+
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -38,20 +40,6 @@ def write_config(path: Path, results: Path, **changes) -> Path:
         config[section] = {**config.get(section, {}), **values}
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a Snakemake run or dry-run as {rule: count}, without the total."""
-    if "Job stats:" not in output:
-        return {}
-    counts = {}
-    for line in output.split("Job stats:")[1].splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        if parts[0] != "total":
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 @pytest.fixture(scope="module")

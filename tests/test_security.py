@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.errors import BadInputError, WeightsError
 from pipeline.imageio import check_image_id, safe_child
-from workflow_runs import REPO, SNAKEMAKE, tiny_config, write_config
+from workflow_runs import REPO, SNAKEMAKE, assert_one_line_error, tiny_config, write_config
 
 PIPELINE = REPO / "pipeline"
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -28,16 +28,6 @@ TINY_BACKBONE = {**CONFIG["backbone"], "model_kwargs": {"depth": 2, "embed_dim":
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *names) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-3000:]
-    for name in names:
-        assert str(name) in last, f"{name!r} not named in: {last}"
-    return last
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline.features import read_shard
+from workflow_runs import job_counts
 
 
 def snakemake(repo: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -78,19 +79,6 @@ def test_demo_runs_end_to_end_and_reruns_only_what_is_missing(repo, tmp_path):
     assert job_counts(redo.stdout + redo.stderr) == {"extract_features": 1}
     assert shards[1].exists()
     assert shards[0].read_bytes() == before
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a Snakemake run as {rule: count} (without the total)."""
-    lines = output.split("Job stats:")[1].splitlines()
-    counts = {}
-    for line in lines[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        if parts[0] != "total":
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 @pytest.mark.slow

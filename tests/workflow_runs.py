@@ -141,3 +141,29 @@ def reference_run(tmp_path_factory, seed: int = 0) -> Path:
         assert result.returncode == 0, result.stdout[-6000:]
         _REFERENCE[seed] = work / "results"
     return _REFERENCE[seed]
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake run as {rule: count} (without the total); {} when the
+    run planned no job."""
+    if "Job stats:" not in output:
+        return {}
+    counts = {}
+    for line in output.split("Job stats:")[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *names: str | Path) -> str:
+    """Exit 2, last stderr line 'error: ...' naming every one of ``names``, no traceback."""
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    for name in names:
+        assert str(name) in last, f"{name!r} not named in: {last}"
+    return last
