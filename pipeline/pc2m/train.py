@@ -13,7 +13,7 @@ its alpha-tilde is only the diagnostic EMA of the predicted areas (``alpha.csv``
 and its ``epsilon`` column is empty.
 
 Outputs in ``out_dir``: ``history.csv``, ``alpha.csv`` (alpha-tilde used in each epoch),
-``checkpoints/epoch-XXXX.pt`` (XXXX = epochs completed) and ``checkpoints/last.pt`` after every
+``checkpoints/epoch-NNNN.pt`` (NNNN = epochs completed) and ``checkpoints/last.pt`` after every
 epoch, ``model.pt`` (``model.model_payload``: architecture record + state dict) and ``done.json``
 last. A run finding ``checkpoints/last.pt`` resumes after it, and ends with the same weights as an
 uninterrupted run: every random choice is drawn from generators seeded by (seed, epoch[, image]),
@@ -308,7 +308,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _save_checkpoint(out_dir: Path, state: dict, keep: int) -> None:
-    """epoch-XXXX.pt written atomically, then last.pt pointed at it (hard link, atomic rename)."""
+    """epoch-NNNN.pt written atomically, then last.pt pointed at it (hard link, atomic rename)."""
     folder = out_dir / "checkpoints"
     path = folder / f"epoch-{state['epochs_done']:04d}.pt"
     with atomic_path(path) as tmp:
