@@ -167,8 +167,58 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "readme.txt").write_text("no images here")
     folder = {"images": str(tmp_path / "imgs"), "split": "train"}
-    with pytest.raises(BadInputError, match="no images"):
+    with pytest.raises(BadInputError, match=r"no images found in .*imgs \(accepted: .*\.jpg.*; 1 other files\)"):
         build_index(_params("folder", folder=folder), tmp_path / "idx", 1)
+
+
+def test_non_image_files_are_ignored_and_listed(tmp_path):
+    folder = _folder_tree(tmp_path)
+    manifest, _, skipped = _index(_params("folder", folder=folder), tmp_path / "idx")
+    assert len(manifest) == 4
+    assert list(skipped["path"]) == [str(Path(folder["images"]) / "notes.txt")]
+    assert "not an image file (suffix '.txt'" in skipped.loc[0, "reason"]
+
+
+def _split_tree(root: Path) -> str:
+    for name in ("train/a.png", "train/sub/b.png", "val/c.png", "val/d.png", "test/e.png", "other/f.png",
+                 "g.png", "training/h.png"):
+        _image(root / name)
+    return str(root)
+
+
+def test_folder_auto_split_takes_top_level_split_folders(tmp_path):
+    folder = {"images": _split_tree(tmp_path / "imgs"), "split": "auto"}
+    manifest, classes, _ = _index(_params("folder", folder=folder), tmp_path / "idx")
+    splits = dict(zip(manifest["image_id"], manifest["split"]))
+    assert splits == {"train/a": "train", "train/sub/b": "train", "val/c": "val", "val/d": "val",
+                      "test/e": "test", "other/f": "train", "g": "train", "training/h": "train"}
+    assert classes["splits"] == {"test": 1, "train": 5, "val": 2}
+
+
+def test_folder_split_name_puts_every_image_in_it(tmp_path):
+    folder = {"images": _split_tree(tmp_path / "imgs"), "split": "train"}
+    manifest, _, _ = _index(_params("folder", folder=folder), tmp_path / "idx")
+    assert set(manifest["split"]) == {"train"}
+
+
+def test_folder_split_list_overrides_per_image(tmp_path):
+    listing = tmp_path / "splits.csv"
+    listing.write_text("image_id,split\ng,val\ntrain/a,holdout\nmissing,val\n")
+    folder = {"images": _split_tree(tmp_path / "imgs"), "split": "auto", "split_list": str(listing)}
+    manifest, _, _ = _index(_params("folder", folder=folder), tmp_path / "idx")
+    splits = dict(zip(manifest["image_id"], manifest["split"]))
+    assert splits["g"] == "val" and splits["train/a"] == "holdout" and splits["val/c"] == "val"
+    listing.write_text("image_id,split\ng,val/x\n")
+    with pytest.raises(BadInputError, match=r"splits.csv: line 2: split 'val/x'"):
+        build_index(_params("folder", folder=folder), tmp_path / "idx2", 1)
+
+
+def test_a_dataset_without_the_required_split_stops_at_the_index(tmp_path):
+    _image(tmp_path / "imgs" / "val" / "x.png")
+    params = _params("folder", folder={"images": str(tmp_path / "imgs"), "split": "auto"})
+    with pytest.raises(BadInputError, match=r"no image in split 'train' \(splits: val\); training needs it"):
+        build_index({**params, "required_split": "train"}, tmp_path / "idx", 1)
+    assert not (tmp_path / "idx" / "manifest.csv").exists()
 
 
 # --- VOC -------------------------------------------------------------------------------------

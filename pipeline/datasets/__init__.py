@@ -293,7 +293,8 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
     rows = check_entries(dataset, bool(cfg.get("verify_images", True)), policy, threads)
 
     out_dir = Path(out_dir)
-    skipped = pd.DataFrame([vars(s) for s in policy.skipped], columns=SKIPPED_COLUMNS)
+    ignored = [Skipped("", path, reason) for path, reason in dataset.ignored]
+    skipped = pd.DataFrame([vars(s) for s in ignored + policy.skipped], columns=SKIPPED_COLUMNS)
     _write_csv(out_dir / "skipped.csv", skipped)
     if not rows:
         raise BadInputError(

@@ -32,6 +32,8 @@ class Dataset:
     entries: list[Entry]
     # Adapter-specific facts recorded in classes.json (e.g. which VOC lists were used).
     extra: dict = field(default_factory=dict)
+    # (path, reason) of files found but not indexed (e.g. not images): listed in skipped.csv.
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int | None:

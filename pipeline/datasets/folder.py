@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.datasets.common import (
-    BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir, require_entries,
+    BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir,
 )
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import check_image_id
@@ -36,17 +36,27 @@ SPLIT_FOLDERS = ("train", "val", "test")
 DEFAULT_SPLIT = "train"
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under root (any case of suffix), sorted, skipping hidden files and folders."""
-    found = []
+def find_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under root, sorted; an image is any case of IMAGE_SUFFIXES.
+    Hidden files and folders are skipped."""
+    images, others = [], []
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found.extend(
-            Path(folder) / name
-            for name in sorted(files)
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        )
-    return found
+        for name in sorted(files):
+            if not name.startswith("."):
+                is_image = Path(name).suffix.lower() in IMAGE_SUFFIXES
+                (images if is_image else others).append(Path(folder) / name)
+    return images, others
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under root (any case of suffix), sorted, skipping hidden files and folders."""
+    return find_files(root)[0]
+
+
+def not_an_image(path: Path) -> str:
+    accepted = ", ".join(sorted(IMAGE_SUFFIXES))
+    return f"not an image file (suffix {path.suffix or 'none'!r}; accepted: {accepted}): ignored"
 
 
 def image_id_of(path: Path, root: Path) -> str:
@@ -146,8 +156,17 @@ def index_folder(cfg: dict) -> Dataset:
     split_list_path = None if cfg.get("split_list") in (None, "") else absolute(cfg["split_list"])
     listed = {} if split_list_path is None else read_split_list(split_list_path)
 
+    images, others = find_files(root)
+    if others:
+        log.warning("ignored %d files that are not images (listed in skipped.csv), e.g. %s", len(others),
+                    others[0])
+    if not images:
+        raise BadInputError(
+            f"no images found in {root} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}; "
+            f"{len(others)} other files)"
+        )
     entries = []
-    for path in find_images(root):
+    for path in images:
         image_id = image_id_of(path, root)
         mask = None if masks_root is None else masks_root / f"{image_id}.png"
         entries.append(Entry(
@@ -162,7 +181,8 @@ def index_folder(cfg: dict) -> Dataset:
         unknown = len(set(listed) - {entry.image_id for entry in entries})
         if unknown:
             log.warning("%d rows of %s name no image found", unknown, split_list_path)
-    return Dataset("folder", names, require_entries(entries, str(root)))
+    ignored = [(str(path), not_an_image(path)) for path in others]
+    return Dataset("folder", names, entries, ignored=ignored)
 
 
 def _log_coverage(entries: list[Entry], masks_root: Path | None, labels_path: Path | None,
