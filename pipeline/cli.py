@@ -161,7 +161,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
     params = _params(args.params)
     build_report(
         [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes), Path(args.history), Path(args.alpha),
-        {stage: [Path(d) for d in dirs] for stage, dirs in params.get("stage_mask_dirs", [])},
+        {stage: {split: [Path(d) for d in dirs] for split, dirs in by_split.items()}
+         for stage, by_split in params.get("stage_mask_dirs", [])},
         Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
     )
 
@@ -287,14 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict_deeplab)
 
     p = sub.add_parser("report", help="tables and plots of every evaluated stage")
-    p.add_argument("--eval", nargs="+", required=True, help="eval/<stage>-<split>.json files")
+    p.add_argument("--eval", nargs="*", default=[],
+                   help="eval/<stage>-<split>.json files (none for a dataset without ground truth)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--classes", required=True)
     p.add_argument("--history", required=True, help="pc2m/history.csv")
     p.add_argument("--alpha", required=True, help="pc2m/alpha.csv")
     p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"qualitative_images": int, "stage_mask_dirs": [[stage, [folder, ...]], ...]}')
+    p.add_argument("--params", required=True, help='JSON: {"mode", "qualitative_images", "gallery_images", '
+                   '"stage_mask_dirs": [[stage, {split: [folder, ...]}], ...]}')
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -290,6 +290,17 @@ def safe_child(folder: str | os.PathLike, image_id: str, suffix: str = ".png") -
     return path
 
 
+def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with its mask's VOC-palette colours blended in (``alpha`` = mask weight);
+    ignored pixels (255) keep the image. uint8 H x W x 3."""
+    if rgb.shape[:2] != mask.shape:
+        raise ValueError(f"overlay of a {mask.shape} mask on a {rgb.shape[:2]} image")
+    colours = voc_palette()[mask].astype(np.float32)
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours
+    blended[mask == 255] = rgb[mask == 255]
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
 def mask_in_folders(folders, image_id: str) -> Path | None:
     """The first ``<folder>/<image_id>.png`` that exists (a stage's masks are spread over one
     folder per shard), or None."""

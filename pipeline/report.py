@@ -1,19 +1,28 @@
-"""Final report: one results table over every evaluated stage, and three figures.
+"""Final report: one results table over every evaluated stage, what the run found, and figures.
 
-Reads the evaluation summaries (``eval/{stage}-{split}.json``), the PC2M training logs
-(``pc2m/history.csv``, ``pc2m/alpha.csv``), the dataset manifest and classes, each stage's mask
-folders and, in the unsupervised mode, the pseudo-label report; writes into ``out_dir``:
+Reads the evaluation summaries (``eval/{stage}-{split}.json``; none at all for a dataset without
+ground truth), the PC2M training logs (``pc2m/history.csv``, ``pc2m/alpha.csv``), the dataset
+manifest and classes, each stage's mask folders and, in the unsupervised mode, the pseudo-label
+report; writes into ``out_dir``:
 
 - ``summary.csv`` / ``summary.md``: per-class IoU, mIoU, pixel accuracy and mIoU_shape in % (one
   decimal), one column per evaluated stage and split, laid out like paper 000 Tables 3, 4 and 11.
   Columns use the paper's names (pc2m on train = "BPM", on val = "PC2M"; crf adds "+CRF"); the
   columns are whatever evaluation files are given, so a stage that was not run is simply absent.
-- ``per_class_iou.png``: the table's per-class IoU as grouped bars.
+- ``per_class_iou.png``: the table's per-class IoU as grouped bars (without ground truth: a
+  figure saying so, so that the outputs are the same in every case).
 - ``alpha.png``: alpha-tilde per class over the epochs, and the Jensen-Shannon divergences of
   paper 000 Fig. 6/10 with the Sinkhorn epsilon (App. B).
-- ``qualitative.png``: image | GT | each stage's mask for the first few val images (paper 000
-  Fig. 12-16), VOC palette. A stage without a mask for one of those images is an error naming
-  the stage: every evaluated image must have one, so a gap means the results are inconsistent.
+- ``training.png``: the loss terms per epoch.
+- ``qualitative.png``: image | GT | each stage's mask for the first few val images (train when
+  there is no val split; paper 000 Fig. 12-16), VOC palette. A stage without a mask for one of
+  those images is an error naming the stage: every image of a split a stage predicts must have
+  one, so a gap means the results are inconsistent.
+- ``clusters.csv``: what the run found, with or without ground truth: per predicted id (cluster
+  in the unsupervised mode, class in the weak mode) of the final stage's masks (DeepLab, else
+  CRF, else PC2M), the images holding it and its share of all pixels.
+- ``gallery.png``: per predicted id, the images where it covers most of the image, with that id
+  overlaid.
 """
 
 from __future__ import annotations
@@ -34,12 +43,19 @@ from pipeline.atomic import atomic_path, write_text
 from pipeline.datasets import read_classes, read_manifest
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.evaluate import find_prediction
-from pipeline.imageio import load_mask, load_rgb, voc_palette
+from pipeline.datasets.common import IGNORE_INDEX
+from pipeline.imageio import load_mask, load_rgb, overlay, voc_palette
 from pipeline.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUALITATIVE_IMAGES = 4
+DEFAULT_GALLERY_IMAGES = 4
+# Rows of the gallery (predicted ids with the largest pixel share): beyond this a PNG is unreadable.
+MAX_GALLERY_IDS = 40
+# history.csv columns that are not loss terms (the rest are: loss, mce, match, et, ...).
+NON_LOSS_COLUMNS = {"epoch", "unfrozen_blocks", "lr", "epsilon", "seconds"}
+CLUSTER_COLUMNS = ["id", "name", "images", "image_share", "pixel_share"]
 # Column order of the paper's tables: train (Table 3) before val (Table 4), pipeline order within.
 STAGE_ORDER = ("pc2m", "crf", "deeplab")
 SPLIT_ORDER = ("train", "val")
@@ -87,8 +103,6 @@ def read_evals(eval_jsons: Sequence[Path]) -> list[StageEval]:
         if not sep or not stage:
             raise BadInputError(f"{path}: expected an evaluation file named {{stage}}-{{split}}.json")
         evals.append(StageEval(stage, split, _read_json(path)))
-    if not evals:
-        raise BadInputError("no evaluation results to report (no eval/{stage}-{split}.json given)")
 
     def rank(item: StageEval) -> tuple:
         return (_rank(item.split, SPLIT_ORDER), item.split, _rank(item.stage, STAGE_ORDER), item.stage)
@@ -107,16 +121,19 @@ def _read_json(path: Path) -> dict:
         raise BadInputError(f"{path}: unreadable evaluation summary ({exc})") from None
 
 
-def common_mode(evals: Sequence[StageEval]) -> str:
-    """The evaluation mode (weak | unsupervised); every summary must share it."""
-    modes = {item.result["mode"] for item in evals}
-    if len(modes) != 1:
+def common_mode(evals: Sequence[StageEval], mode: str | None = None) -> str:
+    """The run's mode (weak | unsupervised): ``mode`` when given, and every summary must share it."""
+    modes = {item.result["mode"] for item in evals} | ({mode} if mode else set())
+    if len(modes) > 1:
         raise BadInputError(f"evaluation summaries mix modes {sorted(modes)}: re-run the evaluations")
+    if not modes:
+        raise ConfigError("report params lack 'mode', and there is no evaluation to take it from")
     return modes.pop()
 
 
 def class_names(classes: dict, evals: Sequence[StageEval]) -> list[str]:
-    num_classes = int(classes["num_classes"])
+    """The dataset's class names (none for an unsupervised folder without classes)."""
+    num_classes = int(classes.get("num_classes") or 0)
     names = classes.get("names") or [str(i) for i in range(num_classes)]
     for item in evals:
         if len(item.result["iou"]) != len(names):
@@ -148,16 +165,21 @@ def summary_frame(evals: Sequence[StageEval], names: Sequence[str]) -> pd.DataFr
     return frame
 
 
-def header_lines(classes: dict, manifest: pd.DataFrame, mode: str) -> list[str]:
+def header_lines(classes: dict, manifest: pd.DataFrame, mode: str, evals: Sequence[StageEval]) -> list[str]:
     counts = []
     for split, rows in manifest.groupby("split", sort=False):
         counts.append(f"{split} {len(rows)} ({int((rows['mask_path'] != '').sum())} with GT masks)")
+    classes_text = (f"{classes['num_classes']} classes (background included)" if classes.get("num_classes")
+                    else "no class names (clusters only)")
+    scored = [f"{item.column} on {item.result['images']}" for item in evals]
     return [
         "# PC2M results",
         "",
-        f"- Dataset: {classes.get('kind', 'unknown')}, {classes['num_classes']} classes (background included).",
+        f"- Dataset: {classes.get('kind', 'unknown')}, {classes_text}.",
         f"- Mode: {mode} ({'image-level labels' if mode == 'weak' else 'pseudo-labels from clustering, no labels'}).",
         f"- Images per split: {', '.join(counts)}.",
+        f"- Images scored (those with a GT mask): {', '.join(scored)}." if scored
+        else "- No ground-truth masks: nothing is scored; below is what the run found.",
         "",
     ]
 
@@ -204,13 +226,34 @@ def pseudo_label_lines(pseudo_csv: Path) -> list[str]:
     ]
 
 
-def summary_markdown(frame: pd.DataFrame, header: list[str], notes: list[str]) -> str:
-    return "\n".join(header + [
+def summary_markdown(frame: pd.DataFrame | None, header: list[str], notes: list[str],
+                     found: list[str]) -> str:
+    """The report's text: header, the scores table (when anything was scored), what was found."""
+    scores = [] if frame is None else [
         "Scores in % (one decimal); rows as in paper 000 Table 11, columns as in Tables 3 (train) "
         "and 4 (val): BPM = PC2M's pseudo-masks on train, +CRF = refined by the dense CRF. "
         "'–': undefined (class absent from GT and prediction).",
         "",
-    ] + notes) + "\n" + markdown_table(frame)
+        *notes,
+        markdown_table(frame),
+        "",
+    ]
+    return "\n".join(header + scores + found) + "\n"
+
+
+def found_lines(clusters: pd.DataFrame, stage: str, mode: str) -> list[str]:
+    """The clusters table (``clusters.csv``) under a heading naming the masks it counts."""
+    what, whats = ("cluster", "clusters") if mode == "unsupervised" else ("class", "classes")
+    table = clusters.assign(image_share=clusters["image_share"].map(_fmt),
+                            pixel_share=clusters["pixel_share"].map(_fmt))
+    return [
+        f"## What was found: {whats} of the final masks ({stage})",
+        "",
+        f"Per predicted {what}: images holding it, and its share of the images and of all pixels (%). "
+        "`gallery.png` shows the images each covers most; `training.png` the training curves.",
+        "",
+        markdown_table(table.rename(columns={"image_share": "images (%)", "pixel_share": "pixels (%)"})),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +286,35 @@ def per_class_iou_figure(frame: pd.DataFrame, names: Sequence[str]) -> Figure:
     ax.set_title("Per-class IoU (paper 000 Table 11)")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def no_scores_figure() -> Figure:
+    """per_class_iou.png when nothing was scored: the outputs stay the same in every case."""
+    figure = Figure(figsize=(6.0, 1.5), layout="constrained")
+    ax = figure.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, "No ground-truth masks: no per-class IoU.\nSee clusters.csv and gallery.png.",
+            ha="center", va="center", transform=ax.transAxes)
+    return figure
+
+
+def training_figure(history: pd.DataFrame) -> Figure:
+    """The loss terms per epoch (history.csv), the total bold; a log axis when all are positive."""
+    figure = Figure(figsize=(7.0, 4.0), layout="constrained")
+    ax = figure.subplots()
+    terms = [c for c in history.columns if c not in NON_LOSS_COLUMNS and not c.startswith("js_")]
+    for column in terms:
+        ax.plot(history["epoch"], history[column], marker=".", label=column,
+                linewidth=2.5 if column == "loss" else 1.2)
+    if terms and (history[terms].to_numpy(float) > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (epoch mean)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return figure
 
 
@@ -302,9 +374,10 @@ def alpha_figure(alpha: pd.DataFrame, history: pd.DataFrame, names: Sequence[str
 
 
 def qualitative_images(manifest: pd.DataFrame, count: int) -> tuple[str, list[str]]:
-    """The split shown (val, else train) and its first ``count`` image ids in sorted order,
-    those with a GT mask first (a row without GT says less)."""
-    split = "val" if (manifest["split"] == "val").any() else "train"
+    """The split shown (val, else train, else the first) and its first ``count`` image ids in
+    sorted order, those with a GT mask first (a row without GT says less)."""
+    present = set(manifest["split"])
+    split = next((s for s in ("val", "train") if s in present), min(present))
     rows = manifest[manifest["split"] == split]
     with_gt = sorted(rows.loc[rows["mask_path"] != "", "image_id"])
     without_gt = sorted(rows.loc[rows["mask_path"] == "", "image_id"])
@@ -352,6 +425,88 @@ def qualitative_figure(manifest: pd.DataFrame, manifest_path: Path, split: str, 
 
 
 # ---------------------------------------------------------------------------------------------
+# What was found (with or without ground truth)
+
+
+@dataclass(frozen=True)
+class Found:
+    """Per image of the final stage's masks, the fraction of its pixels each predicted id covers."""
+
+    stage: str
+    image_ids: list[str]
+    fractions: np.ndarray  # images x ids, float32
+    pixels: np.ndarray  # pixels per id, int64
+
+
+def final_stage(stage_mask_dirs: Mapping[str, Mapping[str, Sequence[Path]]]) -> str:
+    """The last stage of the pipeline order that wrote masks: the masks the run delivers."""
+    stages = [stage for stage in STAGE_ORDER if stage_mask_dirs.get(stage)] or list(stage_mask_dirs)
+    if not stages:
+        raise ConfigError("report params lack stage_mask_dirs: no masks to describe")
+    return stages[-1]
+
+
+def count_found(manifest: pd.DataFrame, manifest_path: Path, stage: str, split_dirs: Mapping[str, Sequence[Path]],
+                num_ids: int) -> Found:
+    """One streaming pass over the stage's masks of every split it predicted."""
+    rows = manifest[manifest["split"].isin(list(split_dirs))]
+    image_ids = list(rows["image_id"])
+    fractions = np.zeros((len(image_ids), num_ids), dtype=np.float32)
+    pixels = np.zeros(num_ids, dtype=np.int64)
+    for index, (image_id, split) in enumerate(zip(image_ids, rows["split"])):
+        mask = stage_mask(stage, split_dirs[split], image_id, manifest_path)
+        counts = np.bincount(mask.ravel(), minlength=256)
+        if counts[num_ids:255].any():
+            stray = int(np.flatnonzero(counts[num_ids:255])[0]) + num_ids
+            raise BadInputError(f"stage {stage!r}: mask of {image_id!r} holds id {stray}, the model predicts "
+                                f"0..{num_ids - 1}")
+        valid = counts[:num_ids]
+        pixels += valid
+        fractions[index] = valid / max(1, int(valid.sum()))
+    return Found(stage, image_ids, fractions, pixels)
+
+
+def clusters_frame(found: Found, names: Sequence[str]) -> pd.DataFrame:
+    """clusters.csv: per id, images holding it, share of images and of pixels (fractions)."""
+    images = (found.fractions > 0).sum(axis=0)
+    total = max(1, int(found.pixels.sum()))
+    return pd.DataFrame({
+        "id": range(len(names)),
+        "name": list(names),
+        "images": images.astype(np.int64),
+        "image_share": images / max(1, len(found.image_ids)),
+        "pixel_share": found.pixels / total,
+    }, columns=CLUSTER_COLUMNS)
+
+
+def gallery_figure(found: Found, names: Sequence[str], manifest: pd.DataFrame, manifest_path: Path,
+                   split_dirs: Mapping[str, Sequence[Path]], per_id: int) -> Figure:
+    """Rows: predicted ids by pixel share (at most MAX_GALLERY_IDS); columns: the ``per_id``
+    images where that id covers the largest fraction, the id's pixels overlaid in its colour."""
+    shown = [int(k) for k in np.argsort(-found.pixels, kind="stable") if found.pixels[k] > 0][:MAX_GALLERY_IDS]
+    rows = manifest.set_index("image_id")
+    figure = Figure(figsize=(2.4 * per_id + 0.6, 2.0 * max(1, len(shown)) + 0.6), layout="constrained")
+    axes = figure.subplots(max(1, len(shown)), per_id, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, k in enumerate(shown):
+        order = np.argsort(-found.fractions[:, k], kind="stable")[:per_id]
+        for c, index in enumerate(i for i in order if found.fractions[i, k] > 0):
+            image_id = found.image_ids[index]
+            row = rows.loc[image_id]
+            mask = stage_mask(found.stage, split_dirs[row["split"]], image_id, manifest_path)
+            only_k = np.where(mask == k, mask, IGNORE_INDEX).astype(np.uint8)
+            axes[r, c].imshow(overlay(load_rgb(row["image_path"]), only_k, 0.6), interpolation="nearest")
+            axes[r, c].set_title(f"{image_id} ({100 * found.fractions[index, k]:.0f}%)", fontsize="x-small")
+        axes[r, 0].set_ylabel(names[k], fontsize="small")
+    hidden = int((found.pixels > 0).sum()) - len(shown)
+    figure.suptitle(f"Gallery of the {found.stage} masks: per predicted id, the images it covers most"
+                    + (f" ({hidden} smaller ids not shown)" if hidden > 0 else ""), fontsize="small")
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 
 
@@ -361,44 +516,64 @@ def build_report(
     classes_path: Path,
     history_csv: Path,
     alpha_csv: Path,
-    stage_mask_dirs: Mapping[str, Sequence[Path]],
+    stage_mask_dirs: Mapping[str, Mapping[str, Sequence[Path]]],
     out_dir: Path,
     params: Mapping | None = None,
     pseudo_labels_csv: Path | None = None,
 ) -> pd.DataFrame:
-    """Write summary.csv, summary.md, per_class_iou.png, alpha.png and qualitative.png into
-    ``out_dir``; return the summary table. ``stage_mask_dirs``: stage -> its mask folders (one per
-    shard), the columns of the qualitative figure, in that order. ``params``:
-    ``qualitative_images`` (default 4). ``pseudo_labels_csv``: the pseudo-label report
-    (unsupervised mode), summarised under the table."""
+    """Write summary.csv, summary.md, per_class_iou.png, alpha.png, training.png,
+    qualitative.png, clusters.csv and gallery.png into ``out_dir``; return the summary table
+    (no score columns when nothing was evaluated). ``stage_mask_dirs``: stage -> split -> its
+    mask folders (one per shard), the stages in the figures' column order. ``params``: ``mode``,
+    ``qualitative_images`` (default 4), ``gallery_images`` (default 4). ``pseudo_labels_csv``:
+    the pseudo-label report (unsupervised mode), summarised under the table."""
     params = dict(params or {})
-    count = params.get("qualitative_images", DEFAULT_QUALITATIVE_IMAGES)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ConfigError(f"report.qualitative_images must be a positive integer, not {count!r}")
+    count = _positive(params, "qualitative_images", DEFAULT_QUALITATIVE_IMAGES)
+    per_id = _positive(params, "gallery_images", DEFAULT_GALLERY_IMAGES)
     out_dir = Path(out_dir)
 
     evals = read_evals(eval_jsons)
-    mode = common_mode(evals)
+    mode = common_mode(evals, params.get("mode"))
     classes = read_classes(classes_path)
     names = class_names(classes, evals)
     manifest = read_manifest(manifest_path)
+    history = pd.read_csv(history_csv)
+    alpha = read_alpha(alpha_csv, len(names) if mode == "weak" else None)
+    predicted_names = model_class_names(mode, names, len(alpha.columns) - 1)
+
+    stage = final_stage(stage_mask_dirs)
+    found = count_found(manifest, Path(manifest_path), stage, stage_mask_dirs[stage], len(predicted_names))
+    clusters = clusters_frame(found, predicted_names)
+    with atomic_path(out_dir / "clusters.csv") as tmp:
+        clusters.to_csv(tmp, index=False)
 
     frame = summary_frame(evals, names)
-    notes = unsupervised_notes(evals) if mode == "unsupervised" else []
+    notes = unsupervised_notes(evals) if mode == "unsupervised" and evals else []
     if pseudo_labels_csv is not None and Path(pseudo_labels_csv).is_file():
         notes += pseudo_label_lines(Path(pseudo_labels_csv))
     with atomic_path(out_dir / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    write_text(out_dir / "summary.md", summary_markdown(frame, header_lines(classes, manifest, mode), notes))
+    write_text(out_dir / "summary.md", summary_markdown(
+        frame if evals else None, header_lines(classes, manifest, mode, evals), notes,
+        found_lines(clusters, stage, mode)))
 
-    save_figure(per_class_iou_figure(frame, names), out_dir / "per_class_iou.png")
-    history = pd.read_csv(history_csv)
-    alpha = read_alpha(alpha_csv, len(names) if mode == "weak" else None)
-    alpha_names = model_class_names(mode, names, len(alpha.columns) - 1)
-    save_figure(alpha_figure(alpha, history, alpha_names), out_dir / "alpha.png")
+    save_figure(per_class_iou_figure(frame, names) if evals else no_scores_figure(), out_dir / "per_class_iou.png")
+    save_figure(alpha_figure(alpha, history, predicted_names), out_dir / "alpha.png")
+    save_figure(training_figure(history), out_dir / "training.png")
     split, image_ids = qualitative_images(manifest, count)
-    save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, stage_mask_dirs, mode),
+    shown_stages = {s: by_split[split] for s, by_split in stage_mask_dirs.items() if split in by_split}
+    save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, shown_stages, mode),
                 out_dir / "qualitative.png")
-    log.info("report of %d evaluations (%s) written to %s", len(evals),
-             ", ".join(f"{item.column}: mIoU {_fmt(item.result['miou'])}" for item in evals), out_dir)
+    save_figure(gallery_figure(found, predicted_names, manifest, Path(manifest_path), stage_mask_dirs[stage], per_id),
+                out_dir / "gallery.png")
+    log.info("report of %d evaluations (%s) and %d %s masks written to %s", len(evals),
+             ", ".join(f"{item.column}: mIoU {_fmt(item.result['miou'])}" for item in evals) or "no ground truth",
+             len(found.image_ids), stage, out_dir)
     return frame
+
+
+def _positive(params: Mapping, key: str, default: int) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"report.{key} must be a positive integer, not {value!r}")
+    return value

@@ -90,8 +90,9 @@ def run_report(tree: dict, **overrides) -> pd.DataFrame:
     arguments = {
         "eval_jsons": eval_jsons_in(results / "eval"), "manifest_path": tree["manifest"],
         "classes_path": tree["classes"], "history_csv": results / "pc2m" / "history.csv",
-        "alpha_csv": results / "pc2m" / "alpha.csv", "stage_mask_dirs": tree["mask_dirs"],
-        "out_dir": tree["out"], "params": {"qualitative_images": 2},
+        "alpha_csv": results / "pc2m" / "alpha.csv",
+        "stage_mask_dirs": {stage: {"train": dirs, "val": dirs} for stage, dirs in tree["mask_dirs"].items()},
+        "out_dir": tree["out"], "params": {"qualitative_images": 2, "mode": "weak"},
     }
     arguments.update(overrides)
     return build_report(**arguments)
@@ -140,7 +141,54 @@ def test_figures_are_png_files_and_nothing_partial_is_left(tree):
             image.verify()
     assert not list(tree["out"].glob(".*partial"))
     assert sorted(p.name for p in tree["out"].iterdir()) == [
-        "alpha.png", "per_class_iou.png", "qualitative.png", "summary.csv", "summary.md"]
+        "alpha.png", "clusters.csv", "gallery.png", "per_class_iou.png", "qualitative.png", "summary.csv",
+        "summary.md", "training.png"]
+
+
+def expected_found(tree: dict, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels per predicted id and images holding it, counted here from the masks themselves."""
+    pixels, images = np.zeros(len(NAMES), np.int64), np.zeros(len(NAMES), np.int64)
+    for split, ids in (("train", TRAIN_IDS), ("val", VAL_IDS)):
+        for index, _ in enumerate(ids):
+            counts = np.bincount(predicted_mask(index, split, stage).ravel(), minlength=len(NAMES))
+            pixels += counts
+            images += counts > 0
+    return pixels, images
+
+
+def test_without_ground_truth_the_report_shows_what_was_found(tree):
+    """No evaluation at all (a folder without masks): exit cleanly with every output, the clusters
+    table of the final stage counted right, and no score anywhere."""
+    run_report(tree, eval_jsons=[])
+    for name in ("per_class_iou.png", "alpha.png", "qualitative.png", "gallery.png", "training.png"):
+        with Image.open(tree["out"] / name) as image:
+            image.verify()
+    clusters = pd.read_csv(tree["out"] / "clusters.csv")
+    pixels, images = expected_found(tree, "crf")  # the last stage given
+    assert list(clusters["name"]) == NAMES
+    assert list(clusters["images"]) == list(images)
+    assert clusters["pixel_share"].to_numpy() == pytest.approx(pixels / pixels.sum())
+    assert clusters["image_share"].to_numpy() == pytest.approx(images / (len(TRAIN_IDS) + len(VAL_IDS)))
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert "No ground-truth masks: nothing is scored" in markdown and "mIoU" not in markdown
+    assert "What was found: classes of the final masks (crf)" in markdown
+    assert list(pd.read_csv(tree["out"] / "summary.csv").columns) == ["class_id", "class"]
+
+
+def test_with_ground_truth_the_report_says_how_many_images_each_column_scored(tree):
+    run_report(tree)
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert "BPM (train) on 2, BPM+CRF (train) on 2, PC2M (val) on 3, PC2M+CRF (val) on 3" in markdown
+    assert "What was found" in markdown
+
+
+def test_the_final_stage_is_the_last_of_the_pipeline_that_wrote_masks(tree):
+    dirs = tree["mask_dirs"]
+    run_report(tree, stage_mask_dirs={"crf": {"val": dirs["crf"]}, "pc2m": {"train": dirs["pc2m"],
+                                                                              "val": dirs["pc2m"]}})
+    clusters = pd.read_csv(tree["out"] / "clusters.csv")
+    # crf over val only: 3 images
+    assert clusters["image_share"].max() == pytest.approx(1.0) and clusters.at[1, "images"] == len(VAL_IDS)
 
 
 def test_a_stage_without_the_mask_of_a_shown_image_is_an_error_naming_it(tree):
@@ -159,7 +207,7 @@ def test_unsupervised_report_notes_the_matching_and_the_pseudo_label_scores(tree
     pseudo.parent.mkdir()
     pd.DataFrame({"class_name": ["background", "cat", "dog", "macro", "micro"],
                   "f1": [None, 0.5, 0.4, 0.474, 0.485], "iou": [0.8, 0.1, 0.2, 0.222, None]}).to_csv(pseudo, index=False)
-    run_report(tree, pseudo_labels_csv=pseudo)
+    run_report(tree, pseudo_labels_csv=pseudo, params={"mode": "unsupervised"})
     markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
     assert "clusters, matched to classes" in markdown
     assert "- PC2M (val): matching hungarian;" in markdown and "classes discovered" in markdown
@@ -170,7 +218,7 @@ def test_mixed_modes_are_refused(tree):
     path = tree["results"] / "eval" / "crf-val.json"
     write_json(path, {**json.loads(path.read_text()), "mode": "unsupervised"})
     with pytest.raises(BadInputError, match="mix modes"):
-        run_report(tree)
+        run_report(tree, params={"mode": None})
 
 
 def test_qualitative_images_are_the_first_sorted_val_ids_with_gt_first():

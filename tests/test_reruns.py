@@ -66,7 +66,7 @@ def test_changed_crf_parameter_reruns_crf_and_downstream_only(repo, finished_run
     counts = job_counts(plan.stdout + plan.stderr)
     # 2 shards; evaluation of crf on train and val, and of deeplab (trained on the CRF masks) on val
     assert {k: v for k, v in counts.items() if k != "all"} == {
-        "crf": 2, "evaluate": 3, "train_deeplab": 1, "predict_deeplab": 1, "report": 1}, counts
+        "dense_crf": 2, "evaluate_split": 3, "train_deeplab": 1, "predict_deeplab": 1, "report": 1}, counts
     assert not UPSTREAM_OF_CRF & set(counts)
 
 
@@ -85,9 +85,9 @@ def test_forcerun_until_redoes_exactly_one_stage(repo, finished_run):
     work, configfile = finished_run
     masks = sorted((work / "results" / "crf" / "masks").glob("shard-*"))
     before = {p: p.stat().st_mtime_ns for p in (work / "results" / "pc2m").rglob("*") if p.is_file()}
-    redo = snakemake(repo, work, configfile, "--forcerun", "crf", "--until", "crf")
+    redo = snakemake(repo, work, configfile, "--forcerun", "dense_crf", "--until", "dense_crf")
     assert redo.returncode == 0, redo.stderr[-3000:]
-    assert job_counts(redo.stdout + redo.stderr) == {"crf": len(masks)}
+    assert job_counts(redo.stdout + redo.stderr) == {"dense_crf": len(masks)}
     assert len(masks) == 2 and all(m.is_dir() for m in masks)
     # upstream outputs untouched
     assert before == {p: p.stat().st_mtime_ns for p in (work / "results" / "pc2m").rglob("*") if p.is_file()}

@@ -300,6 +300,14 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
             f"dataset {dataset.kind!r}: all {len(dataset.entries)} images were skipped as bad "
             f"input (see {out_dir / 'skipped.csv'})"
         )
+    required = params.get("required_split")
+    if required and not any(row.split == required for row in rows):
+        found = sorted({row.split for row in rows})
+        raise BadInputError(
+            f"dataset {dataset.kind!r} has no image in split {required!r} (splits: {', '.join(found)}); "
+            "training needs it: put the images under a train/ sub-folder, or set dataset.folder.split "
+            "or dataset.folder.split_list"
+        )
     manifest = manifest_frame(rows, images_per_shard)
     write_json(out_dir / "classes.json", classes_info(dataset, manifest))
     _write_csv(out_dir / "manifest.csv", manifest)

@@ -5,6 +5,12 @@ image_id is the image's path relative to the folder, posix, without extension, s
 (``.name``) are not searched: they hold editor/OS debris such as macOS ``._x.jpg`` forks and
 ``.ipynb_checkpoints`` copies. An image without a mask file keeps an empty mask_path (partially
 annotated folders are allowed; the count is logged).
+
+Splits (``dataset.folder.split``): ``auto`` puts the images under a top-level ``train/``, ``val/``
+or ``test/`` sub-folder in that split and every other image in ``train``, so a plain folder is
+one split, trained on and predicted whole; any other value is one split for every image.
+``split_list`` (CSV ``image_id,split``) then overrides image by image. Ids keep the sub-folder
+(``val/dog``), so a mask is found at the same relative path under ``masks``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 SECTION = "dataset.folder"
+AUTO_SPLIT = "auto"
+SPLIT_FOLDERS = ("train", "val", "test")
+DEFAULT_SPLIT = "train"
 
 
 def find_images(root: Path) -> list[Path]:
@@ -97,6 +106,34 @@ def read_labels_csv(path: Path, num_classes: int) -> dict[str, tuple[int, ...]]:
     return labels
 
 
+def split_of(image_id: str, setting: str) -> str:
+    """The split of an image id under ``dataset.folder.split`` (see the module docstring)."""
+    if setting != AUTO_SPLIT:
+        return setting
+    top, sep, _ = image_id.partition("/")
+    return top if sep and top in SPLIT_FOLDERS else DEFAULT_SPLIT
+
+
+def read_split_list(path: Path) -> dict[str, str]:
+    """{image_id: split} from a CSV with columns image_id,split."""
+    if not path.is_file():
+        raise BadInputError(f"{path}: split list not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path}: unreadable split list ({exc})") from None
+    if not {"image_id", "split"} <= set(table.columns):
+        raise BadInputError(f"{path}: needs columns image_id,split, has {list(table.columns)}")
+    splits: dict[str, str] = {}
+    for line, (image_id, split) in enumerate(zip(table["image_id"], table["split"]), start=2):
+        if image_id in splits:
+            raise BadInputError(f"{path}: line {line}: image id {image_id!r} listed twice")
+        if not split.replace("_", "").isalnum() or not split.isascii():
+            raise BadInputError(f"{path}: line {line}: split {split!r} is not a name of letters, digits, _")
+        splits[image_id] = split
+    return splits
+
+
 def index_folder(cfg: dict) -> Dataset:
     root = existing_dir(config_path(cfg, "images", SECTION), f"{SECTION}.images")
     masks_root = None if cfg.get("masks") in (None, "") else absolute(cfg["masks"])
@@ -105,7 +142,9 @@ def index_folder(cfg: dict) -> Dataset:
     if masks_root is not None:
         existing_dir(masks_root, f"{SECTION}.masks")
     labels = {} if labels_path is None else read_labels_csv(labels_path, len(names or []))
-    split = str(cfg.get("split") or "train")
+    setting = str(cfg.get("split") or AUTO_SPLIT)
+    split_list_path = None if cfg.get("split_list") in (None, "") else absolute(cfg["split_list"])
+    listed = {} if split_list_path is None else read_split_list(split_list_path)
 
     entries = []
     for path in find_images(root):
@@ -114,11 +153,15 @@ def index_folder(cfg: dict) -> Dataset:
         entries.append(Entry(
             image_id=image_id,
             image_path=path,
-            split=split,
+            split=listed.get(image_id) or split_of(image_id, setting),
             mask_path=mask if mask is not None and mask.is_file() else None,
             labels=labels.get(image_id),
         ))
     _log_coverage(entries, masks_root, labels_path, labels)
+    if split_list_path is not None:
+        unknown = len(set(listed) - {entry.image_id for entry in entries})
+        if unknown:
+            log.warning("%d rows of %s name no image found", unknown, split_list_path)
     return Dataset("folder", names, require_entries(entries, str(root)))
 
 

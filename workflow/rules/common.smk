@@ -1,4 +1,5 @@
 # Config validation, paths and input functions shared by every rule.
+import functools
 import json
 import os
 import shlex
@@ -67,10 +68,11 @@ RESULTS = config["results"].rstrip("/")
 DATASET = config["dataset"]
 
 
-# Stages whose masks are evaluated: name -> folder (one sub-folder per shard, or per split for
-# DeepLab), and the splits each is evaluated on (paper 000 Tables 3-4, 11).
+# Stages that write masks: name -> folder (one sub-folder per shard, or per split for DeepLab),
+# and the splits each is evaluated on where they have ground truth (paper 000 Tables 3-4, 11).
 MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
 EVALUATED = {"pc2m": ("train", "val"), "crf": ("train", "val"), "deeplab": ("val",)}
+TRAIN_SPLIT = "train"
 
 
 wildcard_constraints:
@@ -111,7 +113,13 @@ def index_inputs(wildcards):
 
 
 def index_params(wildcards, input):
-    params = {"dataset": DATASET, "on_bad_input": config["on_bad_input"], "seed": config["seed"]}
+    params = {
+        "dataset": DATASET,
+        "on_bad_input": config["on_bad_input"],
+        "seed": config["seed"],
+        # training reads this split: a dataset without it stops at the index, before any feature
+        "required_split": TRAIN_SPLIT,
+    }
     if "demo" in input.keys():
         params["demo_root"] = input.demo
     if "coco_train" in input.keys():
@@ -123,12 +131,49 @@ def manifest_path():
     return checkpoints.dataset_index.get().output.manifest
 
 
-def shard_ids():
-    """Shard ids present in the manifest (known once the dataset_index checkpoint has run)."""
+@functools.lru_cache(maxsize=4)
+def _split_facts(path, mtime_ns):
     import pandas as pd
 
-    shards = pd.read_csv(manifest_path(), usecols=["shard"])["shard"].unique()
-    return [f"{int(s):05d}" for s in sorted(shards)]
+    frame = pd.read_csv(path, usecols=["split", "mask_path", "shard"], dtype={"mask_path": str},
+                        keep_default_na=False, na_filter=False)
+    with_gt = frame["mask_path"] != ""
+    splits = {
+        split: {"images": int(len(rows)), "with_gt": int(with_gt[rows.index].sum())}
+        for split, rows in frame.groupby("split", sort=True)
+    }
+    shards = [f"{int(s):05d}" for s in sorted(frame["shard"].unique())]
+    return splits, shards
+
+
+def dataset_facts():
+    """({split: {"images", "with_gt"}}, shard ids) of the indexed dataset. Known once the
+    dataset_index checkpoint has run: an input function calling this makes Snakemake run the
+    index first, which is how a target such as `features` works from an empty results folder."""
+    path = manifest_path()
+    return _split_facts(path, os.stat(path).st_mtime_ns)
+
+
+def shard_ids():
+    """Shard ids present in the manifest."""
+    return dataset_facts()[1]
+
+
+def splits_with_gt():
+    return [split for split, facts in dataset_facts()[0].items() if facts["with_gt"]]
+
+
+def deeplab_splits():
+    """Splits DeepLab predicts: `deeplab.predict_splits` that the dataset has; when it has none of
+    them (a one-split folder), every split, so that every image gets a final mask."""
+    present = list(dataset_facts()[0])
+    wanted = [split for split in config["deeplab"]["predict_splits"] if split in present]
+    return wanted or present
+
+
+def stage_splits(stage):
+    """Splits a stage writes masks for: every split (sharded stages), or DeepLab's."""
+    return deeplab_splits() if stage == "deeplab" else list(dataset_facts()[0])
 
 
 def sharded(stage):
@@ -148,8 +193,23 @@ def mask_dirs(stage, split):
     return sharded_dirs(MASK_STAGES[stage])
 
 
+def all_mask_dirs(stage):
+    """Every mask folder of a stage, whatever the split."""
+    if stage == "deeplab":
+        return [d for split in deeplab_splits() for d in mask_dirs(stage, split)]
+    return sharded_dirs(MASK_STAGES[stage])
+
+
 def eval_targets():
-    return [results(f"eval/{stage}-{split}.json") for stage, splits in EVALUATED.items() for split in splits]
+    """One evaluation per (stage, split) the stage is evaluated on and that has ground truth and
+    predictions; none at all for a dataset without masks (the report then describes the clusters)."""
+    with_gt = splits_with_gt()
+    return [
+        results(f"eval/{stage}-{split}.json")
+        for stage, splits in EVALUATED.items()
+        for split in splits
+        if split in with_gt and split in stage_splits(stage)
+    ]
 
 
 def model_classes(input):

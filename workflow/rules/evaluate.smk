@@ -2,7 +2,7 @@
 # masks against GT with a streaming confusion matrix.
 
 
-rule crf:
+rule dense_crf:
     input:
         probs=results("pc2m/probs/shard-{shard}.safetensors"),
         manifest=results("dataset/manifest.csv"),
@@ -25,7 +25,7 @@ rule crf:
         " --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
 
 
-rule evaluate:
+rule evaluate_split:
     input:
         masks=lambda w: mask_dirs(w.stage, w.split),
         manifest=results("dataset/manifest.csv"),
@@ -58,7 +58,7 @@ rule report:
         classes=results("dataset/classes.json"),
         history=results("pc2m/history.csv"),
         alpha=results("pc2m/alpha.csv"),
-        masks=lambda w: [d for stage in MASK_STAGES for d in mask_dirs(stage, "val")],
+        masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
         pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
     output:
         summary=report(results("reports/summary.csv"), caption="../report/summary.rst", category="Results"),
@@ -67,13 +67,21 @@ rule report:
             results("reports/per_class_iou.png"), caption="../report/per_class_iou.rst", category="Results"
         ),
         alpha=report(results("reports/alpha.png"), caption="../report/alpha.rst", category="Training"),
+        curves=report(results("reports/training.png"), caption="../report/training.rst", category="Training"),
         qualitative=report(
             results("reports/qualitative.png"), caption="../report/qualitative.rst", category="Results"
         ),
+        clusters=report(results("reports/clusters.csv"), caption="../report/clusters.rst", category="Results"),
+        gallery=report(results("reports/gallery.png"), caption="../report/gallery.rst", category="Results"),
     params:
         cfg=lambda w: as_json(
-            # pairs, not a mapping: as_json sorts keys, and the figure's columns follow the stages' order
-            {"qualitative_images": 4, "stage_mask_dirs": [[s, mask_dirs(s, "val")] for s in MASK_STAGES]}
+            # pairs, not a mapping: as_json sorts keys, and the figures' columns follow the stages' order
+            {
+                "qualitative_images": 4,
+                "gallery_images": 4,
+                "mode": config["mode"],
+                "stage_mask_dirs": [[s, {split: mask_dirs(s, split) for split in stage_splits(s)}] for s in MASK_STAGES],
+            }
         ),
         out_dir=lambda w, output: str(Path(output.summary).parent),
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",

@@ -1,0 +1,52 @@
+# Stage targets: `snakemake --cores all <target>` builds one stage and everything it needs, and
+# nothing after it, also from an empty results folder. Their inputs are functions that read the
+# dataset_index checkpoint, so Snakemake runs the index first and then plans the shard jobs
+# (`--until <rule>` cannot do that: it sees no shard job before the index exists).
+
+
+rule index:
+    input:
+        rules.dataset_index.output,
+    localrule: True
+
+
+rule features:
+    input:
+        lambda w: sharded("features"),
+    localrule: True
+
+
+rule segments:
+    input:
+        lambda w: sharded("spectral") + sharded("segment_features"),
+    localrule: True
+
+
+rule train:
+    input:
+        rules.train_pc2m.output,
+    localrule: True
+
+
+rule masks:
+    input:
+        lambda w: sharded("pc2m/probs") + sharded_dirs(MASK_STAGES["pc2m"]),
+    localrule: True
+
+
+rule crf:
+    input:
+        lambda w: sharded_dirs(MASK_STAGES["crf"]),
+    localrule: True
+
+
+rule deeplab:
+    input:
+        lambda w: all_mask_dirs("deeplab"),
+    localrule: True
+
+
+rule evaluate:
+    input:
+        lambda w: eval_targets(),
+    localrule: True
