@@ -74,7 +74,8 @@ def fit_view_sizes(method: str, global_size: int, local_size: int, crop_size: in
     if not vitpcm:
         return fitted_global, fitted_local, crop_size
     fitted_crop = fit_to_patch("train.vitpcm.crop_size", crop_size, patch)
-    if fitted_crop > fitted_global:
+    # As configured too: ViTPCMSettings.check refuses that when the training job starts.
+    if crop_size > global_size or fitted_crop > fitted_global:
         raise ConfigError(
             f"train.vitpcm.crop_size: {crop_size} (rounded to {fitted_crop} for patch size {patch}) is larger "
             f"than train.global_size {global_size} (rounded to {fitted_global})"

@@ -94,6 +94,9 @@ def test_vitpcm_crop_larger_than_the_rounded_view_is_refused():
         fit_view_sizes("vitpcm", 41, 28, 41, 14)
     assert str(info.value) == ("train.vitpcm.crop_size: 41 (rounded to 42 for patch size 14) is larger than "
                                "train.global_size 41 (rounded to 28)")
+    # Larger as configured, though not once rounded: still refused, as the training job would.
+    with pytest.raises(ConfigError, match=r"^train.vitpcm.crop_size: 130 \(rounded to 126 for patch size 14\)"):
+        fit_view_sizes("vitpcm", 128, 64, 130, 14)
 
 
 @pytest.mark.parametrize("preset", [None, *PRESETS])
