@@ -12,7 +12,7 @@ be divisible by patch size (14)"). The listed backbones have patches of 16 (DINO
   main view's patch grid), ``train.local_size``, ``train.vitpcm.crop_size`` (the ET crop starts on
   patch multiples and is clamped to end inside the view, so it must be whole patches too);
 - refused, before any job runs, when no multiple can work: a size smaller than one patch, an
-  ET crop larger than the global view once both are rounded;
+  ET crop larger than the global view (as configured or once both are rounded);
 - taken as they are: ``features.max_size`` and ``predict.max_size`` bound the longer side and
   ``fit`` then crops or pads each side to the patch (refused only below one patch), and the
   DeepLab ViT pads its input to the patch, so ``deeplab.crop_size`` / ``test_size`` need nothing.
