@@ -127,10 +127,11 @@ def accumulate(rows: pd.DataFrame, mask_dirs: Sequence[Path], num_predicted: int
     """One pass over the images: dataset confusion and the per-image mIoU_shape sum."""
     confusion = np.zeros((num_predicted, num_classes), dtype=np.int64)
     shape_sum, shape_images = 0.0, 0
-    pairs = zip(rows["image_id"], rows["mask_path"])
-    for image_id, mask_path in tqdm(pairs, total=len(rows), desc="evaluate", unit="img", file=sys.stderr):
+    triples = zip(rows["image_id"], rows["image_path"], rows["mask_path"])
+    for image_id, image_path, mask_path in tqdm(triples, total=len(rows), desc="evaluate", unit="img",
+                                                file=sys.stderr):
         pred = load_mask(find_prediction(mask_dirs, image_id, manifest_path))
-        gt = load_mask(mask_path)
+        gt = load_mask(mask_path, image_path)
         counts = metrics.confusion_update(confusion, pred, gt, ignore=ignore, image_id=image_id)
         shape = metrics.image_shape_iou(counts)
         if shape is not None:

@@ -29,6 +29,17 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 # EXIF orientations that swap width and height (90 or 270 degree rotations, with or without flip).
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
+# What ImageOps.exif_transpose does to an image of each EXIF orientation; masks get the same.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 
 class BadFileError(BadInputError):
     """A dataset file is unusable; keeps the path and the reason apart for skipped.csv."""
@@ -150,24 +161,58 @@ def load_rgb_resized(path: str | os.PathLike, size: tuple[int, int],
     return np.ascontiguousarray(np.asarray(im), dtype=np.uint8), decoded
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
-    path = Path(path)
+def _stored_size_and_orientation(path: Path) -> tuple[tuple[int, int], int]:
+    """(width, height) of the stored pixels and the EXIF orientation, from the header only."""
     _check_nonempty_file(path)
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            orientation = _orientation(im, path)
+            return im.size, _orientation(im, path)
     except _DECODE_ERRORS as exc:
         raise BadFileError(path, f"unreadable image header ({exc})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only (no pixel decoding)."""
+    (width, height), orientation = _stored_size_and_orientation(Path(path))
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return height, width
     return width, height
 
 
-def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Decode a label mask to uint8 H x W class indices (palette PNGs give indices, not colours)."""
-    path = Path(path)
+def load_mask(path: str | os.PathLike, image_path: str | os.PathLike | None = None) -> np.ndarray:
+    """Decode a label mask to uint8 H x W class indices (palette PNGs give indices, not colours).
+
+    With ``image_path`` (a dataset's annotation of that image) the mask is made upright as
+    ``load_rgb`` makes the image, by :func:`upright_mask`. Masks this pipeline writes
+    (predictions, pseudo-masks) are upright already: they are read without ``image_path``.
+    """
+    mask = _decode_mask(Path(path))
+    if image_path is None:
+        return mask
+    stored_size, orientation = _stored_size_and_orientation(Path(image_path))
+    return upright_mask(mask, orientation, stored_size)
+
+
+def upright_mask(mask: np.ndarray, orientation: int, stored_size: tuple[int, int]) -> np.ndarray:
+    """The mask of an image whose stored pixels are ``stored_size`` = (width, height) and whose
+    EXIF tag is ``orientation``, transposed as the image is when it is read.
+
+    Annotations are taken to be drawn on the stored pixels (COCO's JSON sizes and polygons are
+    the stored ones, so are its masks), so they get the image's flip or rotation. Except: for the
+    orientations that swap the sides (5-8), a mask already at the displayed size (drawn in a tool
+    that showed the photo upright) is taken as it is. A square image cannot tell the two apart;
+    its mask is taken as stored. Orientations 2-4 keep the size, so they are always applied.
+    """
+    method = _UPRIGHT.get(orientation)
+    if method is None:
+        return mask
+    width, height = stored_size
+    if orientation in _TRANSPOSING_ORIENTATIONS and width != height and mask.shape == (width, height):
+        return mask
+    return np.array(Image.fromarray(mask).transpose(method))
+
+
+def _decode_mask(path: Path) -> np.ndarray:
     im = _open_decoded(path)
     if im.mode in ("P", "L"):
         return np.array(im, dtype=np.uint8)

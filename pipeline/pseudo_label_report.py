@@ -219,11 +219,11 @@ def accumulate_confusion(maps_path: Path, rows: pd.DataFrame, num_clusters: int,
     ids = rows["image_id"].tolist()
     maps = shards.read_images(maps_path, images=set(ids))
     confusion = np.zeros((num_clusters + 2, num_classes), dtype=np.int64)
-    for image_id, mask_path in tqdm(zip(ids, rows["mask_path"]), total=len(ids), desc="score maps",
-                                    unit="img", file=sys.stderr):
+    for image_id, image_path, mask_path in tqdm(zip(ids, rows["image_path"], rows["mask_path"]), total=len(ids),
+                                                desc="score maps", unit="img", file=sys.stderr):
         if image_id not in maps or "pseudo_map" not in maps[image_id]:
             raise BadInputError(f"{maps_path}: no pseudo map for train image {image_id!r}")
-        gt = load_mask(mask_path)
+        gt = load_mask(mask_path, image_path)
         geometry = maps[image_id].get("geometry")
         pred = upsample_nearest(
             maps[image_id]["pseudo_map"].numpy(), *gt.shape,

@@ -405,7 +405,7 @@ def qualitative_figure(manifest: pd.DataFrame, manifest_path: Path, split: str, 
     for r, image_id in enumerate(image_ids):
         row = rows.loc[image_id]
         panels = [load_rgb(row["image_path"]),
-                  palette[load_mask(row["mask_path"])] if row["mask_path"] else None]
+                  palette[load_mask(row["mask_path"], row["image_path"])] if row["mask_path"] else None]
         panels += [palette[stage_mask(s, stage_mask_dirs[s], image_id, manifest_path)] for s in stages]
         for c, panel in enumerate(panels):
             ax = axes[r, c]

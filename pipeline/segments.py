@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.errors import BadInputError
 from pipeline.features import resolve_device
+from pipeline.patch_sizes import fit_to_patch
 from pipeline.spectral import colour_knn_affinity, key_affinity, segment_patches, smallest_eigenpairs
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def run_segment_features_shard(
     ).to(device)
     mean, std = normalisation(model)
     patch = patch_size(model)
+    crop_size = fit_to_patch("segment_features.crop_size", cfg["crop_size"], patch)
     rows = read_manifest(manifest_path).set_index("image_id")
     spectral = shards.read_images(spectral_path, names={"segments"})
     geometry = shards.read_images(features_path, names={"geometry"})
@@ -201,7 +203,7 @@ def run_segment_features_shard(
             box = segment_box(mask, scale, rgb.shape[:2], cfg["erode"], cfg["dilate"])
             if box is None:
                 continue
-            pending.append(crop_tensor(rgb, box, cfg["crop_size"], mean, std))
+            pending.append(crop_tensor(rgb, box, crop_size, mean, std))
             owners.append((image_id, segment_id, box))
             if len(pending) == cfg["batch_size"]:
                 flush()

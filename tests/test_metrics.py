@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline import metrics
 from pipeline.datasets import MANIFEST_COLUMNS
@@ -184,7 +185,11 @@ def tiny_dataset(tmp_path):
         mask_path = tmp_path / "gt" / f"{image_id}.png"
         write_label_png(mask_path, gt)
         gts[image_id] = gt
-        rows.append({"image_id": image_id, "image_path": f"/nonexistent/{image_id}.jpg",
+        # The GT mask follows its image's EXIF orientation, so evaluation reads the image header.
+        image_path = tmp_path / "images" / f"{image_id}.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(image_path)
+        rows.append({"image_id": image_id, "image_path": str(image_path),
                      "mask_path": str(mask_path), "labels": "", "has_labels": True, "split": split,
                      "width": 32, "height": 24, "shard": 0})
     pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp_path / "manifest.csv", index=False)

@@ -190,13 +190,16 @@ def synthetic_dataset(root: Path, with_masks: bool = True) -> dict:
         features = prototypes[classes] + 0.05 * rng.normal(size=(len(classes), 32))
         crops[f"{image_id}/cls"] = torch.from_numpy(features).half()
         crops[f"{image_id}/segment_ids"] = torch.arange(1, len(classes) + 1, dtype=torch.int64)
-        mask_path = ""
+        mask_path, image_path = "", f"/img/{index}.jpg"
         if with_masks:
             class_map = np.concatenate([[0], classes]).astype(np.uint8)[segments]
             mask = np.kron(class_map, np.ones((PATCH, PATCH), dtype=np.uint8))
             mask_path = str(root / "masks" / f"{index:02d}.png")
             write_label_png(mask_path, mask)
-        rows.append([image_id, f"/img/{index}.jpg", mask_path, " ".join(map(str, sorted(classes))),
+            # A GT mask follows its image's EXIF orientation: the report reads the image header.
+            image_path = str(root / "images" / f"{index:02d}.png")
+            write_label_png(image_path, np.zeros_like(mask))
+        rows.append([image_id, image_path, mask_path, " ".join(map(str, sorted(classes))),
                      with_masks, "train", 48, 32, index // 6])
     for index in range(2):
         rows.append([f"val/{index}", f"/img/v{index}.jpg", "", "", False, "val", 48, 32, 2])

@@ -122,7 +122,7 @@ def check_entry(entry: Entry, num_classes: int | None, verify: bool) -> Row:
 
 def _mask_labels(entry: Entry, width: int, height: int, num_classes: int | None) -> tuple[int, ...]:
     assert entry.mask_path is not None and num_classes is not None  # adapters guarantee both
-    mask = load_mask(entry.mask_path)
+    mask = load_mask(entry.mask_path, entry.image_path)
     if mask.shape != (height, width):
         raise BadFileError(
             entry.mask_path,

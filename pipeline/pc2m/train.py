@@ -36,7 +36,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +54,7 @@ from pipeline.datasets import read_classes, read_manifest
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.features import resolve_device
 from pipeline.imageio import load_mask
+from pipeline.patch_sizes import fit_view_sizes
 from pipeline.pc2m.data import (
     TRAIN_SPLIT,
     LabelledImage,
@@ -153,6 +154,13 @@ class TrainSettings:
             raise ConfigError("train.epochs and train.batch_size must be >= 1")
         if self.method == "vitpcm":
             self.vitpcm.check(self.global_size)
+
+    def fitted_to_patch(self, patch: int) -> TrainSettings:
+        """The view and crop sizes rounded to multiples of ``patch`` (``pipeline.patch_sizes``)."""
+        global_size, local_size, crop_size = fit_view_sizes(self.method, self.global_size, self.local_size,
+                                                            self.vitpcm.crop_size, patch)
+        return replace(self, global_size=global_size, local_size=local_size,
+                       vitpcm=replace(self.vitpcm, crop_size=crop_size))
 
     def views(self) -> ViewSettings:
         return ViewSettings(self.global_size, self.local_size, self.global_scale, self.local_scale,
@@ -390,6 +398,7 @@ def train(
     model = build_network(backbone, arch, settings.head_dropout())
     mean, std = normalisation(backbone)
     patch = patch_size(backbone)
+    settings = settings.fitted_to_patch(patch)
     dataset = _training_dataset(settings, images, num_classes, patch, mean, std, seed)
 
     alpha_tilde = nu_dataset.clone()  # alpha-tilde_0 = nu_D (Sec. 3.2)

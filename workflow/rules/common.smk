@@ -11,9 +11,11 @@ from snakemake.exceptions import WorkflowError
 
 from pipeline.config import load_schema, validate_config
 from pipeline.errors import ConfigError
+from pipeline.patch_sizes import check_patch_sizes
 
 try:
     validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+    check_patch_sizes(config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
