@@ -1,8 +1,9 @@
 """A user's own images through the real command line (Snakemake), end to end.
 
 - Real photographs (scikit-image's bundled photos) in a folder without masks or labels, one
-  split: the whole DAG ends in exit 0, every image gets a mask from every stage, no evaluation
-  job exists, and the report describes what was found.
+  split, through a tiny DINOv2 (patch 14, so the default-style sizes are rounded): the whole DAG
+  ends in exit 0, every image gets a mask from every stage, no evaluation job exists, and the
+  report describes what was found.
 - A folder with train/ and val/ sub-folders and masks for some images only, built stage target
   by stage target from an empty results folder: each target makes its stage and nothing after it;
   the evaluations score exactly the images that have a mask.
@@ -23,6 +24,7 @@ from PIL import Image
 
 from pipeline.datasets.demo import generate_demo
 from pipeline.imageio import load_mask
+from test_patch14 import TINY_DINOV2
 from workflow_runs import snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -64,6 +66,7 @@ def photo_run(tmp_path_factory):
         work / "results",
         dataset={"kind": "folder", "images_per_shard": 4,
                  "folder": {"images": str(work / "photos"), "num_classes": 3}},
+        backbone=TINY_DINOV2,
     )
     result = snakemake("--configfile", str(write_config(work / "photos.yaml", config)), cwd=work)
     return work / "results", sizes, result
@@ -98,6 +101,25 @@ def test_a_folder_without_ground_truth_ends_with_masks_for_every_image_and_a_rep
     assert "No ground-truth masks: nothing is scored" in summary and "| mIoU" not in summary
     skipped = pd.read_csv(results / "dataset" / "skipped.csv")
     assert [Path(p).name for p in skipped["path"]] == ["notes.txt"]
+
+
+def test_a_patch_14_backbone_rounds_the_view_and_crop_sizes_and_says_so(photo_run):
+    results, _, result = photo_run
+    assert result.returncode == 0, result.stdout[-6000:]
+    train_log = (results / "logs" / "train_pc2m.log").read_text()
+    assert "train.global_size: 64 is not a multiple of 14 (patch size 14); using 70" in train_log
+    crops_logs = "".join(p.read_text() for p in (results / "logs" / "segment_features").glob("*.log"))
+    assert "segment_features.crop_size: 32 is not a multiple of 14 (patch size 14); using 28" in crops_logs
+
+
+def test_the_html_report_of_a_run_without_ground_truth(photo_run):
+    """The README's `snakemake --report report.html` on the finished run."""
+    results, _, _ = photo_run
+    work = results.parent
+    result = snakemake("--configfile", str(work / "photos.yaml"), "--report", str(work / "report.html"), cwd=work)
+    assert result.returncode == 0, result.stdout[-4000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "gallery.png" in html and "clusters.csv" in html
 
 
 @pytest.fixture(scope="module")

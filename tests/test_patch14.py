@@ -94,19 +94,6 @@ def test_prediction_at_the_default_max_size_covers_every_image(cli_run):
         assert load_mask(work / "masks" / f"{image_id}.png").shape == load_rgb(images[image_id]).shape[:2]
 
 
-@pytest.mark.slow
-def test_whole_workflow_with_a_patch_14_backbone(tmp_path):
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "results", backbone=TINY_DINOV2))
-    result = snakemake("--configfile", str(config), cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-6000:]
-    results = tmp_path / "results"
-    assert (results / "reports" / "summary.md").is_file()
-    train_log = (results / "logs" / "train_pc2m.log").read_text()
-    assert "train.global_size: 64 is not a multiple of 14 (patch size 14); using 70" in train_log
-    crops_logs = "".join(p.read_text() for p in (results / "logs" / "segment_features").glob("*.log"))
-    assert "segment_features.crop_size: 32 is not a multiple of 14 (patch size 14); using 28" in crops_logs
-
-
 def test_an_impossible_size_stops_the_workflow_before_any_job(tmp_path):
     config = tiny_config(tmp_path / "results", backbone=TINY_DINOV2, train={"local_size": 10})
     result = snakemake("--configfile", str(write_config(tmp_path / "bad.yaml", config)), cwd=tmp_path)
