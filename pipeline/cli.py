@@ -1,8 +1,9 @@
 """Command line of the pipeline: ``python -m pipeline <stage> ...``.
 
 Each sub-command is one stage and is what the Snakemake rule of that stage calls. Stage
-parameters arrive as one JSON object (``--params``), the relevant slice of the validated
-``config.yaml``, so a rule passes them through ``params:`` (and a changed value reruns it).
+parameters are the relevant slice of the validated ``config.yaml`` as JSON objects, given inline
+or as files (``--params``, repeatable, merged): the workflow passes the stage's settings file
+(an input of the rule, so a changed value reruns it) and its speed-only runtime file.
 Errors that a user can fix (bad input, bad weights, bad config) end in one line naming the file
 or key, not a traceback.
 """
@@ -16,18 +17,31 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.stage_settings import merge_params
 
 log = logging.getLogger("pipeline")
 
 
-def _params(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"--params is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise PipelineError("--params must be a JSON object")
-    return value
+def _params(values: str | list[str]) -> dict:
+    """The stage's parameters: each ``--params`` is a JSON object or a JSON file holding one (the
+    workflow passes its settings and runtime files, pipeline/stage_settings.py); later ones win."""
+    parts = []
+    for text in [values] if isinstance(values, str) else values:
+        source = "--params"
+        if not text.lstrip().startswith("{"):
+            source = f"--params file {text}"
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise PipelineError(f"{source}: cannot read it ({exc.strerror})") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"{source} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise PipelineError(f"{source} must be a JSON object")
+        parts.append(value)
+    return merge_params(parts)
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:
@@ -174,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="generate the synthetic demo dataset")
     p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument("--params", required=True, help='JSON: {"seed": int, "demo": {...}}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"seed": int, "demo": {...}}')
     p.set_defaults(func=_cmd_demo_data)
 
     p = sub.add_parser("coco-masks", help="convert a COCO instances JSON to semantic label PNGs")
@@ -184,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_coco_masks)
 
     p = sub.add_parser("index", help="index a dataset into manifest.csv, classes.json, skipped.csv")
-    p.add_argument("--params", required=True, help='JSON: {"dataset": {...}, "on_bad_input": ...}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"dataset": {...}, "on_bad_input": ...}')
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_index)
@@ -193,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--out", required=True, help="shard file (.safetensors) to write")
-    p.add_argument("--params", required=True, help='JSON: {"backbone": {...}, "features": {...}}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"backbone": {...}, "features": {...}}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_extract_features)
 
@@ -201,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="feature shard (.safetensors)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"spectral": {...}, "seed": int}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"spectral": {...}, "seed": int}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_spectral_segments)
 
@@ -210,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="feature shard (for the resize geometry)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"backbone", "features", "segment_features", "seed"}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"backbone", "features", "segment_features", "seed"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_segment_features)
 
@@ -220,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--classes", required=True, help="classes.json of the dataset index")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"pseudo_labels": {...}, "seed": int}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"pseudo_labels": {...}, "seed": int}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_pseudo_labels)
 
@@ -237,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True)
     p.add_argument("--labels", help="pseudo-label image_labels.csv (unsupervised mode)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"backbone", "train", "mode", "seed"}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"backbone", "train", "mode", "seed"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_train)
 
@@ -248,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="pseudo-label image_labels.csv (unsupervised mode)")
     p.add_argument("--out-probs", required=True)
     p.add_argument("--out-masks", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"backbone", "predict", "mode"}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"backbone", "predict", "mode"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_predict)
 
@@ -256,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probs", required=True)
     p.add_argument("--manifest", required=True)
     p.add_argument("--out-masks", required=True)
-    p.add_argument("--params", required=True, help="JSON: the crf config section")
+    p.add_argument("--params", required=True, action="append", help="JSON: the crf config section")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_crf)
 
@@ -267,14 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-csv", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train-deeplab", help="train DeepLabV3+ on the train split's pseudo-masks")
     p.add_argument("--manifest", required=True)
     p.add_argument("--masks", nargs="+", required=True, help="folders of <image_id>.png pseudo-masks")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"deeplab", "num_classes", "seed"}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"deeplab", "num_classes", "seed"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_train_deeplab)
 
@@ -283,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out-masks", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"deeplab"}')
+    p.add_argument("--params", required=True, action="append", help='JSON: {"deeplab"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_predict_deeplab)
 
@@ -296,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", required=True, help="pc2m/alpha.csv")
     p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, help='JSON: {"mode", "qualitative_images", "gallery_images", '
+    p.add_argument("--params", required=True, action="append", help='JSON: {"mode", "qualitative_images", "gallery_images", '
                    '"stage_mask_dirs": [[stage, {split: [folder, ...]}], ...]}')
     p.set_defaults(func=_cmd_report)
     return parser

@@ -1,31 +1,56 @@
-"""Regenerating one stage of a finished run (one tiny demo run shared by every check, ~2 min):
-nothing changed -> nothing runs; a changed stage parameter reruns that stage and what depends on
-it, never what is upstream; `--forcerun RULE --until RULE` redoes exactly that rule's jobs."""
+"""What reruns when something changes, on one finished tiny run of a folder dataset (images in
+train/ and val/, masks, a labels CSV, backbone weights from a file; ~2 min), checked by dry runs:
+
+- nothing changed -> nothing runs;
+- a result-relevant key of a stage -> exactly that stage and what depends on it (job counts),
+  including the keys Snakemake itself never tracked (params built by functions: the index,
+  DeepLab training, evaluation) -- deeplab.iterations and the folder's classes as named regressions;
+- a speed-only key -> nothing;
+- a replaced weights file, an edited labels CSV, mask or image -> the stages they feed;
+- another working directory sees the same rerun state, and cannot run while a run holds the
+  results folder;
+- `--forcerun RULE --until RULE` redoes exactly that rule's jobs (last: it really reruns).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 import yaml
 
+from pipeline.datasets.demo import generate_demo
 from workflow_runs import job_counts
 
 pytestmark = pytest.mark.slow
 
+TINY_MODEL = {"depth": 2, "embed_dim": 48, "num_heads": 3}
 TINY = {
-    "dataset": {"images_per_shard": 4, "demo": {"n_train": 6, "n_val": 2, "width": 80, "height": 64}},
-    "backbone": {"model_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 3}},
+    "dataset": {"kind": "folder", "images_per_shard": 4},
+    "backbone": {"model_kwargs": TINY_MODEL},
     "features": {"batch_size": 4, "num_workers": 0},
     "train": {"epochs": 2, "global_size": 64, "local_size": 32, "batch_size": 4, "num_workers": 0},
     "predict": {"max_size": 96, "num_workers": 0},
     "deeplab": {"iterations": 4, "batch_size": 2, "crop_size": 32, "checkpoint_every": 2, "log_every": 2,
                 "num_workers": 0},
 }
-UPSTREAM_OF_CRF = {"demo_data", "dataset_index", "extract_features", "spectral_segments", "segment_features",
-                   "pseudo_labels", "pseudo_label_report", "train_pc2m", "predict_pc2m"}
+FRONT = {"dataset_index", "extract_features", "spectral_segments", "segment_features", "pseudo_labels",
+         "pseudo_label_report"}
+UPSTREAM_OF_CRF = FRONT | {"train_pc2m", "predict_pc2m"}
+
+
+def index_reruns(counts: dict[str, int]) -> bool:
+    """A dry run where the index reruns shows it and some of the dataset-level jobs; the shard jobs
+    are planned once the new index exists (the index is a checkpoint), and then all rerun, since
+    every one of them reads the new manifest."""
+    return counts.get("dataset_index") == 1 and counts.get("report") == 1
 
 
 def snakemake(repo: Path, work: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -34,55 +59,186 @@ def snakemake(repo: Path, work: Path, configfile: Path, *args: str) -> subproces
     return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
 
 
-def write_config(path: Path, results: Path, **changes) -> Path:
-    config = {**TINY, "results": str(results)}
+def write_config(path: Path, base: dict, **changes) -> Path:
+    config = yaml.safe_load(yaml.safe_dump(base))
     for section, values in changes.items():
-        config[section] = {**config.get(section, {}), **values}
+        target = config.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def planned(repo: Path, work: Path, configfile: Path) -> dict[str, int]:
+    plan = snakemake(repo, work, configfile, "-n")
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    return {k: v for k, v in job_counts(plan.stdout + plan.stderr).items() if k != "all"}
 
 
 @pytest.fixture(scope="module")
 def finished_run(repo, tmp_path_factory):
     work = tmp_path_factory.mktemp("reruns")
-    configfile = write_config(work / "tiny.yaml", work / "results")
+    generate_demo(work / "demo", seed=5, n_train=6, n_val=2, width=80, height=64)
+    data = work / "data"
+    for kind in ("images", "masks"):
+        shutil.copytree(work / "demo" / kind, data / kind)
+    (data / "labels.csv").write_text("image_id,labels\ntrain/train_0000,1\n")
+    weights = work / "weights.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_small_patch16_224.dino", num_classes=0, **TINY_MODEL).state_dict(), weights)
+    base = {**TINY, "results": str(work / "results")}
+    base["dataset"] = {**TINY["dataset"], "folder": {
+        "images": str(data / "images"), "masks": str(data / "masks"), "labels": str(data / "labels.csv"),
+        "class_names": ["background", "disc", "square", "triangle", "cross"]}}
+    base["backbone"] = {**TINY["backbone"], "weights": str(weights)}
+    configfile = write_config(work / "tiny.yaml", base)
     first = snakemake(repo, work, configfile)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    return work, configfile
+    return work, configfile, base
 
 
 def test_rerun_with_nothing_changed_runs_nothing(repo, finished_run):
-    work, configfile = finished_run
+    work, configfile, _ = finished_run
     again = snakemake(repo, work, configfile)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_changed_crf_parameter_reruns_crf_and_downstream_only(repo, finished_run):
-    work, _ = finished_run
-    changed = write_config(work / "crf-changed.yaml", work / "results", crf={"iterations": 3})
-    plan = snakemake(repo, work, changed, "-n")
-    assert plan.returncode == 0, plan.stderr[-3000:]
-    counts = job_counts(plan.stdout + plan.stderr)
-    # 2 shards; evaluation of crf on train and val, and of deeplab (trained on the CRF masks) on val
-    assert {k: v for k, v in counts.items() if k != "all"} == {
-        "dense_crf": 2, "evaluate_split": 3, "train_deeplab": 1, "predict_deeplab": 1, "report": 1}, counts
+    work, _, base = finished_run
+    counts = planned(repo, work, write_config(work / "crf.yaml", base, crf={"iterations": 3}))
+    assert counts == {"dense_crf": 2, "evaluate_split": 3, "train_deeplab": 1, "predict_deeplab": 1, "report": 1}
     assert not UPSTREAM_OF_CRF & set(counts)
 
 
 def test_changed_pseudo_label_parameter_keeps_features_and_segments(repo, finished_run):
-    work, _ = finished_run
-    changed = write_config(work / "pl-changed.yaml", work / "results", pseudo_labels={"keep_fraction": 0.8})
-    plan = snakemake(repo, work, changed, "-n")
-    assert plan.returncode == 0, plan.stderr[-3000:]
-    counts = job_counts(plan.stdout + plan.stderr)
+    work, _, base = finished_run
+    counts = planned(repo, work, write_config(work / "pl.yaml", base, pseudo_labels={"keep_fraction": 0.8}))
     assert counts.get("pseudo_labels") == 1 and counts.get("train_pc2m") == 1, counts
-    assert not {"demo_data", "dataset_index", "extract_features", "spectral_segments", "segment_features"} & set(counts)
+    assert not {"dataset_index", "extract_features", "spectral_segments", "segment_features"} & set(counts)
+
+
+def test_regression_deeplab_iterations_retrain_deeplab(repo, finished_run):
+    """Once only re-predicted with the model trained for the old number of iterations."""
+    work, _, base = finished_run
+    counts = planned(repo, work, write_config(work / "it.yaml", base, deeplab={"iterations": 3}))
+    assert counts == {"train_deeplab": 1, "predict_deeplab": 1, "evaluate_split": 1, "report": 1}
+    counts = planned(repo, work, write_config(work / "bb.yaml", base, deeplab={"backbone": "resnet34"}))
+    assert counts == {"train_deeplab": 1, "predict_deeplab": 1, "evaluate_split": 1, "report": 1}
+
+
+def test_regression_the_folders_classes_rerun_the_index_and_everything(repo, finished_run):
+    """Once "Nothing to be done" (the index's params were a function)."""
+    work, _, base = finished_run
+    names = ["background", "a", "b", "c", "d"]
+    counts = planned(repo, work, write_config(work / "cls.yaml", base, dataset={"folder": {"class_names": names}}))
+    assert index_reruns(counts), counts
+    counts = planned(repo, work, write_config(work / "shards.yaml", base, dataset={"images_per_shard": 3}))
+    assert counts["dataset_index"] == 1 and counts["report"] == 1, counts
+
+
+@pytest.mark.parametrize("key,value", [("matching", "majority"), ("discovered_iou", 0.5)])
+def test_evaluation_keys_rerun_the_evaluations(repo, finished_run, key, value):
+    work, _, base = finished_run
+    counts = planned(repo, work, write_config(work / f"ev-{key}.yaml", base, evaluate={key: value}))
+    assert counts == {"evaluate_split": 5, "report": 1}
+
+
+def test_speed_only_keys_rerun_nothing(repo, finished_run):
+    work, _, base = finished_run
+    changed = write_config(
+        work / "speed.yaml", base,
+        features={"num_workers": 1, "batch_size": 2, "device": "cpu"},
+        spectral={"batch_size": 3, "device": "cpu"},
+        segment_features={"batch_size": 5},
+        train={"num_workers": 1, "keep_checkpoints": 1, "device": "cpu"},
+        predict={"batch_size": 3, "num_workers": 1, "device": "cpu"},
+        deeplab={"log_every": 1, "checkpoint_every": 1, "num_workers": 1, "device": "cpu"},
+    )
+    assert planned(repo, work, changed) == {}
+
+
+def replace_keeping(path: Path, content: bytes, check) -> None:
+    """Write ``content`` to ``path`` (so it is newer than every output, as a replaced file is),
+    call ``check()``, then put the old bytes and times back (so the file counts as unchanged again
+    for the tests after this one)."""
+    old, stat = path.read_bytes(), path.stat()
+    try:
+        path.write_bytes(content)
+        check()
+    finally:
+        path.write_bytes(old)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_replaced_weights_rerun_features_segments_and_training(repo, finished_run):
+    work, configfile, _ = finished_run
+    weights = work / "weights.pth"
+    other = work / "other.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("vit_small_patch16_224.dino", num_classes=0, **TINY_MODEL).state_dict(), other)
+
+    def check():
+        counts = planned(repo, work, configfile)
+        assert {k: counts.get(k) for k in ("extract_features", "segment_features", "train_pc2m")} == {
+            "extract_features": 2, "segment_features": 2, "train_pc2m": 1}, counts
+        assert "dataset_index" not in counts
+
+    replace_keeping(weights, other.read_bytes(), check)
+
+
+@pytest.mark.parametrize("what", ["labels CSV", "mask", "image"])
+def test_edited_dataset_files_rerun_the_index_and_what_follows(repo, finished_run, what):
+    work, configfile, _ = finished_run
+    data = work / "data"
+    path = {"labels CSV": data / "labels.csv", "mask": data / "masks" / "val" / "val_0001.png",
+            "image": data / "images" / "train" / "train_0003.png"}[what]
+    content = {"labels CSV": b"image_id,labels\ntrain/train_0000,2\n",
+               "mask": (data / "masks" / "val" / "val_0000.png").read_bytes(),
+               "image": (data / "images" / "train" / "train_0002.png").read_bytes()}[what]
+    def check():
+        counts = planned(repo, work, configfile)
+        assert index_reruns(counts), (what, counts)
+
+    replace_keeping(path, content, check)
+
+
+def test_another_working_directory_sees_the_same_rerun_state(repo, finished_run, tmp_path):
+    """Rerun state lives with the results, not in the working directory's .snakemake/."""
+    _, configfile, base = finished_run
+    assert planned(repo, tmp_path, configfile) == {}
+    counts = planned(repo, tmp_path, write_config(tmp_path / "crf.yaml", base, crf={"iterations": 3}))
+    assert counts.get("dense_crf") == 2, counts
+
+
+def test_a_second_run_on_the_same_results_folder_is_refused(repo, finished_run, tmp_path):
+    work, configfile, base = finished_run
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.stage_settings import hold_results_lock; "
+         "hold_results_lock(sys.argv[1], sys.argv[2]); print('held', flush=True); time.sleep(120)",
+         base["results"], str(work)],
+        cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = snakemake(repo, tmp_path, configfile, "--forcerun", "report")
+        assert refused.returncode != 0
+        output = refused.stdout + refused.stderr
+        lines = [line for line in output.splitlines() if "is in use by another snakemake run" in line]
+        assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and str(work) in lines[0], output[-3000:]
+        assert "Traceback" not in output
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert planned(repo, tmp_path, configfile) == {}  # the lock went with the process
 
 
 def test_forcerun_until_redoes_exactly_one_stage(repo, finished_run):
     """Last of the module: it really reruns the CRF, which leaves the downstream stages older."""
-    work, configfile = finished_run
+    work, configfile, _ = finished_run
     masks = sorted((work / "results" / "crf" / "masks").glob("shard-*"))
     before = {p: p.stat().st_mtime_ns for p in (work / "results" / "pc2m").rglob("*") if p.is_file()}
     redo = snakemake(repo, work, configfile, "--forcerun", "dense_crf", "--until", "dense_crf")

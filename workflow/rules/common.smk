@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -12,6 +13,15 @@ from snakemake.exceptions import WorkflowError
 from pipeline.config import load_schema, validate_config
 from pipeline.errors import ConfigError
 from pipeline.patch_sizes import check_patch_sizes
+from pipeline.stage_settings import (
+    dataset_roots,
+    files_fingerprint,
+    hold_results_lock,
+    read_text_or_none,
+    settings_text,
+    split_section,
+    write_if_changed,
+)
 
 try:
     validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
@@ -68,6 +78,81 @@ RESULTS = config["results"].rstrip("/")
 DATASET = config["dataset"]
 
 
+def planning_only():
+    """Whether this Snakemake invocation only plans or reads (dry run, lint, report, unlock, DAG
+    listings): then nothing is locked and no settings file changes. Snakemake does not say it
+    while this file is read, so its own command-line parser reads the command line."""
+    if Path(sys.argv[0]).name not in ("snakemake", "__main__.py"):
+        return False  # called through the API: a real run
+    from snakemake.cli import get_argument_parser
+
+    try:
+        args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
+    except SystemExit:
+        return False
+    flags = ("dryrun", "lint", "report", "unlock", "list_rules", "list_target_rules", "summary",
+             "detailed_summary", "dag", "rulegraph", "filegraph", "d3dag", "print_compilation")
+    return any(getattr(args, flag, None) for flag in flags)
+
+
+PLANNING_ONLY = planning_only()
+
+
+# One run per results folder, whatever the working directory: the main Snakemake process holds a
+# lock on it while it runs (not while it only plans; SLURM jobs re-read this file in another mode).
+if workflow.is_main_process and not PLANNING_ONLY:
+    try:
+        hold_results_lock(RESULTS, os.getcwd())
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+# What reruns a stage (pipeline/stage_settings.py): its result settings in
+# <results>/settings/<rule>.json, an input of the rule, rewritten only when they change; its
+# speed-only keys in <rule>.runtime.json, read by the stage but no input. Only the main process
+# writes them (remote jobs read what it wrote).
+def section(name):
+    """The result keys of a config section (speed-only keys left out)."""
+    return split_section(name, config[name])[0]
+
+
+def without(mapping, keys):
+    return {key: value for key, value in mapping.items() if key not in keys}
+
+
+# DeepLab keys that only steer prediction (training ignores them), and the one that only says which
+# splits are predicted (no prediction changes with it).
+DEEPLAB_PREDICT_KEYS = ("predict_splits", "test_size", "multiscale", "test_scales")
+DEEPLAB_SPLITS_KEY = ("predict_splits",)
+
+
+def runtime_keys(*names):
+    return {name: split_section(name, config[name])[1] for name in names}
+
+
+def settings_file(rule, result, runtime=None):
+    """The rule's settings file (an input), written with its runtime file when they changed. A
+    dry run (or any planning-only call) leaves them alone: a changed file goes to
+    settings/dry-run/, a path of its own, which the plan shows as a rerun exactly as the real run
+    will do."""
+    path = results(f"settings/{rule}.json")
+    if not workflow.is_main_process:
+        return path
+    if PLANNING_ONLY:
+        if settings_text(result) != read_text_or_none(path):
+            path = results(f"settings/dry-run/{rule}.json")
+            write_if_changed(path, result)
+        return path
+    write_if_changed(path, result)
+    write_if_changed(runtime_file(rule), runtime or {})
+    return path
+
+
+def runtime_file(rule):
+    """The rule's speed-only settings (a plain path in params: never a rerun trigger)."""
+    return results(f"settings/{rule}.runtime.json")
+
+
 # Stages that write masks: name -> folder (one sub-folder per shard, or per split for DeepLab),
 # and the splits each is evaluated on where they have ground truth (paper 000 Tables 3-4, 11).
 MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
@@ -112,19 +197,35 @@ def index_inputs(wildcards):
     return {"folder_images": images}
 
 
-def index_params(wildcards, input):
-    params = {
-        "dataset": DATASET,
+def index_facts(wildcards, input):
+    """Paths the index reads that the workflow makes (demo folder, COCO mask cache): job facts."""
+    facts = {}
+    if "demo" in input.keys():
+        facts["demo_root"] = input.demo
+    if "coco_train" in input.keys():
+        facts["coco_masks"] = {"train": input.coco_train, "val": input.coco_val}
+    return as_json(facts)
+
+
+def index_settings():
+    """The index's result settings, with a fingerprint of every file the dataset is read from,
+    so that an added, removed, replaced or edited image, mask or list reruns it (computed by the
+    main process only: a walk of the dataset's folders)."""
+    settings = {
+        # the section of the dataset's kind only: another kind's paths change nothing
+        "dataset": {
+            key: value
+            for key, value in DATASET.items()
+            if key not in ("demo", "folder", "voc", "coco") or key == DATASET["kind"]
+        },
         "on_bad_input": config["on_bad_input"],
         "seed": config["seed"],
         # training reads this split: a dataset without it stops at the index, before any feature
         "required_split": TRAIN_SPLIT,
     }
-    if "demo" in input.keys():
-        params["demo_root"] = input.demo
-    if "coco_train" in input.keys():
-        params["coco_masks"] = {"train": input.coco_train, "val": input.coco_val}
-    return as_json(params)
+    if workflow.is_main_process:
+        settings["files"] = files_fingerprint(dataset_roots(DATASET))
+    return settings
 
 
 def manifest_path():

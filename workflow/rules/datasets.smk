@@ -2,16 +2,16 @@
 
 
 rule demo_data:
+    input:
+        settings=settings_file("demo_data", {"seed": config["seed"], "demo": DATASET.get("demo", {})}),
     output:
         directory(results("data/demo")),
-    params:
-        cfg=as_json({"seed": config["seed"], "demo": DATASET.get("demo", {})}),
     log:
         results("logs/demo_data.log"),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m pipeline demo-data --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+        "python -m pipeline demo-data --out {output:q} --params {input.settings:q} > {log:q} 2>&1"
 
 
 rule coco_masks:
@@ -34,12 +34,13 @@ rule coco_masks:
 checkpoint dataset_index:
     input:
         unpack(index_inputs),
+        settings=settings_file("dataset_index", index_settings()),
     output:
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
         skipped=results("dataset/skipped.csv"),
     params:
-        cfg=index_params,
+        facts=index_facts,
         out_dir=lambda w, output: str(Path(output.manifest).parent),
     log:
         results("logs/dataset_index.log"),
@@ -47,5 +48,5 @@ checkpoint dataset_index:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m pipeline index --params {params.cfg:q} --out-dir {params.out_dir:q}"
+        "python -m pipeline index --params {input.settings:q} --params {params.facts:q} --out-dir {params.out_dir:q}"
         " --threads {threads} > {log:q} 2>&1"

@@ -8,15 +8,20 @@ rule train_deeplab:
         classes=results("dataset/classes.json"),
         masks=lambda w: sharded_dirs(MASK_STAGES["crf"]),
         pseudo_summary=lambda w: [results("pseudo_labels/summary.json")] if config["mode"] == "unsupervised" else [],
+        settings=settings_file(
+            "train_deeplab",
+            # keys that only steer prediction do not retrain
+            {"deeplab": without(section("deeplab"), DEEPLAB_PREDICT_KEYS), "seed": config["seed"]},
+            runtime_keys("deeplab"),
+        ),
     output:
         # checkpoint.pt in the same folder is deliberately not an output: Snakemake deletes declared
         # outputs before rerunning a job, and a killed job resumes from it.
         model=results("deeplab/model.pt"),
         done=results("deeplab/done.json"),
     params:
-        cfg=lambda w, input: as_json(
-            {"deeplab": config["deeplab"], "num_classes": model_classes(input), "seed": config["seed"]}
-        ),
+        runtime=runtime_file("train_deeplab"),
+        facts=lambda w, input: as_json({"num_classes": model_classes(input)}),
         out_dir=lambda w, output: str(Path(output.model).parent),
     log:
         results("logs/train_deeplab.log"),
@@ -31,17 +36,21 @@ rule train_deeplab:
         "../../envs/torch.yaml"
     shell:
         "python -m pipeline train-deeplab --manifest {input.manifest:q} --masks {input.masks:q}"
-        " --out-dir {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --params {input.settings:q} --params {params.runtime:q} --params {params.facts:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule predict_deeplab:
     input:
         manifest=results("dataset/manifest.csv"),
         model=results("deeplab/model.pt"),
+        settings=settings_file(
+            "predict_deeplab", {"deeplab": without(section("deeplab"), DEEPLAB_SPLITS_KEY)}, runtime_keys("deeplab")
+        ),
     output:
         masks=directory(results("deeplab/masks/{split}")),
     params:
-        cfg=as_json({"deeplab": config["deeplab"]}),
+        runtime=runtime_file("predict_deeplab"),
     log:
         results("logs/predict_deeplab/{split}.log"),
     threads: 2
@@ -53,5 +62,6 @@ rule predict_deeplab:
         "../../envs/torch.yaml"
     shell:
         "python -m pipeline predict-deeplab --manifest {input.manifest:q} --split {wildcards.split}"
-        " --model {input.model:q} --out-masks {output.masks:q} --params {params.cfg:q} --threads {threads}"
+        " --model {input.model:q} --out-masks {output.masks:q} --params {input.settings:q} --params {params.runtime:q}"
+        " --threads {threads}"
         " > {log:q} 2>&1"

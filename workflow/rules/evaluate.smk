@@ -6,10 +6,9 @@ rule dense_crf:
     input:
         probs=results("pc2m/probs/shard-{shard}.safetensors"),
         manifest=results("dataset/manifest.csv"),
+        settings=settings_file("dense_crf", config["crf"]),
     output:
         masks=directory(results("crf/masks/shard-{shard}")),
-    params:
-        cfg=as_json(config["crf"]),
     log:
         results("logs/crf/shard-{shard}.log"),
     benchmark:
@@ -22,7 +21,7 @@ rule dense_crf:
         "../../envs/crf.yaml"
     shell:
         "python -m pipeline crf --probs {input.probs:q} --manifest {input.manifest:q} --out-masks {output.masks:q}"
-        " --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        " --params {input.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_split:
@@ -31,13 +30,12 @@ rule evaluate_split:
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
         pseudo_summary=lambda w: [results("pseudo_labels/summary.json")] if config["mode"] == "unsupervised" else [],
+        settings=settings_file("evaluate_split", {"mode": config["mode"], "evaluate": config["evaluate"]}),
     output:
         json=results("eval/{stage}-{split}.json"),
         csv=results("eval/{stage}-{split}.csv"),
     params:
-        cfg=lambda w, input: as_json(
-            {"mode": config["mode"], "evaluate": config["evaluate"], "num_predicted_classes": predicted_classes(input)}
-        ),
+        facts=lambda w, input: as_json({"num_predicted_classes": predicted_classes(input)}),
     log:
         results("logs/evaluate/{stage}-{split}.log"),
     resources:
@@ -47,7 +45,8 @@ rule evaluate_split:
         "../../envs/report.yaml"
     shell:
         "python -m pipeline evaluate --masks {input.masks:q} --manifest {input.manifest:q} --classes {input.classes:q}"
-        " --split {wildcards.split} --out-json {output.json:q} --out-csv {output.csv:q} --params {params.cfg:q}"
+        " --split {wildcards.split} --out-json {output.json:q} --out-csv {output.csv:q}"
+        " --params {input.settings:q} --params {params.facts:q}"
         " > {log:q} 2>&1"
 
 
@@ -60,6 +59,7 @@ rule report:
         alpha=results("pc2m/alpha.csv"),
         masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
         pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
+        settings=settings_file("report", {"mode": config["mode"], "qualitative_images": 4, "gallery_images": 4}),
     output:
         summary=report(results("reports/summary.csv"), caption="../report/summary.rst", category="Results"),
         markdown=results("reports/summary.md"),
@@ -74,14 +74,9 @@ rule report:
         clusters=report(results("reports/clusters.csv"), caption="../report/clusters.rst", category="Results"),
         gallery=report(results("reports/gallery.png"), caption="../report/gallery.rst", category="Results"),
     params:
-        cfg=lambda w: as_json(
+        facts=lambda w: as_json(
             # pairs, not a mapping: as_json sorts keys, and the figures' columns follow the stages' order
-            {
-                "qualitative_images": 4,
-                "gallery_images": 4,
-                "mode": config["mode"],
-                "stage_mask_dirs": [[s, {split: mask_dirs(s, split) for split in stage_splits(s)}] for s in MASK_STAGES],
-            }
+            {"stage_mask_dirs": [[s, {split: mask_dirs(s, split) for split in stage_splits(s)}] for s in MASK_STAGES]}
         ),
         out_dir=lambda w, output: str(Path(output.summary).parent),
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
@@ -93,4 +88,4 @@ rule report:
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
         " --history {input.history:q} --alpha {input.alpha:q} {params.pseudo} --out-dir {params.out_dir:q}"
-        " --params {params.cfg:q} > {log:q} 2>&1"
+        " --params {input.settings:q} --params {params.facts:q} > {log:q} 2>&1"

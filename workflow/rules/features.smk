@@ -5,12 +5,16 @@
 rule extract_features:
     input:
         manifest=results("dataset/manifest.csv"),
+        weights=weights_input(),
+        settings=settings_file(
+            "extract_features",
+            {"backbone": config["backbone"], "features": section("features"), "seed": config["seed"]},
+            runtime_keys("features"),
+        ),
     output:
         results("features/shard-{shard}.safetensors"),
     params:
-        cfg=as_json(
-            {"backbone": config["backbone"], "features": config["features"], "seed": config["seed"]}
-        ),
+        runtime=runtime_file("extract_features"),
     log:
         results("logs/extract_features/shard-{shard}.log"),
     benchmark:
@@ -24,4 +28,4 @@ rule extract_features:
         "../../envs/torch.yaml"
     shell:
         "python -m pipeline extract-features --manifest {input.manifest:q} --shard {wildcards.shard}"
-        " --out {output:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        " --out {output:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads} > {log:q} 2>&1"

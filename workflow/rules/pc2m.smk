@@ -5,15 +5,18 @@
 rule train_pc2m:
     input:
         unpack(train_inputs),
+        settings=settings_file(
+            "train_pc2m",
+            {"backbone": config["backbone"], "train": section("train"), "mode": config["mode"], "seed": config["seed"]},
+            runtime_keys("train"),
+        ),
     output:
         model=results("pc2m/model.pt"),
         done=results("pc2m/done.json"),
         history=report(results("pc2m/history.csv"), caption="../report/training.rst", category="Training"),
         alpha=results("pc2m/alpha.csv"),
     params:
-        cfg=as_json(
-            {"backbone": config["backbone"], "train": config["train"], "mode": config["mode"], "seed": config["seed"]}
-        ),
+        runtime=runtime_file("train_pc2m"),
         out_dir=lambda w, output: str(Path(output.model).parent),
         labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     log:
@@ -31,17 +34,23 @@ rule train_pc2m:
         # more than one GPU: torchrun, one data-parallel process per GPU (pipeline/devices.py)
         "python -m pipeline.devices launch --gpus {resources.gpu} --"
         " train --manifest {input.manifest:q} --classes {input.classes:q} {params.labels}"
-        " --out-dir {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule predict_pc2m:
     input:
         unpack(predict_inputs),
+        settings=settings_file(
+            "predict_pc2m",
+            {"backbone": config["backbone"], "predict": section("predict"), "mode": config["mode"]},
+            runtime_keys("predict"),
+        ),
     output:
         probs=results("pc2m/probs/shard-{shard}.safetensors"),
         masks=directory(results("pc2m/masks/shard-{shard}")),
     params:
-        cfg=as_json({"backbone": config["backbone"], "predict": config["predict"], "mode": config["mode"]}),
+        runtime=runtime_file("predict_pc2m"),
         labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     log:
         results("logs/predict_pc2m/shard-{shard}.log"),
@@ -56,5 +65,6 @@ rule predict_pc2m:
         "../../envs/torch.yaml"
     shell:
         "python -m pipeline predict --manifest {input.manifest:q} --shard {wildcards.shard} --model {input.model:q}"
-        " {params.labels} --out-probs {output.probs:q} --out-masks {output.masks:q} --params {params.cfg:q}"
+        " {params.labels} --out-probs {output.probs:q} --out-masks {output.masks:q}"
+        " --params {input.settings:q} --params {params.runtime:q}"
         " --threads {threads} > {log:q} 2>&1"

@@ -6,10 +6,15 @@ rule spectral_segments:
     input:
         features=results("features/shard-{shard}.safetensors"),
         manifest=results("dataset/manifest.csv"),
+        settings=settings_file(
+            "spectral_segments",
+            {"spectral": section("spectral"), "seed": config["seed"]},
+            runtime_keys("spectral"),
+        ),
     output:
         results("spectral/shard-{shard}.safetensors"),
     params:
-        cfg=as_json({"spectral": config["spectral"], "seed": config["seed"]}),
+        runtime=runtime_file("spectral_segments"),
     log:
         results("logs/spectral_segments/shard-{shard}.log"),
     benchmark:
@@ -23,7 +28,7 @@ rule spectral_segments:
         "../../envs/torch.yaml"
     shell:
         "python -m pipeline spectral-segments --features {input.features:q} --manifest {input.manifest:q}"
-        " --out {output:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        " --out {output:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule segment_features:
@@ -31,17 +36,21 @@ rule segment_features:
         spectral=results("spectral/shard-{shard}.safetensors"),
         features=results("features/shard-{shard}.safetensors"),
         manifest=results("dataset/manifest.csv"),
+        weights=weights_input(),
+        settings=settings_file(
+            "segment_features",
+            {
+                "backbone": config["backbone"],
+                "features": section("features"),
+                "segment_features": section("segment_features"),
+                "seed": config["seed"],
+            },
+            runtime_keys("features", "segment_features"),
+        ),
     output:
         results("segment_features/shard-{shard}.safetensors"),
     params:
-        cfg=as_json(
-            {
-                "backbone": config["backbone"],
-                "features": config["features"],
-                "segment_features": config["segment_features"],
-                "seed": config["seed"],
-            }
-        ),
+        runtime=runtime_file("segment_features"),
     log:
         results("logs/segment_features/shard-{shard}.log"),
     benchmark:
@@ -55,7 +64,7 @@ rule segment_features:
         "../../envs/torch.yaml"
     shell:
         "python -m pipeline segment-features --spectral {input.spectral:q} --features {input.features:q}"
-        " --manifest {input.manifest:q} --out {output:q} --params {params.cfg:q}"
+        " --manifest {input.manifest:q} --out {output:q} --params {input.settings:q} --params {params.runtime:q}"
         " --threads {threads} > {log:q} 2>&1"
 
 
@@ -65,13 +74,13 @@ rule pseudo_labels:
         spectral=lambda w: sharded("spectral"),
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
+        settings=settings_file("pseudo_labels", {"pseudo_labels": config["pseudo_labels"], "seed": config["seed"]}),
     output:
         labels=results("pseudo_labels/image_labels.csv"),
         crops=results("pseudo_labels/crops.csv"),
         maps=results("pseudo_labels/maps.safetensors"),
         summary=results("pseudo_labels/summary.json"),
     params:
-        cfg=as_json({"pseudo_labels": config["pseudo_labels"], "seed": config["seed"]}),
         out_dir=lambda w, output: str(Path(output.labels).parent),
     log:
         results("logs/pseudo_labels.log"),
@@ -86,7 +95,7 @@ rule pseudo_labels:
     shell:
         "python -m pipeline pseudo-labels --segment-features {input.segment_features:q}"
         " --spectral {input.spectral:q} --manifest {input.manifest:q} --classes {input.classes:q}"
-        " --out-dir {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --params {input.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule pseudo_label_report:
