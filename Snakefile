@@ -13,6 +13,7 @@ include: "workflow/rules/pseudo_labels.smk"
 include: "workflow/rules/pc2m.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/deeplab.smk"
+include: "workflow/rules/apply.smk"
 
 
 rule all:

@@ -282,8 +282,11 @@ def load_trained_deeplab(path: str | Path) -> DeepLabV3Plus:
     """The model saved by training (``model.pt``), rebuilt from its own architecture record."""
     path = Path(path)
     payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or "arch" not in payload or "model" not in payload:
-        raise WeightsError(f"{path}: not a DeepLab model file (expected 'arch' and 'model' entries)")
+    # A PC2M model.pt also has 'arch' and 'model', but its record names no backbone.
+    if (not isinstance(payload, dict) or "model" not in payload or not isinstance(payload.get("arch"), dict)
+            or not {"backbone", "num_classes"} <= set(payload["arch"])):
+        raise WeightsError(f"{path}: not a DeepLab model file (expected 'arch' with backbone and num_classes,"
+                           " and 'model' entries)")
     model = DeepLabV3Plus(payload["arch"]["backbone"], payload["arch"]["num_classes"])
     problems = vit_backbone.describe_mismatch(payload["model"], model.state_dict())
     if problems:

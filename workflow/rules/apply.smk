@@ -1,0 +1,152 @@
+# Apply the run's trained model(s) to a new folder of images (docs/apply.md):
+#   snakemake --cores all apply --config apply='{images: path/to/folder}'
+# The target needs the run's models as inputs: on a finished run nothing is retrained, on a fresh
+# results folder Snakemake trains them first. Every job is one step of `python -m pipeline apply`.
+from pipeline.apply import apply_params
+from pipeline.apply import shard_ids as apply_shard_ids
+
+APPLY = config["apply"]
+
+
+def applied(path):
+    return results(f"apply/{APPLY['name']}/{path}")
+
+
+def apply_images(wildcards):
+    if not APPLY["images"]:
+        raise WorkflowError("config key apply.images must name the folder of new images for the apply target")
+    return APPLY["images"]
+
+
+def applied_models():
+    """PC2M always; DeepLab per apply.deeplab (auto: only a model the run has already trained)."""
+    wanted = APPLY["deeplab"]
+    if wanted == "auto":
+        wanted = Path(results("deeplab/model.pt")).is_file()
+    return ["pc2m", "deeplab"] if wanted else ["pc2m"]
+
+
+def run_model_inputs(model):
+    """The run's trained model, and what says how many classes it predicts (model_classes)."""
+    inputs = {"model": results(f"{model}/model.pt"), "classes": results("dataset/classes.json")}
+    if config["mode"] == "unsupervised":
+        inputs["pseudo_summary"] = [results("pseudo_labels/summary.json")]
+    return inputs
+
+
+def applied_shards(path):
+    """``path`` (with {shard}) for every shard of the new folder's index."""
+    manifest = checkpoints.apply_index.get().output.manifest
+    return [applied(path.format(shard=f"{shard:05d}")) for shard in apply_shard_ids(manifest)]
+
+
+def apply_report_inputs(wildcards):
+    inputs = {**run_model_inputs("pc2m"), "manifest": applied("dataset/manifest.csv")}
+    for model in applied_models():
+        inputs[f"{model}_model"] = results(f"{model}/model.pt")
+        inputs[f"{model}_overlays"] = applied_shards(f"{model}/overlays/shard-{{shard}}")
+    return inputs
+
+
+checkpoint apply_index:
+    input:
+        images=apply_images,
+    output:
+        manifest=applied("dataset/manifest.csv"),
+        classes=applied("dataset/classes.json"),
+        skipped=applied("dataset/skipped.csv"),
+        ignored=applied("dataset/ignored.csv"),
+    log:
+        results(f"logs/apply/{APPLY['name']}/index.log"),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    params:
+        cfg=as_json(apply_params(config, ["index"])),
+        out_dir=applied(""),
+    shell:
+        "python -m pipeline apply --step index --images {input.images:q} --out {params.out_dir:q}"
+        " --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule apply_pc2m:
+    input:
+        unpack(lambda w: run_model_inputs("pc2m")),
+        manifest=applied("dataset/manifest.csv"),
+    output:
+        probs=applied("pc2m/probs/shard-{shard}.safetensors"),
+        masks=directory(applied("pc2m/masks/shard-{shard}")),
+        overlays=directory(applied("pc2m/overlays/shard-{shard}")),
+    log:
+        results(f"logs/apply/{APPLY['name']}/pc2m/shard-{{shard}}.log"),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=GPUS_PER_JOB,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    params:
+        cfg=lambda w, input: as_json({**apply_params(config, ["pc2m"]), "num_classes": model_classes(input)}),
+        out_dir=applied(""),
+    shell:
+        "python -m pipeline apply --step predict --shard {wildcards.shard} --model {input.model:q}"
+        " --out {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule apply_deeplab:
+    input:
+        unpack(lambda w: run_model_inputs("deeplab")),
+        manifest=applied("dataset/manifest.csv"),
+    output:
+        masks=directory(applied("deeplab/masks/shard-{shard}")),
+        overlays=directory(applied("deeplab/overlays/shard-{shard}")),
+    log:
+        results(f"logs/apply/{APPLY['name']}/deeplab/shard-{{shard}}.log"),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=GPUS_PER_JOB,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    params:
+        cfg=lambda w, input: as_json({**apply_params(config, ["deeplab"]), "num_classes": model_classes(input)}),
+        out_dir=applied(""),
+    shell:
+        "python -m pipeline apply --step predict --shard {wildcards.shard} --deeplab-model {input.model:q}"
+        " --out {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule apply_report:
+    input:
+        unpack(apply_report_inputs),
+    output:
+        report=applied("report.md"),
+        gallery=applied("gallery.png"),
+        shares=applied("class_shares.csv"),
+    log:
+        results(f"logs/apply/{APPLY['name']}/report.log"),
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        cfg=lambda w, input: as_json(
+            {
+                **apply_params(config, ["report"]),
+                "num_classes": model_classes(input),
+                "class_names": json.loads(Path(input.classes).read_text())["names"],
+            }
+        ),
+        out_dir=applied(""),
+        deeplab=lambda w, input: (
+            f"--deeplab-model {shlex.quote(input.deeplab_model)}" if "deeplab_model" in input.keys() else ""
+        ),
+    shell:
+        "python -m pipeline apply --step report --model {input.pc2m_model:q} {params.deeplab}"
+        " --out {params.out_dir:q} --params {params.cfg:q} > {log:q} 2>&1"
+
+
+rule apply:
+    input:
+        lambda w: [apply_images(w), applied("report.md")],
