@@ -194,7 +194,7 @@ def check_deeplab(model_path: Path, arch: dict, params: dict) -> None:
                            f" deeplab.backbone is {configured!r}")
     expected = params.get("num_classes")
     if expected is not None and arch["num_classes"] != expected:
-        raise WeightsError(f"{model_path}: predicts {arch['num_classes']} classes, the run has {expected}")
+        raise WeightsError(f"{model_path}: predicts {arch['num_classes']} classes where {expected} are expected")
 
 
 def predict_deeplab(layout: Layout, shard: int, model_path: Path, params: dict, threads: int) -> None:

@@ -101,7 +101,7 @@ def load_model(model_path: Path, backbone: dict, device: torch.device,
     ``num_classes``: what the model must predict, when the caller knows (applying a run's model)."""
     arch, state = read_model_file(model_path)
     if num_classes is not None and arch.num_classes != num_classes:
-        raise WeightsError(f"{model_path}: predicts {arch.num_classes} classes, the run has {num_classes}")
+        raise WeightsError(f"{model_path}: predicts {arch.num_classes} classes where {num_classes} are expected")
     if arch.backbone and arch.backbone != backbone["name"]:
         raise WeightsError(f"{model_path}: trained with backbone {arch.backbone!r}, but config key backbone.name is"
                            f" {backbone['name']!r}")

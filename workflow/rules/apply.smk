@@ -6,10 +6,11 @@ from pipeline.apply import apply_params
 from pipeline.apply import shard_ids as apply_shard_ids
 
 APPLY = config["apply"]
+APPLY_DIR = results(f"apply/{APPLY['name']}")
 
 
 def applied(path):
-    return results(f"apply/{APPLY['name']}/{path}")
+    return f"{APPLY_DIR}/{path}"
 
 
 def apply_images(wildcards):
@@ -40,8 +41,9 @@ def applied_shards(path):
     return [applied(path.format(shard=f"{shard:05d}")) for shard in apply_shard_ids(manifest)]
 
 
-def apply_report_inputs(wildcards):
-    inputs = {**run_model_inputs("pc2m"), "manifest": applied("dataset/manifest.csv")}
+def applied_outputs(wildcards):
+    """Per model applied: the run's model file and the overlays of every shard (after apply_index)."""
+    inputs = {}
     for model in applied_models():
         inputs[f"{model}_model"] = results(f"{model}/model.pt")
         inputs[f"{model}_overlays"] = applied_shards(f"{model}/overlays/shard-{{shard}}")
@@ -63,7 +65,7 @@ checkpoint apply_index:
     threads: 2
     params:
         cfg=as_json(apply_params(config, ["index"])),
-        out_dir=applied(""),
+        out_dir=APPLY_DIR,
     shell:
         "python -m pipeline apply --step index --images {input.images:q} --out {params.out_dir:q}"
         " --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
@@ -88,7 +90,7 @@ rule apply_pc2m:
         runtime=lambda wc, attempt: 120 * attempt,
     params:
         cfg=lambda w, input: as_json({**apply_params(config, ["pc2m"]), "num_classes": model_classes(input)}),
-        out_dir=applied(""),
+        out_dir=APPLY_DIR,
     shell:
         "python -m pipeline apply --step predict --shard {wildcards.shard} --model {input.model:q}"
         " --out {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
@@ -112,7 +114,7 @@ rule apply_deeplab:
         runtime=lambda wc, attempt: 120 * attempt,
     params:
         cfg=lambda w, input: as_json({**apply_params(config, ["deeplab"]), "num_classes": model_classes(input)}),
-        out_dir=applied(""),
+        out_dir=APPLY_DIR,
     shell:
         "python -m pipeline apply --step predict --shard {wildcards.shard} --deeplab-model {input.model:q}"
         " --out {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
@@ -120,7 +122,10 @@ rule apply_deeplab:
 
 rule apply_report:
     input:
-        unpack(apply_report_inputs),
+        # separate from the checkpoint-dependent inputs, which stay unknown until apply_index has run
+        unpack(lambda w: run_model_inputs("pc2m")),
+        unpack(applied_outputs),
+        manifest=applied("dataset/manifest.csv"),
     output:
         report=applied("report.md"),
         gallery=applied("gallery.png"),
@@ -138,7 +143,7 @@ rule apply_report:
                 "class_names": json.loads(Path(input.classes).read_text())["names"],
             }
         ),
-        out_dir=applied(""),
+        out_dir=APPLY_DIR,
         deeplab=lambda w, input: (
             f"--deeplab-model {shlex.quote(input.deeplab_model)}" if "deeplab_model" in input.keys() else ""
         ),
