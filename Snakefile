@@ -20,3 +20,10 @@ rule all:
     input:
         final_targets,
     default_target: True
+
+
+# `snakemake apply --config apply='{images: FOLDER}'`: the run's models applied to a new folder
+# (workflow/rules/apply.smk, docs/apply.md).
+rule apply:
+    input:
+        lambda w: [apply_images(w), applied("report.md")],

@@ -151,7 +151,3 @@ rule apply_report:
         "python -m pipeline apply --step report --model {input.pc2m_model:q} {params.deeplab}"
         " --out {params.out_dir:q} --params {params.cfg:q} > {log:q} 2>&1"
 
-
-rule apply:
-    input:
-        lambda w: [apply_images(w), applied("report.md")],
