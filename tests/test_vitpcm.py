@@ -236,7 +236,8 @@ def test_training_lowers_the_loss_resumes_exactly_and_predicts(demo, tmp_path):
     _train(demo, tmp_path / "resumed", settings)
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
-    assert straight["arch"] == {"method": "vitpcm", "num_classes": NUM_CLASSES, "lstm_hidden": 16}
+    assert straight["arch"] == {"method": "vitpcm", "num_classes": NUM_CLASSES, "lstm_hidden": 16,
+                                "backbone": "vit_small_patch16_224.dino"}
     assert straight["model"].keys() == resumed["model"].keys()
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
