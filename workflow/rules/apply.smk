@@ -1,53 +1,9 @@
 # Apply the run's trained model(s) to a new folder of images (docs/apply.md):
 #   snakemake --cores all apply --config apply='{images: path/to/folder}'
-# The target needs the run's models as inputs: on a finished run nothing is retrained, on a fresh
-# results folder Snakemake trains them first. Every job is one step of `python -m pipeline apply`.
-from pipeline.apply import apply_params
-from pipeline.apply import shard_ids as apply_shard_ids
-
-APPLY = config["apply"]
-APPLY_DIR = results(f"apply/{APPLY['name']}")
-
-
-def applied(path):
-    return f"{APPLY_DIR}/{path}"
-
-
-def apply_images(wildcards):
-    if not APPLY["images"]:
-        raise WorkflowError("config key apply.images must name the folder of new images for the apply target")
-    return APPLY["images"]
-
-
-def applied_models():
-    """PC2M always; DeepLab per apply.deeplab (auto: only a model the run has already trained)."""
-    wanted = APPLY["deeplab"]
-    if wanted == "auto":
-        wanted = Path(results("deeplab/model.pt")).is_file()
-    return ["pc2m", "deeplab"] if wanted else ["pc2m"]
-
-
-def run_model_inputs(model):
-    """The run's trained model, and what says how many classes it predicts (model_classes)."""
-    inputs = {"model": results(f"{model}/model.pt"), "classes": results("dataset/classes.json")}
-    if config["mode"] == "unsupervised":
-        inputs["pseudo_summary"] = [results("pseudo_labels/summary.json")]
-    return inputs
-
-
-def applied_shards(path):
-    """``path`` (with {shard}) for every shard of the new folder's index."""
-    manifest = checkpoints.apply_index.get().output.manifest
-    return [applied(path.format(shard=f"{shard:05d}")) for shard in apply_shard_ids(manifest)]
-
-
-def applied_outputs(wildcards):
-    """Per model applied: the run's model file and the overlays of every shard (after apply_index)."""
-    inputs = {}
-    for model in applied_models():
-        inputs[f"{model}_model"] = results(f"{model}/model.pt")
-        inputs[f"{model}_overlays"] = applied_shards(f"{model}/overlays/shard-{{shard}}")
-    return inputs
+# The `apply` target (Snakefile) needs the run's models as inputs: on a finished run nothing is
+# retrained, on a fresh results folder Snakemake trains them first. Every job is one step of
+# `python -m pipeline apply`.
+include: "apply_inputs.smk"
 
 
 checkpoint apply_index:
@@ -65,7 +21,7 @@ checkpoint apply_index:
     threads: 2
     params:
         cfg=as_json(apply_params(config, ["index"])),
-        out_dir=APPLY_DIR,
+        out_dir=lambda w, output: str(Path(output.manifest).parents[1]),
     shell:
         "python -m pipeline apply --step index --images {input.images:q} --out {params.out_dir:q}"
         " --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
@@ -90,7 +46,7 @@ rule apply_pc2m:
         runtime=lambda wc, attempt: 120 * attempt,
     params:
         cfg=lambda w, input: as_json({**apply_params(config, ["pc2m"]), "num_classes": model_classes(input)}),
-        out_dir=APPLY_DIR,
+        out_dir=lambda w, output: str(Path(output.probs).parents[2]),
     shell:
         "python -m pipeline apply --step predict --shard {wildcards.shard} --model {input.model:q}"
         " --out {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
@@ -114,7 +70,7 @@ rule apply_deeplab:
         runtime=lambda wc, attempt: 120 * attempt,
     params:
         cfg=lambda w, input: as_json({**apply_params(config, ["deeplab"]), "num_classes": model_classes(input)}),
-        out_dir=APPLY_DIR,
+        out_dir=lambda w, output: str(Path(output.masks).parents[2]),
     shell:
         "python -m pipeline apply --step predict --shard {wildcards.shard} --deeplab-model {input.model:q}"
         " --out {params.out_dir:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
@@ -143,11 +99,10 @@ rule apply_report:
                 "class_names": json.loads(Path(input.classes).read_text())["names"],
             }
         ),
-        out_dir=APPLY_DIR,
+        out_dir=lambda w, output: str(Path(output.report).parent),
         deeplab=lambda w, input: (
             f"--deeplab-model {shlex.quote(input.deeplab_model)}" if "deeplab_model" in input.keys() else ""
         ),
     shell:
         "python -m pipeline apply --step report --model {input.pc2m_model:q} {params.deeplab}"
         " --out {params.out_dir:q} --params {params.cfg:q} > {log:q} 2>&1"
-
