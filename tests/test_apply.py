@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from workflow_runs import REPO, assert_one_line_error, reference_run, snakemake
 
 from pipeline.backbone import build_backbone
 from pipeline.pc2m.model import Architecture, build_network, model_payload
 from pipeline.shards import read_meta
-
-pytestmark = pytest.mark.slow
 
 # Odd sizes (width, height), two formats, one image in a sub-folder: 7 images = 2 shards of the
 # tiny run's 6 images per shard.
@@ -103,6 +102,7 @@ def executed(output: str) -> dict[str, int]:
     return dict(Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", output, re.MULTILINE)))
 
 
+@pytest.mark.slow
 def test_snakemake_apply_segments_the_folder_without_retraining(applied):
     out, first, second = applied
     counts = executed(first)
@@ -112,6 +112,7 @@ def test_snakemake_apply_segments_the_folder_without_retraining(applied):
     assert executed(second) == {} and "Nothing to be done" in second, second[-3000:]
 
 
+@pytest.mark.slow
 def test_cli_gives_the_masks_of_the_workflow(run, new_folder, applied, tmp_path):
     _, results, configfile = run
     out = tmp_path / "out"
@@ -138,6 +139,7 @@ def configs(run) -> list[str]:
     return ["--config", str(REPO / "config.yaml"), str(run[2])]
 
 
+@pytest.mark.slow
 def test_empty_folder_and_missing_folder(run, tmp_path):
     _, results, _ = run
     empty = tmp_path / "empty"
@@ -151,6 +153,7 @@ def test_empty_folder_and_missing_folder(run, tmp_path):
     assert_one_line_error(cli("--model", model, "--images", missing, "--out", tmp_path / "o2", *configs(run)), missing, "apply.images")
 
 
+@pytest.mark.slow
 def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     _, results, _ = run
     pc2m, deeplab = results / "pc2m" / "model.pt", results / "deeplab" / "model.pt"
@@ -188,3 +191,29 @@ def _run_params(run) -> dict:
     from pipeline.config import load_config
 
     return apply_params(load_config([REPO / "config.yaml", run[2]]))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_overlay_is_the_image_or_the_palette_at_the_ends(alpha):
+    from pipeline.apply import blend
+    from pipeline.imageio import voc_palette
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    mask = rng.integers(0, 4, (5, 7), dtype=np.uint8)
+    assert np.array_equal(blend(rgb, mask, alpha), rgb if alpha == 0 else voc_palette()[mask])
+
+
+def test_indexing_a_folder_with_shell_syntax_in_its_name_runs_nothing(tmp_path):
+    """apply.images reaches the shell quoted: the index job of a folder named with `$( )`, `;` and
+    quotes lists its images and ignores the rest, and none of the embedded commands runs."""
+    images = write_new_folder(tmp_path / "new $(touch pwned-images); it's")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "apply": {"images": str(images)}}))
+    target = tmp_path / "results" / "apply" / "new" / "dataset" / "manifest.csv"
+    result = snakemake(str(target), "--configfile", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert sorted(pd.read_csv(target)["image_id"]) == sorted(NEW_IMAGES)
+    ignored = pd.read_csv(target.parent / "ignored.csv")["path"].tolist()
+    assert sorted(ignored) == sorted(str(images / name) for name in NOT_IMAGES)
+    assert not (tmp_path / "pwned-images").exists()
