@@ -109,32 +109,33 @@ def apply_params(config: dict, parts: Sequence[str] = tuple(_STEP_VALUES)) -> di
 # index
 
 
-def ignored_files(root: Path) -> list[Path]:
-    """Files under ``root`` that the folder adapter does not take as images (hidden ones aside)."""
-    from pipeline.datasets.folder import find_images
-
-    images = set(find_images(root))
+def other_files(root: Path, images: list[Path]) -> list[Path]:
+    """Files under ``root`` that are not among its ``images`` (hidden ones aside, as the folder
+    adapter skips them)."""
+    taken = set(images)
     found = []
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         found.extend(Path(folder) / name for name in sorted(files) if not name.startswith("."))
-    return [path for path in found if path not in images]
+    return [path for path in found if path not in taken]
 
 
 def index_images(images: Path, layout: Layout, params: dict, threads: int) -> None:
     """manifest.csv, classes.json, skipped.csv and ignored.csv of the new folder."""
     from pipeline.datasets import build_index
-    from pipeline.datasets.folder import find_images
+    from pipeline.datasets.folder import IMAGE_SUFFIXES, find_images
 
     root = Path(os.path.abspath(images))
     if not root.is_dir():
         raise BadInputError(f"{root}: folder of new images (config key {IMAGES_KEY}) not found")
-    ignored = ignored_files(root)
+    found = find_images(root)
+    ignored = other_files(root, found)
     _write_csv(layout.ignored, pd.DataFrame({"path": [str(p) for p in ignored]}, columns=["path"]))
     if ignored:
         log.warning("ignored %d files that are not images (listed in %s)", len(ignored), layout.ignored)
-    if not find_images(root):
-        raise BadInputError(f"{root}: no images (jpg, png, webp, bmp, tif) in this folder (config key {IMAGES_KEY});"
+    if not found:
+        suffixes = ", ".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
+        raise BadInputError(f"{root}: no images ({suffixes}) in this folder (config key {IMAGES_KEY});"
                             f" {len(ignored)} other files ignored")
     build_index({
         "dataset": {"kind": "folder", "images_per_shard": params["images_per_shard"],

@@ -160,8 +160,11 @@ def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     _, results, _ = run
     pc2m, deeplab = results / "pc2m" / "model.pt", results / "deeplab" / "model.pt"
 
+    out = tmp_path / "out"
+    assert cli("--step", "index", "--images", new_folder, "--out", out, *configs(run)).returncode == 0
+
     def apply(*models: str | Path) -> subprocess.CompletedProcess:
-        return cli(*models, "--images", new_folder, "--out", tmp_path / "out", *configs(run))
+        return cli(*models, "--step", "predict", "--shard", "0", "--out", out, *configs(run))
 
     missing = tmp_path / "missing.pt"
     assert_one_line_error(apply("--model", missing), missing)
@@ -183,8 +186,9 @@ def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     torch.save(model_payload(build_network(net, arch), arch), more)
     assert_one_line_error(apply("--model", more, "--deeplab-model", deeplab), deeplab,
                           f"{classes} classes where {classes + 2} are expected")
+    # under Snakemake, the rule passes the run's class count
     params = json.dumps({**_run_params(run), "num_classes": classes + 1})
-    result = cli("--step", "predict", "--model", pc2m, "--out", tmp_path / "out", "--params", params)
+    result = cli("--step", "predict", "--shard", "0", "--model", pc2m, "--out", out, "--params", params)
     assert_one_line_error(result, pc2m, f"{classes} classes where {classes + 1} are expected")
 
 
