@@ -257,10 +257,12 @@ def known_classes(layout: Layout, models: dict[str, Path], params: dict, shard: 
 
 def pixel_counts(mask_paths: Sequence[Path]) -> np.ndarray:
     """Pixels per class id over every mask (length 256: any uint8 id)."""
+    from tqdm import tqdm
+
     from pipeline.imageio import load_mask
 
     total = np.zeros(256, dtype=np.int64)
-    for path in mask_paths:
+    for path in tqdm(mask_paths, desc="class shares", unit="mask"):
         total += np.bincount(load_mask(path).ravel(), minlength=256)
     return total
 
