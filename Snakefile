@@ -14,9 +14,17 @@ include: "workflow/rules/pc2m.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/deeplab.smk"
 include: "workflow/rules/targets.smk"
+include: "workflow/rules/apply.smk"
 
 
 rule all:
     input:
         final_targets,
     default_target: True
+
+
+# `snakemake apply --config apply='{images: FOLDER}'`: the run's models applied to a new folder
+# (workflow/rules/apply.smk, docs/apply.md).
+rule apply:
+    input:
+        lambda w: [apply_images(w), applied("report.md")],

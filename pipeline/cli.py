@@ -181,6 +181,18 @@ def _cmd_report(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_apply(args: argparse.Namespace) -> None:
+    from pipeline.apply import apply_params, run_apply
+    from pipeline.config import load_config
+
+    # Rules pass their slice of the config (--params); users the run's config files (--config).
+    params = _params(args.params) if args.params else apply_params(load_config(args.config))
+    run_apply(args.step, Path(args.out), params, args.threads,
+              images=Path(args.images) if args.images else None,
+              model=Path(args.model) if args.model else None,
+              deeplab_model=Path(args.deeplab_model) if args.deeplab_model else None, shard=args.shard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -300,6 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", required=True, action="append", help='JSON: {"deeplab"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_predict_deeplab)
+
+    p = sub.add_parser("apply", help="segment a new folder of images with a finished run's model(s)")
+    p.add_argument("--model", help="the run's PC2M model (<results>/pc2m/model.pt)")
+    p.add_argument("--deeplab-model", help="the run's DeepLab model (<results>/deeplab/model.pt), optional")
+    p.add_argument("--images", help="folder of new images (searched recursively; other files ignored)")
+    p.add_argument("--out", required=True, help="output folder (masks, probabilities, overlays, report)")
+    p.add_argument("--config", nargs="+", default=["config.yaml"],
+                   help="the run's config files, merged in order as Snakemake does (default: config.yaml)")
+    p.add_argument("--params", action="append",
+                   help="JSON or JSON files instead of --config (what the workflow's rules pass)")
+    p.add_argument("--step", default="all",
+                   help="all (default), or one step: index the folder, predict (one --shard or all), report")
+    p.add_argument("--shard", type=int, help="with --step predict: this shard of the index only")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("report", help="tables and plots of every evaluated stage")
     p.add_argument("--eval", nargs="*", default=[],

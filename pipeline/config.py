@@ -43,3 +43,34 @@ def validate_config(config: dict[str, Any], schema: dict) -> None:
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(_describe(errors[0]) + more)
+
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def merged(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base`` section by section, as Snakemake merges ``--configfile``s."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(paths: list[str | Path]) -> dict:
+    """The configuration of YAML files merged in order (config.yaml first, then presets), validated.
+
+    For commands run without Snakemake (``python -m pipeline apply``) that need a run's settings."""
+    config: dict[str, Any] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: not a mapping of config keys")
+        config = merged(config, loaded)
+    validate_config(config, load_schema(SCHEMA))
+    return config

@@ -196,8 +196,8 @@ def test_settings_defaults_and_checks():
     settings = TrainSettings.from_params(train_settings(method="vitpcm", global_size=384))
     assert settings.vitpcm == ViTPCMSettings()
     assert (settings.vitpcm.lstm_hidden, settings.vitpcm.crop_size, settings.vitpcm.l2) == (192, 128, 0.01)
-    assert settings.architecture(21).lstm_hidden == 192 and settings.head_dropout() == 0.2
-    assert TrainSettings.from_params(train_settings()).architecture(21).lstm_hidden == 0  # PC2M
+    assert settings.architecture(21, "vit").lstm_hidden == 192 and settings.head_dropout() == 0.2
+    assert TrainSettings.from_params(train_settings()).architecture(21, "vit").lstm_hidden == 0  # PC2M
     with pytest.raises(ConfigError, match="crop_size"):
         TrainSettings.from_params(train_settings(method="vitpcm", global_size=96))
     with pytest.raises(ConfigError, match="twice the patch"):
@@ -236,7 +236,8 @@ def test_training_lowers_the_loss_resumes_exactly_and_predicts(demo, tmp_path):
     _train(demo, tmp_path / "resumed", settings)
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
-    assert straight["arch"] == {"method": "vitpcm", "num_classes": NUM_CLASSES, "lstm_hidden": 16}
+    assert straight["arch"] == {"method": "vitpcm", "num_classes": NUM_CLASSES, "lstm_hidden": 16,
+                                "backbone": "vit_small_patch16_224.dino"}
     assert straight["model"].keys() == resumed["model"].keys()
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -122,15 +123,23 @@ def predict_deeplab(
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise BadInputError(f"{manifest_path}: no images in split {split!r} to predict")
+    model = load_trained_deeplab(model_path)
+    log.info("predicting %d %s images with %s", len(rows), split, model_path)
+    predict_rows(model, rows, Path(out_masks_dir), settings, f"deeplab {split}",
+                 {"split": split, "model": str(model_path)})
+
+
+def predict_rows(model: DeepLabV3Plus, rows: pd.DataFrame, out_dir: Path, settings: PredictSettings, desc: str,
+                 record: dict) -> None:
+    """Masks of the manifest ``rows`` into ``out_dir`` (complete, with ``.done`` + ``record``, or absent)."""
     device = resolve_deeplab_device(settings.device)
-    model = load_trained_deeplab(model_path).to(device).eval()
+    model = model.to(device).eval()
     mean, std = model.normalisation
-    out_dir = Path(out_masks_dir)
     loader = DataLoader(SplitImages(list(rows["image_path"])), batch_size=None,
                         num_workers=settings.num_workers)
-    log.info("predicting %d %s images with %s (scales %s, flip %s) on %s", len(rows), split,
-             model_path, list(settings.scales), settings.flip, device)
-    progress = tqdm(zip(rows["image_id"], loader), total=len(rows), desc=f"deeplab {split}",
+    log.info("%s: %d images (scales %s, flip %s) on %s", desc, len(rows), list(settings.scales), settings.flip,
+             device)
+    progress = tqdm(zip(rows["image_id"], loader), total=len(rows), desc=desc,
                     unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
     # The folder appears complete (with .done) or not at all: a killed job leaves no partial one.
     with atomic_dir(out_dir) as tmp_dir:
@@ -140,6 +149,6 @@ def predict_deeplab(
             probs = class_probabilities(model, to_input(rgb.to(device), mean, std), settings)
             mask = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
             write_label_png(safe_child(tmp_dir, image_id), mask)
-        write_json(tmp_dir / DONE_MARKER, {"images": len(rows), "split": split, "model": str(model_path),
-                                           "scales": list(settings.scales), "flip": settings.flip})
+        write_json(tmp_dir / DONE_MARKER, {"images": len(rows), **record, "scales": list(settings.scales),
+                                           "flip": settings.flip})
     log.info("wrote %d masks to %s", len(rows), out_dir)

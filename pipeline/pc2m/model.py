@@ -43,6 +43,9 @@ class Architecture:
     method: str
     num_classes: int
     lstm_hidden: int  # HV-BiLSTM units per direction; 0 = none (PC2M, ViT-PCM's Table 1 ablations)
+    # The config's backbone.name at training, so that a model applied with another backbone stops
+    # with both names; "" in model files written before it was recorded.
+    backbone: str = ""
 
 
 class HVBiLSTM(nn.Module):

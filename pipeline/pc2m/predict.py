@@ -94,10 +94,17 @@ def read_model_file(model_path: Path) -> tuple[Architecture, dict[str, torch.Ten
         raise WeightsError(f"{model_path}: not a PC2M / ViT-PCM model file ({load_error_reason(exc)})") from None
 
 
-def load_model(model_path: Path, backbone: dict, device: torch.device) -> PatchClassifier:
+def load_model(model_path: Path, backbone: dict, device: torch.device,
+               num_classes: int | None = None) -> PatchClassifier:
     """The trained network: backbone architecture from the config, the rest of the architecture
-    (HV-BiLSTM or none, classes) from model.pt's record, every weight from model.pt."""
+    (HV-BiLSTM or none, classes) from model.pt's record, every weight from model.pt.
+    ``num_classes``: what the model must predict, when the caller knows (applying a run's model)."""
     arch, state = read_model_file(model_path)
+    if num_classes is not None and arch.num_classes != num_classes:
+        raise WeightsError(f"{model_path}: predicts {arch.num_classes} classes where {num_classes} are expected")
+    if arch.backbone and arch.backbone != backbone["name"]:
+        raise WeightsError(f"{model_path}: trained with backbone {arch.backbone!r}, but config key backbone.name is"
+                           f" {backbone['name']!r}")
     # `random`: the architecture only; model.pt overwrites every tensor (strict below).
     net = build_backbone(backbone["name"], "random", backbone.get("checkpoint_key", "teacher"),
                          backbone.get("model_kwargs") or {})
@@ -152,14 +159,15 @@ def predict_shard(
 ) -> None:
     """Probability maps of ``shard`` into ``out_probs`` and masks ``<out_masks_dir>/<id>.png``.
 
-    ``params`` = {"backbone": {...}, "predict": {...}, "mode": ...}; ``labels_path`` is the
-    pseudo-label file (unsupervised mode with ``restrict_to_labels`` only).
+    ``params`` = {"backbone": {...}, "predict": {...}, "mode": ..., optional "num_classes" the model
+    must predict}; ``labels_path`` is the pseudo-label file (unsupervised mode with
+    ``restrict_to_labels`` only).
     """
     settings = PredictSettings.from_params(params["predict"])
     torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(settings.device)
     rows = shard_rows(Path(manifest_path), shard)
-    model = load_model(Path(model_path), params["backbone"], device)
+    model = load_model(Path(model_path), params["backbone"], device, params.get("num_classes"))
     patch = patch_size(model.backbone)
     mean, std = normalisation(model.backbone)
     allowed = (restriction_labels(rows, params["mode"], Path(labels_path) if labels_path else None)

@@ -173,9 +173,9 @@ class TrainSettings:
     def losses(self) -> LossSettings:
         return LossSettings(self.use_ot, self.use_match, self.sinkhorn_iterations)
 
-    def architecture(self, num_classes: int) -> Architecture:
+    def architecture(self, num_classes: int, backbone: str) -> Architecture:
         with_lstm = self.method == "vitpcm" and self.vitpcm.use_hv_bilstm
-        return Architecture(self.method, num_classes, self.vitpcm.lstm_hidden if with_lstm else 0)
+        return Architecture(self.method, num_classes, self.vitpcm.lstm_hidden if with_lstm else 0, backbone)
 
     def head_dropout(self) -> float:
         return self.vitpcm.dropout if self.method == "vitpcm" else 0.0
@@ -394,7 +394,7 @@ def train(
     backbone = build_backbone(params["backbone"]["name"], params["backbone"]["weights"],
                               params["backbone"].get("checkpoint_key", "teacher"),
                               params["backbone"].get("model_kwargs") or {})
-    arch = settings.architecture(num_classes)
+    arch = settings.architecture(num_classes, params["backbone"]["name"])
     model = build_network(backbone, arch, settings.head_dropout())
     mean, std = normalisation(backbone)
     patch = patch_size(backbone)
