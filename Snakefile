@@ -24,7 +24,7 @@ rule all:
 
 
 # `snakemake apply --config apply='{images: FOLDER}'`: the run's models applied to a new folder
-# (workflow/rules/apply.smk, docs/apply.md).
+# (workflow/rules/apply.smk, README.md, "Apply the model to new images").
 rule apply:
     input:
         lambda w: [apply_images(w), applied("report.md")],

@@ -1,5 +1,5 @@
-"""Applying a finished run's models to a new folder of images (docs/apply.md): through Snakemake
-(`snakemake apply`) and through `python -m pipeline apply`, on the shared tiny reference run
+"""Applying a finished run's models to a new folder of images (README.md, "Apply the model to new
+images"): through Snakemake (`snakemake apply`) and through `python -m pipeline apply`, on the shared tiny reference run
 (workflow_runs.reference_run, trained once per session). Nothing is retrained; every image gets a
 mask at its own size, probabilities and an overlay; bad input stops with one line."""
 

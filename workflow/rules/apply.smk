@@ -1,4 +1,5 @@
-# Apply the run's trained model(s) to a new folder of images (docs/apply.md):
+# Apply the run's trained model(s) to a new folder of images (README.md, "Apply the model to new
+# images"):
 #   snakemake --cores all apply --config apply='{images: path/to/folder}'
 # The `apply` target (Snakefile) needs the run's models as inputs: on a finished run nothing is
 # retrained, on a fresh results folder Snakemake trains them first. Every job is one step of
