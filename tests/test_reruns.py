@@ -9,18 +9,23 @@ train/ and val/, masks, a labels CSV, backbone weights from a file; ~2 min), che
 - a replaced weights file, an edited labels CSV, mask or image -> the stages they feed;
 - another working directory sees the same rerun state, and cannot run while a run holds the
   results folder;
-- `--forcerun RULE --until RULE` redoes exactly that rule's jobs (last: it really reruns).
+- `--forcerun RULE --until RULE` redoes exactly that rule's jobs;
+- added images rerun only the shard they land in (and the dataset-level stages).
+The last two really run, so they come last.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -247,3 +252,26 @@ def test_forcerun_until_redoes_exactly_one_stage(repo, finished_run):
     assert len(masks) == 2 and all(m.is_dir() for m in masks)
     # upstream outputs untouched
     assert before == {p: p.stat().st_mtime_ns for p in (work / "results" / "pc2m").rglob("*") if p.is_file()}
+
+
+def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, finished_run):
+    """Last of the module (it really runs): 3 new train images land in a new shard; the 2 shards of
+    the 8 indexed images keep their features, segments and crops. Dataset-level stages (clustering,
+    training) rerun, and with the new model every shard's prediction, as they must."""
+    work, configfile, _ = finished_run
+    results = work / "results"
+    shard_files = {stage: sorted((results / stage).glob("shard-*.safetensors"))
+                   for stage in ("features", "spectral", "segment_features")}
+    before = {p: p.stat().st_mtime_ns for files in shard_files.values() for p in files}
+    generate_demo(work / "more", seed=9, n_train=3, n_val=0, width=72, height=56)
+    for path in sorted((work / "more" / "images" / "train").glob("*.png")):
+        shutil.copy(path, work / "data" / "images" / "train" / f"new_{path.name}")
+    run = snakemake(repo, work, configfile)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ran = Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", run.stdout + run.stderr, flags=re.MULTILINE))
+    assert {k: ran[k] for k in ("dataset_index", "extract_features", "spectral_segments", "segment_features")} == {
+        "dataset_index": 1, "extract_features": 1, "spectral_segments": 1, "segment_features": 1}, ran
+    assert ran["pseudo_labels"] == 1 and ran["train_pc2m"] == 1 and ran["predict_pc2m"] == 3, ran
+    assert before == {p: p.stat().st_mtime_ns for p in before}  # the old shards untouched
+    manifest = pd.read_csv(results / "dataset" / "manifest.csv")
+    assert sorted(manifest.loc[manifest["image_id"].str.contains("new_"), "shard"]) == [2, 2, 2]

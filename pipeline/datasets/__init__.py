@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb
@@ -33,6 +34,10 @@ MANIFEST_COLUMNS = [
     "shard",
 ]
 SKIPPED_COLUMNS = ["image_id", "path", "reason"]
+# Beside the manifest: one list per shard, the id -> shard assignment and the shard size it used.
+SHARDS_DIR = "shards"
+SHARD_ASSIGNMENT = "assignment.csv"
+SHARD_LAYOUT = "layout.json"
 _MANIFEST_DTYPES = {
     "image_id": str, "image_path": str, "mask_path": str, "labels": str, "has_labels": bool,
     "split": str, "width": np.int64, "height": np.int64, "shard": np.int64,
@@ -214,8 +219,28 @@ def check_entries(
 # Building the artifacts
 
 
-def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
-    """Rows sorted train-first then by split name and id; shards run over the whole manifest."""
+def assign_shards(image_ids: list[str], images_per_shard: int, previous: dict[str, int]) -> list[int]:
+    """Shard of each id (in the given order). Ids of the previous index keep their shard; new ids
+    fill the highest shard while it has room, then new shards, so adding images touches only the
+    shards they land in, and removing images leaves the other shards as they were. Without a
+    previous index, shards are consecutive runs of ``images_per_shard`` ids."""
+    kept = {image_id: previous[image_id] for image_id in image_ids if image_id in previous}
+    sizes = Counter(kept.values())
+    current = max(previous.values(), default=0)
+    shards = []
+    for image_id in image_ids:
+        if image_id in kept:
+            shards.append(kept[image_id])
+            continue
+        while sizes[current] >= images_per_shard:
+            current += 1
+        shards.append(current)
+        sizes[current] += 1
+    return shards
+
+
+def manifest_frame(rows: list[Row], images_per_shard: int, previous: dict[str, int] | None = None) -> pd.DataFrame:
+    """Rows sorted train-first then by split name and id; shards by :func:`assign_shards`."""
     ordered = sorted(rows, key=lambda r: (r.split != "train", r.split, r.image_id))
     frame = pd.DataFrame(
         {
@@ -227,7 +252,7 @@ def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
             "split": [r.split for r in ordered],
             "width": [r.width for r in ordered],
             "height": [r.height for r in ordered],
-            "shard": [i // images_per_shard for i in range(len(ordered))],
+            "shard": assign_shards([r.image_id for r in ordered], images_per_shard, previous or {}),
         },
         columns=MANIFEST_COLUMNS,
     )
@@ -243,7 +268,7 @@ def classes_info(dataset: Dataset, manifest: pd.DataFrame) -> dict:
         "ignore_index": IGNORE_INDEX,
         "kind": dataset.kind,
         "splits": {split: int(split_counts[split]) for split in sorted(split_counts.index)},
-        "num_shards": int(manifest["shard"].max()) + 1,
+        "num_shards": int(manifest["shard"].nunique()),
         **dataset.extra,
     }
 
@@ -309,11 +334,56 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
             "training needs it: put the images under a train/ sub-folder, or set dataset.folder.split "
             "or dataset.folder.split_list"
         )
-    manifest = manifest_frame(rows, images_per_shard)
+    manifest = manifest_frame(rows, images_per_shard, previous_shards(out_dir / SHARDS_DIR, images_per_shard))
     write_json(out_dir / "classes.json", classes_info(dataset, manifest))
+    changed = write_shard_lists(out_dir / SHARDS_DIR, manifest, images_per_shard)
     _write_csv(out_dir / "manifest.csv", manifest)
     log.info(
-        "indexed %d images (%s) into %d shards; %d skipped",
+        "indexed %d images (%s) into %d shards (%d changed); %d skipped",
         len(manifest), ", ".join(f"{k}: {v}" for k, v in manifest["split"].value_counts().items()),
-        int(manifest["shard"].max()) + 1, len(skipped),
+        manifest["shard"].nunique(), changed, len(skipped),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard lists: what a per-shard job reads, rewritten only when its rows change
+
+
+def shard_list_path(shards_dir: Path, shard: int) -> Path:
+    return Path(shards_dir) / f"shard-{shard:05d}.csv"
+
+
+def previous_shards(shards_dir: Path, images_per_shard: int) -> dict[str, int]:
+    """{image_id: shard} of the previous index (none when there is none or the shard size changed)."""
+    layout = Path(shards_dir) / SHARD_LAYOUT
+    try:
+        if json.loads(layout.read_text(encoding="utf-8")).get("images_per_shard") != images_per_shard:
+            return {}
+        frame = pd.read_csv(Path(shards_dir) / SHARD_ASSIGNMENT, dtype={"image_id": str, "shard": np.int64},
+                            keep_default_na=False, na_filter=False)
+    except (OSError, ValueError, KeyError):
+        return {}
+    return dict(zip(frame["image_id"], frame["shard"].astype(int), strict=True))
+
+
+def write_shard_lists(shards_dir: Path, manifest: pd.DataFrame, images_per_shard: int) -> int:
+    """``shards_dir/shard-NNNNN.csv`` (the manifest's rows of one shard) for every shard, each
+    written only when its bytes change, so the jobs of untouched shards do not rerun; lists of
+    shards that no longer exist are removed. Returns how many lists were written."""
+    shards_dir = Path(shards_dir)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    wanted = set()
+    changed = 0
+    for shard, rows in manifest.groupby("shard", sort=True):
+        path = shard_list_path(shards_dir, int(shard))
+        wanted.add(path.name)
+        text = rows.to_csv(index=False)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            write_text(path, text)
+            changed += 1
+    for stale in shards_dir.glob("shard-*.csv"):
+        if stale.name not in wanted:
+            stale.unlink()
+    _write_csv(shards_dir / SHARD_ASSIGNMENT, manifest[["image_id", "shard"]])
+    write_json(shards_dir / SHARD_LAYOUT, {"images_per_shard": images_per_shard})
+    return changed

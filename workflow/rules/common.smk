@@ -255,6 +255,13 @@ def dataset_facts():
     return _split_facts(path, os.stat(path).st_mtime_ns)
 
 
+def shard_list(wildcards):
+    """The rows of one shard (dataset/shards/shard-NNNNN.csv, written by the index only when they
+    change): a per-shard job reads it instead of the whole manifest, so images added elsewhere do
+    not rerun it. Asking the checkpoint first ties the list to the index job that writes it."""
+    return str(Path(manifest_path()).parent / "shards" / f"shard-{wildcards.shard}.csv")
+
+
 def shard_ids():
     """Shard ids present in the manifest."""
     return dataset_facts()[1]
@@ -339,7 +346,7 @@ def train_inputs(wildcards):
 
 
 def predict_inputs(wildcards):
-    inputs = {"manifest": results("dataset/manifest.csv"), "model": results("pc2m/model.pt")}
+    inputs = {"manifest": shard_list(wildcards), "model": results("pc2m/model.pt")}
     if config["mode"] == "unsupervised":
         inputs["labels"] = results("pseudo_labels/image_labels.csv")
     return inputs

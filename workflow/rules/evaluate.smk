@@ -5,7 +5,7 @@
 rule dense_crf:
     input:
         probs=results("pc2m/probs/shard-{shard}.safetensors"),
-        manifest=results("dataset/manifest.csv"),
+        manifest=shard_list,
         settings=settings_file("dense_crf", config["crf"]),
     output:
         masks=directory(results("crf/masks/shard-{shard}")),

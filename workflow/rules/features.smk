@@ -4,7 +4,7 @@
 
 rule extract_features:
     input:
-        manifest=results("dataset/manifest.csv"),
+        manifest=shard_list,
         weights=weights_input(),
         settings=settings_file(
             "extract_features",

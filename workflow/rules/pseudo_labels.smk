@@ -5,7 +5,7 @@
 rule spectral_segments:
     input:
         features=results("features/shard-{shard}.safetensors"),
-        manifest=results("dataset/manifest.csv"),
+        manifest=shard_list,
         settings=settings_file(
             "spectral_segments",
             {"spectral": section("spectral"), "seed": config["seed"]},
@@ -35,7 +35,7 @@ rule segment_features:
     input:
         spectral=results("spectral/shard-{shard}.safetensors"),
         features=results("features/shard-{shard}.safetensors"),
-        manifest=results("dataset/manifest.csv"),
+        manifest=shard_list,
         weights=weights_input(),
         settings=settings_file(
             "segment_features",
