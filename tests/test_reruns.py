@@ -59,8 +59,9 @@ def index_reruns(counts: dict[str, int]) -> bool:
 
 
 def snakemake(repo: Path, work: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--cores", "2",
-           "--configfile", str(configfile), *args]
+    # targets and flags first: --configfile takes every word after it
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--cores", "2", *args,
+           "--configfile", str(configfile)]
     return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
 
 
@@ -275,3 +276,16 @@ def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, 
     assert before == {p: p.stat().st_mtime_ns for p in before}  # the old shards untouched
     manifest = pd.read_csv(results / "dataset" / "manifest.csv")
     assert sorted(manifest.loc[manifest["image_id"].str.contains("new_"), "shard"]) == [2, 2, 2]
+
+    # an image replaced in place by one of the same size reruns its shard's features only
+    replaced = work / "data" / "images" / "train" / "train_0001.png"
+    shard = int(manifest.set_index("image_id").loc["train/train_0001", "shard"])
+    replaced.write_bytes((work / "data" / "images" / "train" / "train_0002.png").read_bytes())
+    plan = snakemake(repo, work, configfile, "-n")
+    assert job_counts(plan.stdout + plan.stderr).get("dataset_index") == 1
+    rerun = snakemake(repo, work, configfile, "features")
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
+    ran = Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", output, flags=re.MULTILINE))
+    assert ran["dataset_index"] == 1 and ran["extract_features"] == 1, ran
+    assert f"features/shard-{shard:05d}.safetensors" in output

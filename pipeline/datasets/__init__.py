@@ -38,6 +38,9 @@ SKIPPED_COLUMNS = ["image_id", "path", "reason"]
 SHARDS_DIR = "shards"
 SHARD_ASSIGNMENT = "assignment.csv"
 SHARD_LAYOUT = "layout.json"
+# A shard list's extra column: the image file's size and mtime, so that an image replaced in place
+# by one of the same size still changes its shard's list (and reruns that shard's jobs).
+SIGNATURE_COLUMN = "signature"
 _MANIFEST_DTYPES = {
     "image_id": str, "image_path": str, "mask_path": str, "labels": str, "has_labels": bool,
     "split": str, "width": np.int64, "height": np.int64, "shard": np.int64,
@@ -74,6 +77,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise BadInputError(f"{path}: manifest not found")
     frame = pd.read_csv(path, dtype=_MANIFEST_DTYPES, keep_default_na=False, na_filter=False)
+    if list(frame.columns) == MANIFEST_COLUMNS + [SIGNATURE_COLUMN]:  # a shard list
+        frame = frame.drop(columns=SIGNATURE_COLUMN)
     if list(frame.columns) != MANIFEST_COLUMNS:
         raise BadInputError(f"{path}: columns {list(frame.columns)}, expected {MANIFEST_COLUMNS}")
     # Ids become file names in every later stage: a crafted row must not reach a writer.
@@ -366,6 +371,11 @@ def previous_shards(shards_dir: Path, images_per_shard: int) -> dict[str, int]:
     return dict(zip(frame["image_id"], frame["shard"].astype(int), strict=True))
 
 
+def file_signature(path: str) -> str:
+    stat = Path(path).stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
 def write_shard_lists(shards_dir: Path, manifest: pd.DataFrame, images_per_shard: int) -> int:
     """``shards_dir/shard-NNNNN.csv`` (the manifest's rows of one shard) for every shard, each
     written only when its bytes change, so the jobs of untouched shards do not rerun; lists of
@@ -377,7 +387,7 @@ def write_shard_lists(shards_dir: Path, manifest: pd.DataFrame, images_per_shard
     for shard, rows in manifest.groupby("shard", sort=True):
         path = shard_list_path(shards_dir, int(shard))
         wanted.add(path.name)
-        text = rows.to_csv(index=False)
+        text = rows.assign(**{SIGNATURE_COLUMN: [file_signature(p) for p in rows["image_path"]]}).to_csv(index=False)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             write_text(path, text)
             changed += 1

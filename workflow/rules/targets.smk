@@ -1,7 +1,9 @@
 # Stage targets: `snakemake --cores all <target>` builds one stage and everything it needs, and
 # nothing after it, also from an empty results folder. Their inputs are functions that read the
 # dataset_index checkpoint, so Snakemake runs the index first and then plans the shard jobs
-# (`--until <rule>` cannot do that: it sees no shard job before the index exists).
+# (`--until <rule>` cannot do that: it sees no shard job before the index exists). Each also
+# takes the manifest, so that an index out of date (new or changed images) is redone first and
+# the shard jobs are planned on the new one.
 
 
 rule index:
@@ -12,12 +14,14 @@ rule index:
 
 rule features:
     input:
+        results("dataset/manifest.csv"),
         lambda w: sharded("features"),
     localrule: True
 
 
 rule segments:
     input:
+        results("dataset/manifest.csv"),
         lambda w: sharded("spectral") + sharded("segment_features"),
     localrule: True
 
@@ -30,23 +34,27 @@ rule train:
 
 rule masks:
     input:
+        results("dataset/manifest.csv"),
         lambda w: sharded("pc2m/probs") + sharded_dirs(MASK_STAGES["pc2m"]),
     localrule: True
 
 
 rule crf:
     input:
+        results("dataset/manifest.csv"),
         lambda w: sharded_dirs(MASK_STAGES["crf"]),
     localrule: True
 
 
 rule deeplab:
     input:
+        results("dataset/manifest.csv"),
         lambda w: all_mask_dirs("deeplab"),
     localrule: True
 
 
 rule evaluate:
     input:
+        results("dataset/manifest.csv"),
         lambda w: eval_targets(),
     localrule: True
