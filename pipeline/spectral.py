@@ -1,9 +1,10 @@
 """Spectral Laplacian decomposition of one image's patch graph (paper 000 Sec. 3.3, eq. 10).
 
-Dense and batched: images of the same patch grid are stacked and solved together — one
-``torch.linalg.eigh`` call on the GPU, LAPACK's partial dense solver per matrix on the CPU —
-instead of one sparse shift-invert ``eigsh`` per image as Deep Spectral Methods does (slower, and
-it sometimes returns a wrong subspace on these singular Laplacians).
+Batched: images of the same patch grid are stacked and solved together — LAPACK's partial dense
+solver per matrix on the CPU, a batched float64 filtered subspace iteration (matrix products on
+the whole stack, only the K pairs needed) on a GPU — instead of one sparse shift-invert ``eigsh``
+per image as Deep Spectral Methods does (slower, and it sometimes returns a wrong subspace on
+these singular Laplacians).
 """
 
 from __future__ import annotations
