@@ -155,14 +155,28 @@ def test_identical_bytes_across_runs_and_worker_counts(manifest, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_header_is_canonical_whatever_the_metadata_order():
-    from safetensors.torch import save
+def test_shard_file_is_canonical_safetensors_whatever_the_metadata_order(tmp_path):
+    from safetensors.torch import load_file
 
-    tensors = {"x/keys": torch.ones(2, 3, dtype=torch.float16)}
+    tensors = {"x/keys": torch.arange(6, dtype=torch.float16).view(2, 3), "x/grid": torch.tensor([1, 2], dtype=torch.int32),
+               "a/flag": torch.tensor(True), "y/geometry": torch.rand(5, dtype=torch.float64)}
     meta = {f"k{i}": str(i) for i in range(20)}
-    blobs = {shards.canonical_safetensors(save(tensors, dict(items)))
-             for items in (sorted(meta.items()), sorted(meta.items(), reverse=True))}
-    assert len(blobs) == 1
+    paths = [tmp_path / "1.safetensors", tmp_path / "2.safetensors"]
+    for path, items in zip(paths, (sorted(meta.items()), sorted(meta.items(), reverse=True))):
+        shards.write_shard(path, tensors, dict(items))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    loaded = load_file(paths[0])  # safetensors' own reader takes the file
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert shards.read_meta(paths[0]) == meta
+
+
+def test_shard_writer_takes_batch_views_without_sharing_storage(tmp_path):
+    batch = torch.randn(3, 4, 5)
+    path = tmp_path / "views.safetensors"
+    shards.write_shard(path, {f"{i}/keys": batch[i] for i in range(3)} | {"t/keys": batch[:, 1].T}, {})
+    loaded = shards.read_images(path)
+    assert all(torch.equal(loaded[str(i)]["keys"], batch[i]) for i in range(3))
+    assert torch.equal(loaded["t"]["keys"], batch[:, 1].T)
 
 
 def test_keep_list_is_respected(manifest, tmp_path):
@@ -177,11 +191,11 @@ def test_keep_list_is_respected(manifest, tmp_path):
 
 
 def test_failed_write_leaves_no_shard(manifest, tmp_path, monkeypatch):
-    def write_half_then_die(path: Path, blob: bytes) -> None:
-        path.write_bytes(blob[: len(blob) // 2])
+    def write_half_then_die(path: Path, parts) -> None:
+        path.write_bytes(bytes(parts[0])[: len(parts[0]) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, "_write_blob", write_half_then_die)
+    monkeypatch.setattr(shards, "_write_parts", write_half_then_die)
     out = tmp_path / "features" / "shard-00000.safetensors"
     with pytest.raises(KeyboardInterrupt):
         extract_shard(manifest, 0, out, params(), threads=1)
