@@ -51,6 +51,7 @@ from pipeline.backbone import (
     num_prefix_tokens,
     patch_size,
 )
+from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb_resized
 
@@ -115,33 +116,6 @@ class FeatureSettings:
         """Whether JPEGs are decoded in batches on ``device`` (nvjpeg on a GPU) rather than by
         Pillow in the workers: ``auto`` does so on CUDA only, where Pillow was the limit."""
         return self.decode == "device" or (self.decode == "auto" and device.type == "cuda")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is a GPU that no other process has claimed (:mod:`pipeline.devices`) when CUDA is
-    available, else the CPU; an explicit CUDA request must be met."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        from pipeline.devices import process_gpu
-
-        index = process_gpu(torch.cuda.device_count())
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"features.device: {name!r} is not auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"features.device: {name!r} requested but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"features.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    elif device.type != "cpu":
-        raise ConfigError(f"features.device: {name!r} is not auto, cpu, cuda or cuda:N")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------
