@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-images", type=int, default=24, help="demo images at 384x288 (0: skip)")
     parser.add_argument("--voc-images", type=int, default=64, help="synthetic 23x31 grids (0: skip)")
     parser.add_argument("--dim", type=int, default=384, help="key dimension of the synthetic grids")
+    parser.add_argument("--voc-grid", default="23x31", help="patch grid HxW of the synthetic set (28x28: 784 patches)")
     parser.add_argument("-K", "--k", type=int, default=20, help="eigenpairs per image")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (ours and eigh; eigsh is CPU)")
@@ -151,10 +152,10 @@ def synthetic_keys(rng: np.random.Generator, grid: tuple[int, int], dim: int) ->
     return (protos[labels.reshape(-1)] + noise + smooth.reshape(gh * gw, dim)).astype(np.float32)
 
 
-def voc_affinities(count: int, dim: int, seed: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def voc_affinities(count: int, dim: int, seed: int, grid: tuple[int, int] = VOC_GRID) -> tuple[torch.Tensor, tuple[int, int]]:
     rng = np.random.default_rng(seed)
-    keys = np.stack([synthetic_keys(rng, VOC_GRID, dim) for _ in range(count)])
-    return key_affinity(torch.from_numpy(keys)), VOC_GRID
+    keys = np.stack([synthetic_keys(rng, grid, dim) for _ in range(count)])
+    return key_affinity(torch.from_numpy(keys)), grid
 
 
 # ---------------------------------------------------------------------------------------- solvers
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             w, grid = demo_affinities(args.demo_images, args.seed)
             results.append(evaluate_set("demo (colour keys, 384×288)", w, grid, args, device))
         if args.voc_images > 0:
-            w, grid = voc_affinities(args.voc_images, args.dim, args.seed)
+            grid = tuple(int(v) for v in args.voc_grid.lower().split("x"))
+            w, grid = voc_affinities(args.voc_images, args.dim, args.seed, grid)
             results.append(evaluate_set(f"VOC-size synthetic (dim {args.dim})", w, grid, args, device))
     text = report(results, args, device, load_before, os.getloadavg(), time.perf_counter() - begin)
     print(text)

@@ -36,36 +36,46 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES: dict[str, tuple[str, str, str]] = {
     "features (ViT-S/16, 224 px)": (
         "pipeline.features",
-        "from pipeline.backbone import build_backbone, extract_features\n"
-        "torch.manual_seed(0)\n"
-        "model = build_backbone('vit_small_patch16_224.dino', 'random').to(device).eval()\n"
-        "images = torch.randn(batch, 3, 224, 224, device=device)",
-        "with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):\n"
-        "    out = extract_features(model, images, keys=True, cls=True)\n"
-        "out.keys.float().cpu()",
+        (
+            "from pipeline.backbone import build_backbone, extract_features\n"
+            "torch.manual_seed(0)\n"
+            "model = build_backbone('vit_small_patch16_224.dino', 'random').to(device).eval()\n"
+            "images = torch.randn(batch, 3, 224, 224, device=device)"
+        ),
+        (
+            "with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):\n"
+            "    out = extract_features(model, images, keys=True, cls=True)\n"
+            "out.keys.float().cpu()"
+        ),
     ),
     "spectral (713 patches, K = 20)": (
         "pipeline.segments",
-        "from pipeline.spectral import key_affinity, smallest_eigenpairs\n"
-        "torch.manual_seed(0)\n"
-        "w = key_affinity(torch.randn(batch, 713, 384)).to(device)",
+        (
+            "from pipeline.spectral import key_affinity, smallest_eigenpairs\n"
+            "torch.manual_seed(0)\n"
+            "w = key_affinity(torch.randn(batch, 713, 384)).to(device)"
+        ),
         "smallest_eigenpairs(w, 20)[0].cpu()",
     ),
     "train (PC2M, ViT-S/16, 224 px, forward + backward)": (
         "pipeline.pc2m.train",
-        "from pipeline.backbone import build_backbone\n"
-        "from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable\n"
-        "torch.manual_seed(0)\n"
-        "model = build_network(build_backbone('vit_small_patch16_224.dino', 'random'), Architecture('pc2m', 21, 0))\n"
-        "model.to(device).train()\n"
-        "optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=device.type == 'cuda' or None)\n"
-        "images = torch.randn(batch, 3, 224, 224, device=device)",
-        "with mixed_precision(device):\n"
-        "    loss = model(images).probs.float().mean()\n"
-        "optimizer.zero_grad(set_to_none=True)\n"
-        "loss.backward()\n"
-        "optimizer.step()\n"
-        "loss.item()",
+        (
+            "from pipeline.backbone import build_backbone\n"
+            "from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable\n"
+            "torch.manual_seed(0)\n"
+            "model = build_network(build_backbone('vit_small_patch16_224.dino', 'random'), Architecture('pc2m', 21, 0))\n"
+            "model.to(device).train()\n"
+            "optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=device.type == 'cuda' or None)\n"
+            "images = torch.randn(batch, 3, 224, 224, device=device)"
+        ),
+        (
+            "with mixed_precision(device):\n"
+            "    loss = model(images).probs.float().mean()\n"
+            "optimizer.zero_grad(set_to_none=True)\n"
+            "loss.backward()\n"
+            "optimizer.step()\n"
+            "loss.item()"
+        ),
     ),
 }
 
@@ -101,7 +111,8 @@ def measure(stage: str, args: argparse.Namespace) -> dict[str, float]:
     code = child_code(module, build, step, args.device, args.batch_size, args.batches, args.threads)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     began = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                            check=False)
     wall = time.perf_counter() - began
     if result.returncode != 0:
         raise SystemExit(f"{stage}: the child failed:\n{result.stderr[-3000:]}")
