@@ -9,8 +9,12 @@ these singular Laplacians).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 # Floor on a patch's degree: a patch whose keys are all zero has no affinity to anything; the floor
 # keeps D^{-1/2} finite and leaves such a patch as an isolated vertex (its own null eigenvector).
@@ -148,12 +152,22 @@ def _orthonormalise(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _small_eigh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a stack of small (b×b) symmetric matrices. torch solves a CUDA stack in one batched
+    call (cuSOLVER's Jacobi syevjBatched) only up to 32×32 and loops over the matrices above;
+    a 64×48×48 stack is a few milliseconds for LAPACK on the host, so larger ones go there."""
+    if h.device.type != "cuda" or h.shape[-1] <= 32:
+        return torch.linalg.eigh(h)
+    values, vectors = torch.linalg.eigh(h.cpu())
+    return values.to(h.device), vectors.to(h.device)
+
+
 def _rayleigh_ritz(m: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ritz pairs of M on span(x) (orthonormal columns), largest first: (θ B×b, vectors B×N×b,
     residual norms ||M v - θ v|| B×b)."""
     mx = m @ x
     h = x.transpose(-1, -2) @ mx
-    theta, y = torch.linalg.eigh((h + h.transpose(-1, -2)) / 2)
+    theta, y = _small_eigh((h + h.transpose(-1, -2)) / 2)
     theta, y = theta.flip(-1), y.flip(-1)
     vectors = x @ y
     residuals = (mx @ y - vectors * theta.unsqueeze(-2)).norm(dim=-2)
@@ -237,9 +251,10 @@ def _subspace_top(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
 
     Chebyshev-filtered subspace iteration (Zhou & Saad 2007) on a block of b = 2k + 8 vectors:
     the filter damps [lower bound of the spectrum, b-th Ritz value] and amplifies what lies
-    above, a Rayleigh-Ritz step after every filter of degree ≤ SUBSPACE_MAX_DEGREE. Everything is a batched
-    matrix product on the whole stack — no per-matrix solver loop — and only O(N²·b) work per
-    product instead of a full O(N³) decomposition. An image is done when each of its k Ritz
+    above, a Rayleigh-Ritz step after every filter (degree ≤ SUBSPACE_MAX_DEGREE), converged
+    leading pairs locked. Everything is a batched matrix product on the whole stack — no
+    per-matrix solver loop — and only O(N²·b) work per product instead of a full O(N³)
+    decomposition. An image is done when each of its k Ritz
     pairs has a residual ≤ SUBSPACE_RESIDUAL_TOL: then every Ritz value is within that of an
     eigenvalue, and (Davis-Kahan) the k vectors span, to sin ≤ ||R|| / δ, the eigenvectors whose
     eigenvalues lie within δ of the k found — the correctness criterion of bench/spectral.py.
@@ -273,6 +288,8 @@ def _subspace_top(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     theta, vectors = theta[:, :k], x[:, :, :k]
     unconverged = (residuals[:, :k] > SUBSPACE_RESIDUAL_TOL).any(-1).nonzero().flatten()
     if unconverged.numel():
+        log.info("spectral: %d of %d images not certified after %d rounds, solved densely in float64",
+                 unconverged.numel(), batch, SUBSPACE_MAX_ROUNDS)
         dense_theta, dense_vectors = _dense_top(m[unconverged], k)
         theta, vectors = theta.index_copy(0, unconverged, dense_theta), vectors.index_copy(0, unconverged, dense_vectors)
     return 1.0 - theta, vectors, inv_sqrt, int(unconverged.numel())
