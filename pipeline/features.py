@@ -216,8 +216,8 @@ def device_decodable(data: bytes, expected: tuple[int, int]) -> bool:
         return False
     try:
         with Image.open(io.BytesIO(data)) as im:
-            orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
-            return im.format == "JPEG" and im.mode in ("RGB", "L") and orientation == 1 and (im.height, im.width) == tuple(expected)
+            upright = im.getexif().get(0x0112, 1) == 1  # EXIF Orientation
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and upright and (im.height, im.width) == tuple(expected)
     except Exception:  # noqa: BLE001 - any header problem: let Pillow's full decode report it
         return False
 
@@ -434,8 +434,8 @@ def compute_features(
         if ready is not None:
             ready.synchronize()
         for row, index in enumerate(indices):
-            # clone(): a row of a batch is a view; each image's tensors get their own storage,
-            # so that writing the shard needs no second copy of them.
+            # clone(): from a GPU the batch comes back in page-locked memory, which the caching
+            # host allocator hands to the next batches; each image keeps a pageable copy.
             results[index] = {name: host[name][row].clone() for name in settings.keep}
         progress.update(len(indices))
 
