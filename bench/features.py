@@ -2,7 +2,9 @@
 
 (a) the whole stage: ``extract_shard`` on synthetic JPEGs (decode, resize, forward, write);
 (b) the backbone's bare forward on tensors already in memory (same batch size and size);
-(c) a naive loop: batch 1, PIL decode in the main process, forward, ``torch.save`` per image.
+(c) a naive loop: batch 1, PIL decode in the main process, forward, ``torch.save`` per image;
+(d) on a GPU (or with ``--decode device``), the whole stage again with Pillow decoding in the
+    workers (``features.decode: pil``): what decoding the JPEGs on the device buys.
 
 (a)/(b) says how much of the model's speed the stage keeps (decoding and writing overhead);
 (a)/(c) says what batching, worker decoding and one file per shard buy over the obvious loop.
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"], help="features.decode")
     parser.add_argument("--out", type=Path, help="append the table to this Markdown file")
     return parser.parse_args(argv)
 
@@ -75,7 +78,7 @@ def stage_params(args: argparse.Namespace) -> dict:
                      "model_kwargs": {}},
         "features": {"max_size": args.max_size, "fit": "crop", "keep": ["keys", "cls"],
                      "batch_size": args.batch_size, "num_workers": args.workers,
-                     "device": args.device},
+                     "device": args.device, "decode": args.decode},
         "seed": 0,
     }
 
@@ -89,6 +92,10 @@ def time_stage(args: argparse.Namespace, manifest: Path, folder: Path) -> float:
     start = time.perf_counter()
     extract_shard(manifest, 0, folder / "shard.safetensors", stage_params(args), threads=args.threads)
     return time.perf_counter() - start
+
+
+def device_decodes(args: argparse.Namespace, device: torch.device) -> bool:
+    return args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
 
 
 def time_bare_forward(model, device: torch.device, args: argparse.Namespace, final: tuple[int, int]) -> float:
@@ -152,8 +159,11 @@ def table(
         "stage": "(a) whole stage: extract_shard (decode, resize, forward, write)",
         "forward": "(b) bare forward on in-memory tensors",
         "naive": "(c) naive loop: batch 1, PIL in main process, torch.save per image",
+        "stage_pil": "(d) whole stage with Pillow decoding in the workers (decode: pil)",
     }
-    for name, label in labels.items():
+    if "stage_pil" in seconds:
+        labels["stage"] = "(a) whole stage: extract_shard (JPEGs decoded on the device, resize, forward, write)"
+    for name, label in ((n, t) for n, t in labels.items() if n in seconds):
         lines.append(
             f"| {label} | {seconds[name]:.2f} | {rate[name]:.2f} | {rate['stage'] / rate[name]:.2f} |"
         )
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         manifest = write_jpegs(folder, args.images, width, height)
         seconds = {"stage": time_stage(args, manifest, folder)}
+        if device_decodes(args, device):
+            seconds["stage_pil"] = time_stage(argparse.Namespace(**{**vars(args), "decode": "pil"}), manifest, folder)
         torch.manual_seed(0)
         model = build_backbone(args.model, args.weights).to(device)
         final = image_geometry(height, width, args.max_size, patch_size(model), "crop").final

@@ -11,8 +11,11 @@ either side). Inputs:
           smooth random field and i.i.d. noise.
 
 Timed:
-  ours      — ``smallest_eigenpairs(W, K)`` per batch of ``--batch-size`` same-grid images
-              (Laplacian, solve, D^{-1/2} back-transform, normalisation, sign fix);
+  ours      — ``smallest_eigenpairs(W, K, solver=--solver)`` per batch of ``--batch-size``
+              same-grid images (Laplacian, solve, D^{-1/2} back-transform, normalisation, sign
+              fix); ``--solver subspace --device cpu`` runs the GPU algorithm on the CPU;
+  eigh      — on a GPU only: the solver it replaces, one batched float32 ``torch.linalg.eigh`` of
+              L_sym on the same device, then the same back-transform (``--no-eigh`` to skip);
   reference — per image, exactly like Deep Spectral Methods:
               ``eigsh(csr(D - W), k=K, sigma=0, which="LM", M=diags(D))`` (float64 by default,
               ``--ref-dtype float32`` for DSM's dtype), sorted ascending, columns normalised,
@@ -44,6 +47,7 @@ where the reference did not fail. The untimed checks run with one BLAS/OpenMP th
     python bench/spectral.py                                  # defaults: CPU, 2 threads, K=20
     python bench/spectral.py --threads 1 --voc-images 32
     python bench/spectral.py --device cuda --out /tmp/spectral.md
+    python bench/spectral.py --solver subspace                # the GPU algorithm, on the CPU
 """
 
 from __future__ import annotations
@@ -74,10 +78,12 @@ from machine import cpu_model  # noqa: E402
 from pipeline.datasets.demo import generate_demo  # noqa: E402
 from pipeline.imageio import load_rgb  # noqa: E402
 from pipeline.spectral import (  # noqa: E402
-    colour_patch_features,
     MIN_DEGREE,
+    SOLVERS,
+    colour_patch_features,
     fix_signs,
     key_affinity,
+    normalized_laplacian,
     segment_patches,
     smallest_eigenpairs,
 )
@@ -92,9 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-images", type=int, default=24, help="demo images at 384x288 (0: skip)")
     parser.add_argument("--voc-images", type=int, default=64, help="synthetic 23x31 grids (0: skip)")
     parser.add_argument("--dim", type=int, default=384, help="key dimension of the synthetic grids")
+    parser.add_argument("--voc-grid", default="23x31", help="patch grid HxW of the synthetic set (28x28: 784 patches)")
     parser.add_argument("-K", "--k", type=int, default=20, help="eigenpairs per image")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (ours only; eigsh is CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (ours and eigh; eigsh is CPU)")
+    parser.add_argument("--solver", default="auto", choices=SOLVERS, help="smallest_eigenpairs' solver")
+    parser.add_argument("--no-eigh", action="store_true", help="on a GPU, skip the float32 eigh baseline")
     parser.add_argument("--threads", type=int, default=2, help="torch and BLAS/LAPACK threads")
     parser.add_argument("--ref-dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--eig-tol", type=float, default=1e-4)
@@ -143,10 +152,10 @@ def synthetic_keys(rng: np.random.Generator, grid: tuple[int, int], dim: int) ->
     return (protos[labels.reshape(-1)] + noise + smooth.reshape(gh * gw, dim)).astype(np.float32)
 
 
-def voc_affinities(count: int, dim: int, seed: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def voc_affinities(count: int, dim: int, seed: int, grid: tuple[int, int] = VOC_GRID) -> tuple[torch.Tensor, tuple[int, int]]:
     rng = np.random.default_rng(seed)
-    keys = np.stack([synthetic_keys(rng, VOC_GRID, dim) for _ in range(count)])
-    return key_affinity(torch.from_numpy(keys)), VOC_GRID
+    keys = np.stack([synthetic_keys(rng, grid, dim) for _ in range(count)])
+    return key_affinity(torch.from_numpy(keys)), grid
 
 
 # ---------------------------------------------------------------------------------------- solvers
@@ -156,13 +165,21 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ours(batch: torch.Tensor, k: int, device: torch.device):
-    """(values, vectors on the CPU, seconds) of one ``smallest_eigenpairs`` call on a batch;
-    the host-to-device copy is outside the timed span, the result's copy back inside it."""
+def eigh_float32(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPU solver before the subspace one: batched float32 ``torch.linalg.eigh`` of L_sym."""
+    lap, inv_sqrt = normalized_laplacian(w.float())
+    values, vectors = torch.linalg.eigh(lap)
+    vectors = torch.nn.functional.normalize(inv_sqrt.unsqueeze(-1) * vectors[..., :k], dim=-2)
+    return values[..., :k].clamp_min(0.0), fix_signs(vectors)
+
+
+def time_solver(solve, batch: torch.Tensor, k: int, device: torch.device):
+    """(values, vectors on the CPU, seconds) of one ``solve(batch, k)`` call; the host-to-device
+    copy is outside the timed span, the result's copy back inside it."""
     batch = batch.to(device)
     synchronise(device)
     begin = time.perf_counter()
-    values, vectors = smallest_eigenpairs(batch, k)
+    values, vectors = solve(batch, k)
     values, vectors = values.cpu(), vectors.cpu()
     return values, vectors, time.perf_counter() - begin
 
@@ -192,26 +209,37 @@ def time_reference(w: np.ndarray, k: int):
     return out, time.perf_counter() - begin
 
 
-def solve_both(w: torch.Tensor, args: argparse.Namespace, device: torch.device):
-    """Both solvers over all images, interleaved batch by batch so that both see the same load
+@dataclass
+class Solved:
+    """One batched solver's results over a set: values, vectors (CPU) and the timed seconds."""
+    values: torch.Tensor
+    vectors: torch.Tensor
+    seconds: float
+
+
+def solve_all(w: torch.Tensor, args: argparse.Namespace, device: torch.device, solvers: dict):
+    """All solvers over all images, interleaved batch by batch so that they see the same load
     from other jobs on a shared machine. One untimed warm-up of each first (imports, LAPACK
-    workspace, CUDA context). Returns (ours values, ours vectors, ours s, reference results,
-    reference s)."""
+    workspace, CUDA context). Returns ({name: Solved} for the batched ``solvers``, reference
+    results, reference s)."""
     k, size = args.k, args.batch_size
     matrices = w.numpy().astype(args.ref_dtype)
-    time_ours(w[:size], k, device)
+    for solve in solvers.values():
+        time_solver(solve, w[:size], k, device)
     time_reference(matrices[0], k)
-    values, vectors, ours_s, ref_results, ref_s = [], [], 0.0, [], 0.0
+    parts = {name: ([], [], 0.0) for name in solvers}
+    ref_results, ref_s = [], 0.0
     for start in range(0, w.shape[0], size):
-        v, u, seconds = time_ours(w[start:start + size], k, device)
-        values.append(v)
-        vectors.append(u)
-        ours_s += seconds
+        for name, solve in solvers.items():
+            v, u, seconds = time_solver(solve, w[start:start + size], k, device)
+            values, vectors, total = parts[name]
+            parts[name] = (values + [v], vectors + [u], total + seconds)
         for matrix in matrices[start:start + size]:
             result, seconds = time_reference(matrix, k)
             ref_results.append(result)
             ref_s += seconds
-    return torch.cat(values), torch.cat(vectors), ours_s, ref_results, ref_s
+    solved = {name: Solved(torch.cat(v), torch.cat(u), s) for name, (v, u, s) in parts.items()}
+    return solved, ref_results, ref_s
 
 
 # ---------------------------------------------------------------------------------------- truth
@@ -271,6 +299,7 @@ class SetResult:
     aris: list[float] = field(default_factory=list)
     identical: list[bool] = field(default_factory=list)
     n_segments: list[int] = field(default_factory=list)  # ours, incl. background, compared images
+    baselines: dict[str, tuple[float, list[Check]]] = field(default_factory=dict)  # name: (s, checks)
 
 
 def segments(values, vectors, grid) -> np.ndarray:
@@ -279,11 +308,24 @@ def segments(values, vectors, grid) -> np.ndarray:
     return seg.numpy().reshape(-1)
 
 
+def batched_solvers(args: argparse.Namespace, device: torch.device) -> dict:
+    """ours, and on a GPU the float32 eigh it replaced (unless --no-eigh)."""
+    solvers = {"ours": lambda w, k: smallest_eigenpairs(w, k, solver=args.solver)}
+    if device.type != "cpu" and not args.no_eigh:
+        solvers["torch.linalg.eigh float32"] = eigh_float32
+    return solvers
+
+
 def evaluate_set(name: str, w: torch.Tensor, grid, args: argparse.Namespace, device) -> SetResult:
-    ours_values, ours_vectors, ours_s, ref_results, ref_s = solve_both(w, args, device)
-    result = SetResult(name, w.shape[0], grid, ours_s, ref_s)
+    solved, ref_results, ref_s = solve_all(w, args, device, batched_solvers(args, device))
+    ours = solved.pop("ours")
+    result = SetResult(name, w.shape[0], grid, ours.seconds, ref_s)
     with threadpool_limits(limits=1):  # untimed checks: one thread whatever --threads says
-        verify(result, w, grid, ours_values, ours_vectors, ref_results, args)
+        verify(result, w, grid, ours.values, ours.vectors, ref_results, args)
+        for other, out in solved.items():
+            checks = [check(out.values[i].numpy(), out.vectors[i].numpy(), ground_truth(w[i].numpy()), args)
+                      for i in range(w.shape[0])]
+            result.baselines[other] = (out.seconds, checks)
     return result
 
 
@@ -332,9 +374,17 @@ def detail_row(r: SetResult, who: str, checks: list[Check]) -> str:
             f"| {min(ms)}–{max(ms)} (mean {np.mean(ms):.1f}) | {sum(c.wrong for c in checks)} |")
 
 
+def baseline_rows(r: SetResult) -> list[str]:
+    """ours and the other batched solvers on the device: time and wrong count side by side."""
+    rows = [("ours", r.ours_s, r.ours_checks)] + [(name, s, c) for name, (s, c) in r.baselines.items()]
+    return [f"| {r.name} | {name} | {1000 * s / r.images:.2f} | {r.images / s:.0f} | {r.ours_s and s / r.ours_s:.2f}× "
+            f"| {sum(c.wrong for c in checks)} |" for name, s, checks in rows]
+
+
 def report(results: list[SetResult], args, device, load_before, load_after, wall: float) -> str:
     lines = [
-        f"Spectral solver: ours (`smallest_eigenpairs`, batch {args.batch_size}, device {device}) vs "
+        f"Spectral solver: ours (`smallest_eigenpairs`, solver {args.solver}, batch {args.batch_size}, "
+        f"device {device}) vs "
         f"Deep Spectral Methods' per-image `eigsh(D - W, k={args.k}, sigma=0, which='LM', M=D)` "
         f"({args.ref_dtype}, CPU), same float32 W = `key_affinity(keys)`; affinity construction not "
         f"timed on either side. {args.threads} torch/BLAS thread(s).",
@@ -348,6 +398,10 @@ def report(results: list[SetResult], args, device, load_before, load_after, wall
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [summary_row(r) for r in results]
+    if any(r.baselines for r in results):
+        lines += ["", f"Batched solvers on {device} (same batches, same run):", "",
+                  "| input set | solver | ms/image | images/s | time / ours | wrong |", "|---|---|---:|---:|---:|---:|"]
+        lines += [row for r in results for row in baseline_rows(r)]
     lines += [
         "",
         f"Wrong = vs dense float64 `eigh(L_sym)`, in L_sym's space (u = D^1/2 v): an eigenvalue off "
@@ -364,6 +418,7 @@ def report(results: list[SetResult], args, device, load_before, load_after, wall
     for r in results:
         lines.append(detail_row(r, "ours", r.ours_checks))
         lines.append(detail_row(r, "reference", r.ref_checks))
+        lines += [detail_row(r, name, checks) for name, (_, checks) in r.baselines.items()]
     failures = [f"{r.name}: {e}" for r in results for e in r.ref_failures]
     if failures:
         lines += ["", "Reference failures:"] + [f"- {text}" for text in sorted(set(failures))[:10]]
@@ -382,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             w, grid = demo_affinities(args.demo_images, args.seed)
             results.append(evaluate_set("demo (colour keys, 384×288)", w, grid, args, device))
         if args.voc_images > 0:
-            w, grid = voc_affinities(args.voc_images, args.dim, args.seed)
+            grid = tuple(int(v) for v in args.voc_grid.lower().split("x"))
+            w, grid = voc_affinities(args.voc_images, args.dim, args.seed, grid)
             results.append(evaluate_set(f"VOC-size synthetic (dim {args.dim})", w, grid, args, device))
     text = report(results, args, device, load_before, os.getloadavg(), time.perf_counter() - begin)
     print(text)

@@ -10,6 +10,10 @@ the first.
     python bench/train.py                                   # ViT-S/16 and ViT-B/16 at 384, CPU
     python bench/train.py --method vitpcm --batch-size 16   # ViT-PCM: 4 mosaics per step
     python bench/train.py --device cuda --batch-size 32 --iterations 20
+
+On CUDA each model runs twice in the same process: with the training stage's GPU settings
+(pinned DataLoader memory, fused Adam) and as the reference, the bench before them (pageable
+copies, for-each Adam); the ratio column compares the two. On the CPU both are the same code.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ class Timer:
         self.totals[key] = self.totals.get(key, 0.0) + seconds
 
 
-def bench_model(name: str, args: argparse.Namespace, device: torch.device, images: list[LabelledImage]) -> dict:
+def bench_model(name: str, args: argparse.Namespace, device: torch.device, images: list[LabelledImage],
+                stage_settings: bool = True) -> dict:
     torch.manual_seed(0)
     backbone = build_backbone(name, "random")
     patch = patch_size(backbone)
@@ -95,10 +100,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         dataset = TwoViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
         step_losses = pc2m_losses(model, (args.local_size // patch,) * 2, timer, device)
     model.to(device).train()
-    optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4)
+    fast = stage_settings and device.type == "cuda"  # as pipeline/pc2m/train.py
+    optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
     steps = args.iterations + 1
     batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(steps)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=fast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     iterator = iter(loader)
@@ -120,7 +126,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     images_done = args.iterations * args.batch_size
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"model": name, "images/s": images_done / total, **{k: v / args.iterations for k, v in timer.totals.items()},
+    label = name if device.type != "cuda" else f"{name} ({'stage settings' if fast else 'reference'})"
+    return {"model": label, "images/s": images_done / total, **{k: v / args.iterations for k, v in timer.totals.items()},
             "peak MiB": peak}
 
 
@@ -185,7 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         images = synthetic_images(Path(folder), args.batch_size * (args.iterations + 1))
-        rows = [bench_model(MODELS.get(m, m), args, device, images) for m in args.models]
+        rows = []
+        for model in args.models:
+            rows.append(bench_model(MODELS.get(model, model), args, device, images))
+            rows[-1]["vs reference"] = 1.0
+            if device.type == "cuda":
+                rows.append(bench_model(MODELS.get(model, model), args, device, images, stage_settings=False))
+                rows[-2]["vs reference"] = rows[-2]["images/s"] / rows[-1]["images/s"]
+                rows[-1]["vs reference"] = 1.0
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process (cumulative)"
     if args.method == "vitpcm":
         what, keys = f"ViT-PCM, main view {args.global_size}", ["data", "forward", "backward+step"]
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                          "loss+backward+step"]
     print(f"# {what} training step, {device} ({platform.processor() or platform.machine()}, {args.threads} threads), "
           f"batch {args.batch_size}, {args.iterations} timed steps; seconds per step; peak memory: {memory}\n")
-    keys = ["model", "images/s", *keys, "peak MiB"]
+    keys = ["model", "images/s", "vs reference", *keys, "peak MiB"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:

@@ -16,7 +16,7 @@ those entries (physical ids or UUIDs), so ids are only ever picked inside the vi
 jobs sharing a node agree on what a lock means. Lock names also carry the host name, so a lock
 folder on a shared file system stays per node.
 
-Nothing here imports torch: ``python -m pipeline.devices launch`` starts in milliseconds.
+Nothing here imports torch at import time: ``python -m pipeline.devices launch`` starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,39 @@ def process_gpu(count: int) -> int:
         log.info("using cuda:%d (GPU %s%s)", _PROCESS_CLAIM.index, _PROCESS_CLAIM.name,
                  "" if _PROCESS_CLAIM.exclusive else ", shared")
     return _PROCESS_CLAIM.index
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is a GPU that no other process has claimed (see the module's docstring) when CUDA
+    is available, else the CPU; an explicit CUDA request must be met.
+
+    Here rather than next to the feature stage so that stages without a model (spectral) can
+    resolve their device without importing timm (seconds of every such job's start-up,
+    bench/startup.py); torch is imported only when called."""
+    import torch
+
+    from pipeline.errors import ConfigError
+
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        index = process_gpu(torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"features.device: {name!r} is not auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"features.device: {name!r} requested but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"features.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"features.device: {name!r} is not auto, cpu, cuda or cuda:N")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------

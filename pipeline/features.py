@@ -24,10 +24,12 @@ manifest order. Files are byte-identical for identical inputs on the same machin
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -49,6 +51,7 @@ from pipeline.backbone import (
     num_prefix_tokens,
     patch_size,
 )
+from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb_resized
 
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = "pc2m-features/1"
 KEEP_CHOICES = ("keys", "cls", "tokens")
 FIT_CHOICES = ("crop", "pad")
+DECODE_CHOICES = ("auto", "pil", "device")
 GEOMETRY_FIELDS = ("scale", "resized_h", "resized_w", "final_h", "final_w")
 
 # One resampling filter everywhere: Pillow's bicubic filter widens with the reduction factor,
@@ -76,6 +80,7 @@ class FeatureSettings:
     batch_size: int
     num_workers: int
     device: str
+    decode: str
 
     @classmethod
     def from_params(cls, features: dict) -> FeatureSettings:
@@ -89,6 +94,8 @@ class FeatureSettings:
             )
         if len(set(keep)) != len(keep):
             raise ConfigError(f"features.keep: {list(keep)} lists an entry twice")
+        if features["decode"] not in DECODE_CHOICES:
+            raise ConfigError(f"features.decode: {features['decode']!r} is not one of {', '.join(DECODE_CHOICES)}")
         if features["fit"] not in FIT_CHOICES:
             raise ConfigError(f"features.fit: {features['fit']!r} is not one of {', '.join(FIT_CHOICES)}")
         for key, minimum in (("max_size", 1), ("batch_size", 1), ("num_workers", 0)):
@@ -102,34 +109,13 @@ class FeatureSettings:
             batch_size=features["batch_size"],
             num_workers=features["num_workers"],
             device=str(features["device"]),
+            decode=features["decode"],
         )
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is a GPU that no other process has claimed (:mod:`pipeline.devices`) when CUDA is
-    available, else the CPU; an explicit CUDA request must be met."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        from pipeline.devices import process_gpu
-
-        index = process_gpu(torch.cuda.device_count())
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"features.device: {name!r} is not auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"features.device: {name!r} requested but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"features.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    elif device.type != "cpu":
-        raise ConfigError(f"features.device: {name!r} is not auto, cpu, cuda or cuda:N")
-    return device
+    def device_decode(self, device: torch.device) -> bool:
+        """Whether JPEGs are decoded in batches on ``device`` (nvjpeg on a GPU) rather than by
+        Pillow in the workers: ``auto`` does so on CUDA only, where Pillow was the limit."""
+        return self.decode == "device" or (self.decode == "auto" and device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +188,44 @@ def prepare_image(
 
 @dataclass
 class Sample:
+    """One image from a worker: prepared on the CPU (``image``), or its JPEG bytes (``data``) for
+    the batched device decoder, or the error that stops the stage."""
+
     index: int
     image: torch.Tensor | None
     error: str | None
+    data: torch.Tensor | None = None
+
+    def pin_memory(self) -> Sample:
+        """Called by the DataLoader's pin-memory thread: page-locked tensors copy to the GPU
+        asynchronously."""
+        return Sample(self.index, _pinned(self.image), self.error, _pinned(self.data))
+
+
+def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.pin_memory()
+
+
+def device_decodable(data: bytes, expected: tuple[int, int]) -> bool:
+    """Whether the batched device decoder may take these bytes: a complete (end-of-image marker
+    present), upright (EXIF orientation 1: the GPU decoder ignores EXIF) RGB or greyscale JPEG of
+    the manifest's size. Everything else — PNGs, CMYK, truncated or corrupt files, rotated
+    photos — goes through Pillow, whose errors and conversions are the stage's reference.
+    Reads the header only."""
+    if not (data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\0").endswith(b"\xff\xd9")):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            upright = im.getexif().get(0x0112, 1) == 1  # EXIF Orientation
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and upright and (im.height, im.width) == tuple(expected)
+    except Exception:  # noqa: BLE001 - any header problem: let Pillow's full decode report it
+        return False
 
 
 class ShardImages(Dataset):
-    """Decoded, resized, normalised images. A decode failure travels as ``Sample.error`` so the
-    main process can raise it with its original message (DataLoader workers would wrap it)."""
+    """Decoded, resized, normalised images (or, with ``device_decode``, the raw bytes of the JPEGs
+    the device decodes). A decode failure travels as ``Sample.error`` so the main process can
+    raise it with its original message (DataLoader workers would wrap it)."""
 
     def __init__(
         self,
@@ -218,17 +234,30 @@ class ShardImages(Dataset):
         geometries: Sequence[Geometry],
         mean: Sequence[float],
         std: Sequence[float],
+        device_decode: bool = False,
     ) -> None:
         self.paths = list(paths)
         self.sizes = list(sizes)
         self.geometries = list(geometries)
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.device_decode = device_decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
+        if self.device_decode:
+            try:
+                data = Path(self.paths[index]).read_bytes()
+            except OSError:
+                data = b""  # Pillow's path below reports it by name
+            if device_decodable(data, self.sizes[index]):
+                return Sample(index, None, None, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return self.prepared(index)
+
+    def prepared(self, index: int) -> Sample:
+        """The image decoded by Pillow and prepared on the CPU."""
         path = self.paths[index]
         try:
             # Resized while still a Pillow image: a huge file is never held as three copies.
@@ -246,11 +275,68 @@ class ShardImages(Dataset):
         return Sample(index, prepare_image(rgb, self.geometries[index], self.mean, self.std), None)
 
 
-def collate_samples(samples: list[Sample]) -> tuple[list[int], torch.Tensor | None, str | None]:
-    errors = [s.error for s in samples if s.error is not None]
-    if errors:
-        return [s.index for s in samples], None, errors[0]
-    return [s.index for s in samples], torch.stack([s.image for s in samples]), None
+def collate_samples(samples: list[Sample]) -> list[Sample]:
+    """The batch stays a list: its images may still be JPEG bytes, and a failed one carries its
+    error (raised by :func:`batch_images` in the main process)."""
+    return samples
+
+
+def prepare_decoded(
+    image: torch.Tensor, geometry: Geometry, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """:func:`prepare_image` on a decoded uint8 3 x H x W tensor, on its device: antialiased
+    bicubic resize (torch's ``antialias=True`` bicubic is Pillow's filter), rounded and clipped to
+    uint8 levels as Pillow's resize of a uint8 image is, then the same normalisation and
+    bottom/right crop or pad."""
+    rh, rw = geometry.resized
+    pixels = image.float()
+    if pixels.shape[-2:] != (rh, rw):
+        pixels = torch.nn.functional.interpolate(
+            pixels[None], size=(rh, rw), mode="bicubic", antialias=True, align_corners=False
+        )[0].round_().clamp_(0, 255)
+    mean_t = torch.tensor(mean, device=image.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=image.device).view(3, 1, 1)
+    pixels = (pixels / 255.0 - mean_t) / std_t
+    fh, fw = geometry.final
+    out = torch.zeros(3, fh, fw, dtype=torch.float32, device=image.device)
+    h, w = min(rh, fh), min(rw, fw)
+    out[:, :h, :w] = pixels[:, :h, :w]
+    return out
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """RGB uint8 3 x H x W tensors on ``device`` from JPEG bytes, in one batched call (nvjpeg on a
+    GPU, libjpeg on the CPU)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec's; they remain its nvjpeg path.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def batch_images(samples: list[Sample], dataset: ShardImages, device: torch.device) -> torch.Tensor:
+    """The batch as one normalised tensor on ``device``: CPU-prepared images copied there, JPEG
+    bytes decoded there in one call. If the device decoder refuses the batch, its images take
+    Pillow's path (whose error, for a really bad file, is the one raised)."""
+    for sample in samples:
+        if sample.error is not None:
+            raise BadInputError(sample.error)
+    raw = [s for s in samples if s.data is not None]
+    decoded: dict[int, torch.Tensor] = {}
+    if raw:
+        try:
+            images = decode_jpegs([s.data for s in raw], device)
+        except RuntimeError as exc:
+            log.warning("device JPEG decoder failed on a batch (%s): decoding it with Pillow", exc)
+            return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
+        for sample, image in zip(raw, images):
+            if tuple(image.shape[-2:]) != dataset.sizes[sample.index]:
+                return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
+            decoded[sample.index] = prepare_decoded(image, dataset.geometries[sample.index], dataset.mean, dataset.std)
+    return torch.stack([
+        decoded[s.index] if s.data is not None else s.image.to(device, non_blocking=True) for s in samples
+    ])
 
 
 def make_loader(
@@ -328,30 +414,49 @@ def compute_features(
     device: torch.device,
     desc: str = "features",
 ) -> list[dict[str, torch.Tensor]]:
-    """Per image (in ``rows`` order): the kept features as float16 CPU tensors."""
+    """Per image (in ``rows`` order): the kept features as float16 CPU tensors.
+
+    Overlap: workers read (and, on the CPU path, decode) the next batches while the main process
+    runs this one; a batch's features are copied back without waiting (pinned memory, an event)
+    and collected only after the next batch has been queued on the device.
+    """
     mean, std = normalisation(model)
     sizes = [(int(h), int(w)) for h, w in zip(rows["height"], rows["width"])]
-    dataset = ShardImages(list(rows["image_path"]), sizes, geometries, mean, std)
+    dataset = ShardImages(list(rows["image_path"]), sizes, geometries, mean, std,
+                          device_decode=settings.device_decode(device))
     batches = batches_by_size([g.final for g in geometries], settings.batch_size)
     loader = make_loader(dataset, batches, settings.num_workers, pin_memory=device.type == "cuda")
     results: list[dict[str, torch.Tensor] | None] = [None] * len(dataset)
     wants = {name: name in settings.keep for name in KEEP_CHOICES}
+    in_flight: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None
+
+    def collect(indices: list[int], host: dict[str, torch.Tensor], ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        for row, index in enumerate(indices):
+            # clone(): from a GPU the batch comes back in page-locked memory, which the caching
+            # host allocator hands to the next batches; each image keeps a pageable copy.
+            results[index] = {name: host[name][row].clone() for name in settings.keep}
+        progress.update(len(indices))
+
     # Unattended runs (cluster logs) get a line every 30 s instead of a redrawn bar.
     progress = tqdm(total=len(dataset), desc=desc, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
     with progress:
-        for indices, images, error in loader:
-            if error is not None:
-                raise BadInputError(error)
-            images = images.to(device, non_blocking=True)
+        for samples in loader:
+            images = batch_images(samples, dataset, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = extract_features(model, images, **wants)
-            for row, index in enumerate(indices):
-                # clone(): a row of a batch is a view, and safetensors refuses shared storage.
-                results[index] = {
-                    name: getattr(out, name)[row].to("cpu", torch.float16).clone()
-                    for name in settings.keep
-                }
-            progress.update(len(indices))
+            host = {name: getattr(out, name).to(torch.float16).to("cpu", non_blocking=True)
+                    for name in settings.keep}
+            ready = None
+            if device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+            if in_flight is not None:
+                collect(*in_flight)
+            in_flight = ([s.index for s in samples], host, ready)
+        if in_flight is not None:
+            collect(*in_flight)
     return results
 
 

@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import shards
+from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
-from pipeline.features import resolve_device
 from pipeline.patch_sizes import fit_to_patch
 from pipeline.spectral import colour_knn_affinity, key_affinity, segment_patches, smallest_eigenpairs
 

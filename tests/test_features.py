@@ -35,7 +35,7 @@ def params(**features) -> dict:
         "backbone": {"name": "vit_small_patch16_224.dino", "weights": "random",
                      "checkpoint_key": "teacher", "model_kwargs": TINY},
         "features": {"max_size": 64, "fit": "crop", "keep": ["keys", "cls"], "batch_size": 2,
-                     "num_workers": 0, "device": "cpu", **features},
+                     "num_workers": 0, "device": "cpu", "decode": "auto", **features},
         "seed": 0,
     }
 
@@ -155,14 +155,28 @@ def test_identical_bytes_across_runs_and_worker_counts(manifest, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_header_is_canonical_whatever_the_metadata_order():
-    from safetensors.torch import save
+def test_shard_file_is_canonical_safetensors_whatever_the_metadata_order(tmp_path):
+    from safetensors.torch import load_file
 
-    tensors = {"x/keys": torch.ones(2, 3, dtype=torch.float16)}
+    tensors = {"x/keys": torch.arange(6, dtype=torch.float16).view(2, 3), "x/grid": torch.tensor([1, 2], dtype=torch.int32),
+               "a/flag": torch.tensor(True), "y/geometry": torch.rand(5, dtype=torch.float64)}
     meta = {f"k{i}": str(i) for i in range(20)}
-    blobs = {shards.canonical_safetensors(save(tensors, dict(items)))
-             for items in (sorted(meta.items()), sorted(meta.items(), reverse=True))}
-    assert len(blobs) == 1
+    paths = [tmp_path / "1.safetensors", tmp_path / "2.safetensors"]
+    for path, items in zip(paths, (sorted(meta.items()), sorted(meta.items(), reverse=True))):
+        shards.write_shard(path, tensors, dict(items))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    loaded = load_file(paths[0])  # safetensors' own reader takes the file
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert shards.read_meta(paths[0]) == meta
+
+
+def test_shard_writer_takes_batch_views_without_sharing_storage(tmp_path):
+    batch = torch.randn(3, 4, 5)
+    path = tmp_path / "views.safetensors"
+    shards.write_shard(path, {f"{i}/keys": batch[i] for i in range(3)} | {"t/keys": batch[:, 1].T}, {})
+    loaded = shards.read_images(path)
+    assert all(torch.equal(loaded[str(i)]["keys"], batch[i]) for i in range(3))
+    assert torch.equal(loaded["t"]["keys"], batch[:, 1].T)
 
 
 def test_keep_list_is_respected(manifest, tmp_path):
@@ -177,11 +191,11 @@ def test_keep_list_is_respected(manifest, tmp_path):
 
 
 def test_failed_write_leaves_no_shard(manifest, tmp_path, monkeypatch):
-    def write_half_then_die(path: Path, blob: bytes) -> None:
-        path.write_bytes(blob[: len(blob) // 2])
+    def write_half_then_die(path: Path, parts) -> None:
+        path.write_bytes(bytes(parts[0])[: len(parts[0]) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, "_write_blob", write_half_then_die)
+    monkeypatch.setattr(shards, "_write_parts", write_half_then_die)
     out = tmp_path / "features" / "shard-00000.safetensors"
     with pytest.raises(KeyboardInterrupt):
         extract_shard(manifest, 0, out, params(), threads=1)
@@ -214,3 +228,104 @@ def test_cli_runs_the_stage_and_reports_bad_weights_in_one_line(manifest, tmp_pa
     bad["backbone"]["weights"] = str(tmp_path / "nope.pth")
     assert cli_main([*argv, "--params", json.dumps(bad)]) == 2
     assert "nope.pth: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding JPEGs in batches on the feature device (nvjpeg on a GPU; libjpeg when run on the CPU)
+
+
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus mild noise: JPEG-friendly, like a photo."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = 127 + 100 * np.sin(xx[..., None] / 23 + yy[..., None] / 31 + rng.uniform(0, 6, 3))
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture()
+def jpegs(tmp_path) -> tuple[list[str], list[tuple[int, int]]]:
+    """Colour JPEGs at (and above) max_size, sharing a final size, and a greyscale one."""
+    paths, sizes = [], []
+    for seed, (width, height) in enumerate([(64, 48), (200, 150), (192, 143)]):
+        path = tmp_path / f"p{seed}.jpg"
+        Image.fromarray(photo(width, height, seed)).save(path, quality=92)
+        paths.append(str(path))
+        sizes.append((height, width))
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(photo(64, 48, 9)[..., 0]).save(gray, quality=92)
+    return paths + [str(gray)], sizes + [(48, 64)]
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def decoded_batch(paths, sizes, device_decode: bool, device: str = "cpu") -> torch.Tensor:
+    geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in sizes]
+    dataset = fx.ShardImages(paths, sizes, geometries, MEAN, STD, device_decode=device_decode)
+    samples = [dataset[i] for i in range(len(paths))]
+    assert all((s.data is not None) == device_decode for s in samples)  # every one took the path asked for
+    return fx.batch_images(samples, dataset, torch.device(device)).cpu()
+
+
+def as_levels(normalised: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to 0-255 grey levels."""
+    return (normalised * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
+
+
+def test_device_decode_on_the_cpu_agrees_with_the_pillow_path(jpegs):
+    paths, sizes = jpegs
+    pil = as_levels(decoded_batch(paths, sizes, device_decode=False))
+    device = as_levels(decoded_batch(paths, sizes, device_decode=True))
+    diff = (device - pil).abs()
+    # Same libjpeg, so the decoded pixels are equal (images that need no resize match exactly);
+    # torch's antialiased bicubic and Pillow's round to different levels at most one apart.
+    assert diff[[0, 3]].max() < 1e-3
+    assert diff.mean() < 0.25 and diff.max() < 1.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
+def test_nvjpeg_decode_agrees_with_the_pillow_path(jpegs):
+    paths, sizes = jpegs
+    pil = as_levels(decoded_batch(paths, sizes, device_decode=False))
+    gpu = as_levels(decoded_batch(paths, sizes, device_decode=True, device="cuda"))
+    diff = (gpu - pil).abs()
+    assert diff.mean() < 1.5 and diff.max() <= 12  # nvjpeg's IDCT and upsampling differ a little more
+
+
+def test_only_complete_upright_rgb_or_grey_jpegs_go_to_the_device(tmp_path, jpegs):
+    paths, sizes = jpegs
+    good = Path(paths[0]).read_bytes()
+    assert fx.device_decodable(good, sizes[0])
+    assert not fx.device_decodable(good, (sizes[0][0] + 1, sizes[0][1]))  # not the manifest's size
+    assert not fx.device_decodable(good[: len(good) // 2], sizes[0])  # truncated
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo(64, 48, 0)).save(rotated, exif=exif)
+    assert not fx.device_decodable(rotated.read_bytes(), (64, 48))
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(photo(64, 48, 0)).convert("CMYK").save(cmyk)
+    assert not fx.device_decodable(cmyk.read_bytes(), (48, 64))
+    png = tmp_path / "x.png"
+    Image.fromarray(photo(64, 48, 0)).save(png)
+    assert not fx.device_decodable(png.read_bytes(), (48, 64))
+
+
+def test_device_decode_leaves_other_formats_on_pillows_path(manifest, tmp_path):
+    pil, device = tmp_path / "pil.safetensors", tmp_path / "device.safetensors"
+    extract_shard(manifest, 0, pil, params(decode="pil"), threads=1)
+    extract_shard(manifest, 0, device, params(decode="device"), threads=1)
+    assert pil.read_bytes() == device.read_bytes()  # the fixture's images are PNGs
+
+
+def test_truncated_jpeg_is_reported_by_name_with_device_decode(manifest, tmp_path):
+    bad = tmp_path / "images" / "c.png"  # the name does not make the format: the bytes do
+    Image.fromarray(photo(20, 50, 0)).save(bad, format="JPEG")
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(BadInputError, match=rf"^{bad}: corrupt"):
+        extract_shard(manifest, 0, tmp_path / "shard.safetensors", params(decode="device"), threads=1)
+
+
+def test_unknown_decode_is_a_config_error(manifest, tmp_path):
+    with pytest.raises(ConfigError, match=r"features\.decode: 'nvjpeg'"):
+        extract_shard(manifest, 0, tmp_path / "s.safetensors", params(decode="nvjpeg"), threads=1)

@@ -1,6 +1,11 @@
-"""Batched dense spectral solver: exact on block-structured graphs, equal to scipy's eigsh."""
+"""Batched spectral solvers (LAPACK on the CPU, filtered subspace iteration for GPUs): exact on block-structured graphs, equal to scipy's eigsh, never wrong on the bench's hard set."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +13,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
+from pipeline import spectral
 from pipeline.spectral import (
     eigengap_count,
     fix_signs,
@@ -46,11 +52,12 @@ def test_block_affinity_eigenvectors_separate_the_blocks_exactly():
     assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
 
 
-def test_batched_solver_matches_scipy_eigsh():
+@pytest.mark.parametrize("solver", ["lapack", "subspace"])
+def test_batched_solver_matches_scipy_eigsh(solver):
     torch.manual_seed(0)
-    keys = torch.randn(3, 60, 24)
+    keys = torch.randn(3, 60, 24)  # 60 patches > 2 x the subspace block of 20: it iterates
     w = key_affinity(keys)
-    values, vectors = smallest_eigenpairs(w, k=6)
+    values, vectors = smallest_eigenpairs(w, k=6, solver=solver)
     for b in range(3):
         wb = w[b].double().numpy()
         d = wb.sum(1)
@@ -100,3 +107,58 @@ def test_single_segment_image_is_one_foreground_segment():
 def test_kmeans_segments_is_deterministic(seed):
     v = torch.randn(50, 5)
     assert torch.equal(kmeans_segments(v, 4, seed), kmeans_segments(v, 4, seed))
+
+
+def _bench_spectral():
+    """bench/spectral.py as a module: the hard set and the definition of a wrong result live there."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "spectral.py"
+    spec = importlib.util.spec_from_file_location("bench_spectral", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def hard_set():
+    """The bench's demo colour-key graphs: λ_19 sits in a bulk of eigenvalues ~3e-4 apart, one
+    image has 393 eigenvalues within 1e-3 past λ_19 — where the float32 GPU eigh was wrong."""
+    bench = _bench_spectral()
+    w, _ = bench.demo_affinities(4, seed=0)
+    return bench, w
+
+
+@pytest.mark.parametrize("solver", ["lapack", "subspace"])
+def test_no_wrong_eigenpairs_on_the_benchs_hard_set(hard_set, solver):
+    bench, w = hard_set
+    args = Namespace(k=20, eig_tol=1e-4, subspace_tol=1e-3, gap_tol=1e-3)  # the bench's defaults
+    values, vectors = smallest_eigenpairs(w, 20, solver=solver)
+    checks = [bench.check(values[i].numpy(), vectors[i].numpy(), bench.ground_truth(w[i].numpy()), args)
+              for i in range(w.shape[0])]
+    assert max(c.m for c in checks) > 100  # the set still has its boundary cluster
+    assert [c for c in checks if c.wrong] == []
+
+
+def test_subspace_solver_certifies_its_pairs_or_solves_densely(hard_set, monkeypatch):
+    _, w = hard_set
+    values, vectors, _, dense = spectral._subspace_top(w, 20)
+    assert dense == 0  # the hard set converges by iteration alone
+    m, _ = spectral._normalized_affinity(w, torch.float64)
+    residual = m @ vectors - vectors * (1.0 - values).unsqueeze(-2)
+    assert residual.norm(dim=-2).max() <= spectral.SUBSPACE_RESIDUAL_TOL
+    # No round allowed: every image falls back to the dense float64 solve, with the same values.
+    monkeypatch.setattr(spectral, "SUBSPACE_MAX_ROUNDS", 0)
+    dense_values, _, _, dense = spectral._subspace_top(w, 20)
+    assert dense == w.shape[0]
+    torch.testing.assert_close(dense_values, values, atol=1e-9, rtol=0)
+
+
+def test_subspace_solver_is_reproducible():
+    w = key_affinity(torch.randn(2, 90, 16, generator=torch.Generator().manual_seed(3)))
+    first, second = smallest_eigenpairs(w, 8, solver="subspace"), smallest_eigenpairs(w, 8, solver="subspace")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver 'magma'"):
+        smallest_eigenpairs(torch.ones(1, 4, 4), 2, solver="magma")

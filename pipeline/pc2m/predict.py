@@ -28,10 +28,11 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.datasets import parse_labels
-from pipeline.errors import BadInputError, ConfigError, WeightsError
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import (
     Geometry,
     ShardImages,
+    batch_images,
     batches_by_size,
     fit_side,
     image_geometry,
@@ -180,11 +181,9 @@ def predict_shard(
     tensors: dict[str, torch.Tensor] = {}
     # The masks folder appears complete or not at all (a killed job leaves no partial folder).
     with atomic_dir(out_masks_dir) as masks_tmp, mixed_precision(device):
-        for indices, images, error in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
-            if error is not None:
-                raise BadInputError(error)
-            probs = predict_batch(model, images.to(device), settings.flip).cpu()
-            for index, image_probs in zip(indices, probs):
+        for samples in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
+            probs = predict_batch(model, batch_images(samples, dataset, device), settings.flip).cpu()
+            for index, image_probs in zip((sample.index for sample in samples), probs):
                 image_id = rows["image_id"][index]
                 if image_id in allowed:
                     image_probs = restrict(image_probs, allowed[image_id])

@@ -430,7 +430,9 @@ def train(
         if settings.phase(epoch) != phase:
             phase = settings.phase(epoch)
             parameters = set_trainable(model, phase)
-            optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate(epoch))
+            # Fused Adam (one kernel for all tensors) on CUDA; the CPU keeps the reference
+            # implementation, so CPU runs give the same numbers as before.
+            optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate(epoch), fused=device.type == "cuda" or None)
             if optimizer_state is not None and optimizer_phase == phase:
                 optimizer.load_state_dict(optimizer_state)
             log.info("epoch %d: %d backbone blocks unfrozen, %d trainable tensors, lr %g",
@@ -528,6 +530,22 @@ def _vitpcm_step(model: PatchClassifier, settings: ViTPCMSettings, tile_grid: tu
     return step
 
 
+HOST_READ_EVERY = 32  # training steps between two reads of device values (see _train_epoch)
+
+
+def _check_finite(unread: list[tuple[int, dict[str, torch.Tensor], torch.Tensor]], epoch: int, world: int) -> None:
+    """Raise for the first step whose loss was not finite in every process."""
+    flags = torch.cat([finite for _, _, finite in unread]).cpu()
+    bad = torch.nonzero(flags != world).flatten()
+    if bad.numel():
+        index, terms, _ = unread[int(bad[0])]
+        parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "loss")
+        raise PipelineError(
+            f"training diverged: non-finite loss at epoch {epoch} batch {index} ({parts}); "
+            "the last good checkpoint is kept"
+        )
+
+
 def _train_epoch(model: PatchClassifier, optimizer: torch.optim.Optimizer, parameters: list, dataset: Dataset,
                  settings: TrainSettings, epoch: int, seed: int, epsilon: float, step: Step, device: torch.device,
                  processes: Processes) -> tuple[dict, torch.Tensor]:
@@ -541,30 +559,35 @@ def _train_epoch(model: PatchClassifier, optimizer: torch.optim.Optimizer, param
                         pin_memory=device.type == "cuda")
     model.train()
     area_sum = torch.zeros(model.num_classes, dtype=torch.float64, device=device)
-    sums: dict[str, float] = {}
     began = time.monotonic()
     progress = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not processes.main, leave=False)
+    # Reading a device value stalls the host until the GPU catches up, and then the GPU idles
+    # while the host queues the next step: the finite check, the running sums and the progress
+    # bar stay on the device and are read every HOST_READ_EVERY steps and at the epoch's end.
+    # A non-finite step is still reported by its batch and terms before any checkpoint is
+    # written, so the weights it spoiled are never saved.
+    sums: dict[str, torch.Tensor] = {}
+    unread: list[tuple[int, dict[str, torch.Tensor], torch.Tensor]] = []
     for index, batch in enumerate(progress):
         terms, probs = step(batch)
         finite = reducer.sum(torch.isfinite(terms["loss"].detach()).float().reshape(1))
-        if int(finite.item()) != processes.world:
-            parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "loss")
-            raise PipelineError(
-                f"training diverged: non-finite loss at epoch {epoch} batch {index} ({parts}); "
-                "the last good checkpoint is kept"
-            )
+        unread.append((index, {k: v.detach() for k, v in terms.items()}, finite))
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         average_gradients(parameters, processes)
         optimizer.step()
         area_sum += image_class_areas(probs).double().sum(dim=0)
         for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
-        progress.set_postfix(loss=f"{terms['loss'].item():.3f}")
+            sums[key] = sums.get(key, 0.0) + value.detach().double()
+        if len(unread) == HOST_READ_EVERY or index == len(batches) - 1:
+            _check_finite(unread, epoch, processes.world)
+            progress.set_postfix(loss=f"{unread[-1][1]['loss'].item():.3f}")
+            unread.clear()
     steps = max(len(batches), 1)
     images_seen = reducer.sum(torch.tensor(float(sum(len(b) for b in batches)), device=device))
     area_mean = (reducer.sum(area_sum) / images_seen).float().cpu()
-    means = {k: float(reducer.sum(torch.tensor(v / steps, device=device))) / processes.world for k, v in sums.items()}
+    # float32 as before the sums stayed on the device: the same history numbers for the same seed.
+    means = {k: float(reducer.sum((v / steps).float().to(device))) / processes.world for k, v in sums.items()}
     log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     row = {"epoch": epoch, "unfrozen_blocks": settings.phase(epoch), "lr": settings.learning_rate(epoch),
            "epsilon": epsilon, **means, "seconds": round(time.monotonic() - began, 2)}
