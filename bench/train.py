@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline.pc2m.losses as losses  # noqa: E402
 from pipeline.backbone import build_backbone, normalisation, patch_size  # noqa: E402
-from pipeline.features import resolve_device  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.pc2m.data import LabelledImage, TwoViewDataset  # noqa: E402
 from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable  # noqa: E402
 from pipeline.pc2m.ot import LOCAL, batch_class_marginal, multi_hot_frequencies, sinkhorn  # noqa: E402

@@ -111,7 +111,7 @@ def test_launch_runs_the_stage(tmp_path):
 
 
 def test_resolve_auto_is_the_cpu_without_cuda():
-    from pipeline.features import resolve_device
+    from pipeline.devices import resolve_device
 
     import torch
 

@@ -46,7 +46,7 @@ from pipeline.datasets import read_manifest
 from pipeline.datasets.common import IGNORE_INDEX
 from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
 from pipeline.errors import BadInputError, ConfigError, PipelineError
-from pipeline.features import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.imageio import load_mask, load_rgb, mask_in_folders
 
 log = logging.getLogger(__name__)

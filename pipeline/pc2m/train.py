@@ -52,7 +52,7 @@ from pipeline.checkpoint import load_error_reason
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.datasets import read_classes, read_manifest
 from pipeline.errors import BadInputError, ConfigError, PipelineError
-from pipeline.features import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.imageio import load_mask
 from pipeline.patch_sizes import fit_view_sizes
 from pipeline.pc2m.data import (
