@@ -6,6 +6,7 @@ dotted key and what is wrong with it, so the workflow calls :func:`validate_conf
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,60 @@ def validate_config(config: dict[str, Any], schema: dict) -> None:
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(_describe(errors[0]) + more)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across keys that the schema cannot express. Each one stops a run at parse time that
+# would otherwise fail (or quietly go wrong) after hours of features and training.
+
+
+def results_folder(value: str) -> str:
+    """``results`` as the workflow uses it: ``~`` expanded (YAML leaves it literal, and the rules
+    would create a folder named ``~``), no trailing slash. A file-system root, the home folder or
+    any folder above it is refused: the run writes (and replaces) sub-folders there."""
+    path = os.path.expanduser(value)
+    if path.startswith("~"):
+        raise ConfigError(f"config key results: {value!r}: unknown user in {path.split('/')[0]!r}")
+    real = os.path.realpath(path)
+    home = os.path.realpath(os.path.expanduser("~"))
+    if real == os.path.dirname(real) or _is_within(home, real):
+        raise ConfigError(f"config key results: {value!r} is {real}, a root or home folder (or above it); "
+                          "name a folder for this run's artifacts, e.g. results/")
+    return path.rstrip("/") or path
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both absolute and resolved)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Cross-key checks of a schema-valid config; ConfigError naming the keys."""
+    results = os.path.realpath(results_folder(config["results"]))
+    dataset = config["dataset"]
+    folder = dataset.get("folder") or {}
+    if dataset["kind"] == "folder" and folder.get("images"):
+        images = os.path.realpath(os.path.expanduser(folder["images"]))
+        # The next index would take the run's own masks and figures for images.
+        if _is_within(results, images):
+            raise ConfigError(f"config key results ({results}) lies inside dataset.folder.images ({images}): "
+                              "move results outside the images folder")
+    if (config["mode"] == "unsupervised" and dataset["kind"] == "folder"
+            and config["pseudo_labels"].get("num_clusters") is None
+            and folder.get("num_classes") is None and folder.get("class_names") is None):
+        raise ConfigError("unsupervised mode needs a number of clusters: set pseudo_labels.num_clusters "
+                          "(or dataset.folder.num_classes / dataset.folder.class_names)")
+
+
+def check_gpu_request(compute: dict[str, Any], detected: int) -> None:
+    """A local run asking for GPUs on a machine that has none would run every GPU stage on the
+    CPU without a word (``auto`` adapts; an explicit count is a request). Not for remote
+    executors: a SLURM submit host may have no GPU while its compute nodes do."""
+    if detected:
+        return
+    for key in ("gpus_per_job", "train_gpus"):
+        value = compute.get(key, "auto")
+        if value != "auto" and int(value) > 0:
+            raise ConfigError(f"config key compute.{key} is {value} but this machine has no GPU (nvidia-smi finds "
+                              "none, or CUDA_VISIBLE_DEVICES hides them): set it to auto or 0 to run on the CPU, "
+                              "or pass --resources gpu=N if the GPUs are there")

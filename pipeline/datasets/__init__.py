@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline.atomic import atomic_path, write_json
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry
 from pipeline.errors import BadInputError, ConfigError
-from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb
+from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb, printable_path
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class BadInputPolicy:
         if self.mode == "error":
             raise exc
         log.warning("skipping image %r: %s", entry.image_id, exc)
-        self.skipped.append(Skipped(entry.image_id, exc.path, exc.reason))
+        self.skipped.append(Skipped(printable_path(entry.image_id), exc.path, exc.reason))
 
 
 def check_entries(
@@ -220,8 +221,8 @@ def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             "image_id": [r.image_id for r in ordered],
-            "image_path": [str(r.image_path) for r in ordered],
-            "mask_path": ["" if r.mask_path is None else str(r.mask_path) for r in ordered],
+            "image_path": [stored_path(r.image_path) for r in ordered],
+            "mask_path": ["" if r.mask_path is None else stored_path(r.mask_path) for r in ordered],
             "labels": [format_labels(r.labels) for r in ordered],
             "has_labels": [r.labels is not None for r in ordered],
             "split": [r.split for r in ordered],
@@ -232,6 +233,15 @@ def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
         columns=MANIFEST_COLUMNS,
     )
     return frame.astype(_MANIFEST_DTYPES)
+
+
+def stored_path(path: Path) -> str:
+    """How the manifest records a file: relative to the working directory when it lies inside it
+    (every stage runs from there), so that a working folder moved or copied elsewhere, images and
+    results included, still finds its images; absolute otherwise."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute, os.getcwd())
+    return absolute if relative == ".." or relative.startswith("../") else relative
 
 
 def classes_info(dataset: Dataset, manifest: pd.DataFrame) -> dict:
@@ -308,6 +318,11 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
             f"dataset {dataset.kind!r} has no image in split {required!r} (splits: {', '.join(found)}); "
             "training needs it: put the images under a train/ sub-folder, or set dataset.folder.split "
             "or dataset.folder.split_list"
+        )
+    if params.get("require_labels") and not any(row.labels is not None for row in rows if row.split == required):
+        raise BadInputError(
+            f"config key mode is weak, which trains on image-level labels, but no image of split {required!r} has "
+            "any: set dataset.folder.labels (a CSV image_id,labels) or dataset.folder.masks, or use mode: unsupervised"
         )
     manifest = manifest_frame(rows, images_per_shard)
     write_json(out_dir / "classes.json", classes_info(dataset, manifest))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import load_schema, validate_config
+from pipeline.config import check_config, check_gpu_request, load_schema, results_folder, validate_config
 from pipeline.errors import ConfigError
 
 try:
     validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+    check_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
@@ -59,10 +60,14 @@ GPUS = detected_gpus()
 GPUS_PER_JOB = gpus_setting("gpus_per_job", 1 if GPUS else 0)
 TRAIN_GPUS = gpus_setting("train_gpus", GPUS_PER_JOB)
 if workflow.nodes is None and not workflow.remote_exec and "gpu" not in workflow.global_resources:
+    try:
+        check_gpu_request(config.get("compute", {}), GPUS)
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid configuration: {exc}") from None
     workflow.register_resource("gpu", GPUS)
 
 
-RESULTS = config["results"].rstrip("/")
+RESULTS = results_folder(config["results"])
 DATASET = config["dataset"]
 
 
@@ -117,6 +122,8 @@ def index_params(wildcards, input):
         "seed": config["seed"],
         # training reads this split: a dataset without it stops at the index, before any feature
         "required_split": TRAIN_SPLIT,
+        # weak mode trains on the dataset's labels: a dataset without any stops at the index
+        "require_labels": config["mode"] == "weak",
     }
     if "demo" in input.keys():
         params["demo_root"] = input.demo
