@@ -27,7 +27,20 @@ def _params(text: str) -> dict:
         raise PipelineError(f"--params is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise PipelineError("--params must be a JSON object")
-    return value
+    return Params(value)
+
+
+class Params(dict):
+    """``--params`` as parsed; a key the stage reads but the JSON lacks is an error naming the
+    key (``--params lack key train.epochs``), not a KeyError traceback. Nested sections too."""
+
+    def __init__(self, value: dict, where: str = "") -> None:
+        super().__init__({key: Params(item, f"{where}{key}.") if isinstance(item, dict) else item
+                          for key, item in value.items()})
+        self.where = where
+
+    def __missing__(self, key: str):
+        raise PipelineError(f"--params lack key {self.where}{key}")
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:

@@ -6,14 +6,25 @@ dotted key and what is wrong with it, so the workflow calls :func:`validate_conf
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jsonschema
 import yaml
 
 from pipeline.errors import ConfigError
+
+
+def require_fields(cls, section: Mapping[str, Any], name: str) -> None:
+    """ConfigError naming every key of config section ``name`` that the settings dataclass ``cls``
+    needs (fields without a default) and the stage's ``--params`` lack."""
+    needed = [f.name for f in dataclasses.fields(cls)
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in needed if key not in section]
+    if missing:
+        raise ConfigError(f"--params lack key(s) {', '.join(f'{name}.{key}' for key in missing)}")
 
 
 def load_schema(path: str | Path) -> dict:

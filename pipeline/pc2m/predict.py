@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.datasets import parse_labels
+from pipeline.config import require_fields
 from pipeline.errors import BadInputError, ConfigError, WeightsError
 from pipeline.features import (
     Geometry,
@@ -64,6 +65,7 @@ class PredictSettings:
 
     @classmethod
     def from_params(cls, predict: dict) -> PredictSettings:
+        require_fields(cls, predict, "predict")
         settings = cls(**predict)
         if settings.fit not in ("crop", "pad"):
             raise ConfigError(f"predict.fit: {settings.fit!r} is not crop or pad")
