@@ -265,8 +265,10 @@ def test_voc_trainaug_uses_sbd_masks(tmp_path, monkeypatch, aug_format):
     assert all("SegmentationClassAug" in p for p in train["mask_path"])
     val = manifest[manifest["split"] == "val"]
     assert val["labels"].tolist() == ["4", "5"]  # 255 border ignored
-    # inside the working folder: recorded relative to it (a moved working folder still works)
-    assert all(not Path(p).is_absolute() and (tmp_path / p).is_file() for p in manifest["image_path"])
+    assert all(p.startswith(str(tmp_path)) for p in manifest["image_path"])
+    # Inside the working folder the file stores them relative to itself (a moved folder still works).
+    stored = pd.read_csv(tmp_path / "idx" / "manifest.csv", dtype=str)["image_path"]
+    assert all(p.startswith("../VOCdevkit/VOC2012/") for p in stored)
 
 
 def test_voc_train_uses_segmentation_class(tmp_path, monkeypatch):

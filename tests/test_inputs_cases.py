@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from test_bad_inputs import (
     CONFIG, TIMEOUT, TINY_BACKBONE, assert_ok, cli, features_params, index, index_params, write_image,
     write_manifest,
 )
-from workflow_runs import REPO, SNAKEMAKE, assert_one_line_error
+from workflow_runs import SNAKEMAKE, assert_one_line_error
 
 
 def run_snakemake(work: Path, config: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -265,7 +264,8 @@ def test_partial_params_name_the_missing_key(tmp_path, stage, params, key):
 
 
 def test_moved_working_folder_still_finds_its_images(tmp_path):
-    """Index through the workflow, move the whole working folder, run a stage from the new place."""
+    """Index through the workflow, move the whole working folder, run a stage on the moved manifest
+    (from another folder: the manifest's relative paths are relative to the manifest itself)."""
     before, after = tmp_path / "before", tmp_path / "after"
     write_image(before / "images" / "a.png", size=(32, 32))
     write_image(before / "images" / "b.png", size=(40, 32))
@@ -273,12 +273,9 @@ def test_moved_working_folder_still_finds_its_images(tmp_path):
     result = run_snakemake(before, config, "--until", "dataset_index")
     assert result.returncode == 0, result.stdout[-3000:]
     before.rename(after)
-    manifest = read_manifest(after / "results" / "dataset" / "manifest.csv")
-    assert manifest["image_path"].tolist() == ["images/a.png", "images/b.png"]
+    manifest = after / "results" / "dataset" / "manifest.csv"
+    assert read_manifest(manifest)["image_path"].tolist() == [str(after / "images" / n) for n in ("a.png", "b.png")]
     out = after / "results" / "features" / "shard-00000.safetensors"
-    moved = subprocess.run([sys.executable, "-m", "pipeline", "extract-features", "--manifest",
-                            "results/dataset/manifest.csv", "--shard", "0", "--out", str(out), "--params",
-                            features_params()], cwd=after, capture_output=True, text=True, timeout=TIMEOUT,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert_ok(moved)
+    assert_ok(cli("extract-features", "--manifest", manifest, "--shard", "0", "--out", out,
+                  "--params", features_params()))
     assert out.is_file()

@@ -72,6 +72,10 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=_MANIFEST_DTYPES, keep_default_na=False, na_filter=False)
     if list(frame.columns) != MANIFEST_COLUMNS:
         raise BadInputError(f"{path}: columns {list(frame.columns)}, expected {MANIFEST_COLUMNS}")
+    # Relative paths are relative to the manifest's folder (stored_paths).
+    folder = path.parent.absolute()
+    for column in _PATH_COLUMNS:
+        frame[column] = [p if p == "" or os.path.isabs(p) else os.path.normpath(folder / p) for p in frame[column]]
     # Ids become file names in every later stage: a crafted row must not reach a writer.
     for line, image_id in enumerate(frame["image_id"], start=2):
         try:
@@ -221,8 +225,8 @@ def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             "image_id": [r.image_id for r in ordered],
-            "image_path": [stored_path(r.image_path) for r in ordered],
-            "mask_path": ["" if r.mask_path is None else stored_path(r.mask_path) for r in ordered],
+            "image_path": [str(r.image_path) for r in ordered],
+            "mask_path": ["" if r.mask_path is None else str(r.mask_path) for r in ordered],
             "labels": [format_labels(r.labels) for r in ordered],
             "has_labels": [r.labels is not None for r in ordered],
             "split": [r.split for r in ordered],
@@ -235,13 +239,27 @@ def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
     return frame.astype(_MANIFEST_DTYPES)
 
 
-def stored_path(path: Path) -> str:
-    """How the manifest records a file: relative to the working directory when it lies inside it
-    (every stage runs from there), so that a working folder moved or copied elsewhere, images and
-    results included, still finds its images; absolute otherwise."""
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute, os.getcwd())
-    return absolute if relative == ".." or relative.startswith("../") else relative
+_PATH_COLUMNS = ("image_path", "mask_path")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def stored_paths(frame: pd.DataFrame, manifest_dir: Path) -> pd.DataFrame:
+    """The manifest's file paths as written: relative to the manifest's folder for files inside
+    the working folder (where the run and its images live together), so that a working folder
+    moved or copied elsewhere still finds its images; absolute for files outside it (a dataset
+    elsewhere does not move with the working folder). :func:`read_manifest` makes them absolute."""
+    cwd, folder = os.getcwd(), os.path.abspath(manifest_dir)
+    if not _inside(folder, cwd):
+        return frame
+
+    def stored(path: str) -> str:
+        absolute = os.path.abspath(path)
+        return os.path.relpath(absolute, folder) if path and _inside(absolute, cwd) else path
+
+    return frame.assign(**{column: [stored(p) for p in frame[column]] for column in _PATH_COLUMNS})
 
 
 def classes_info(dataset: Dataset, manifest: pd.DataFrame) -> dict:
@@ -326,7 +344,7 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
         )
     manifest = manifest_frame(rows, images_per_shard)
     write_json(out_dir / "classes.json", classes_info(dataset, manifest))
-    _write_csv(out_dir / "manifest.csv", manifest)
+    _write_csv(out_dir / "manifest.csv", stored_paths(manifest, out_dir))
     log.info(
         "indexed %d images (%s) into %d shards; %d skipped",
         len(manifest), ", ".join(f"{k}: {v}" for k, v in manifest["split"].value_counts().items()),
