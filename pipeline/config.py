@@ -71,15 +71,16 @@ def results_folder(value: str) -> str:
         raise ConfigError(f"config key results: {value!r}: unknown user in {path.split('/')[0]!r}")
     real = os.path.realpath(path)
     home = os.path.realpath(os.path.expanduser("~"))
-    if real == os.path.dirname(real) or _is_within(home, real):
+    if real == os.path.dirname(real) or is_within(home, real):
         raise ConfigError(f"config key results: {value!r} is {real}, a root or home folder (or above it); "
                           "name a folder for this run's artifacts, e.g. results/")
     return path.rstrip("/") or path
 
 
-def _is_within(path: str, folder: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it (both absolute and resolved)."""
-    return os.path.commonpath([path, folder]) == folder
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both absolute; compared as written, so
+    resolve symbolic links first where they matter)."""
+    return os.path.commonpath([os.fspath(path), os.fspath(folder)]) == os.fspath(folder)
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -90,7 +91,7 @@ def check_config(config: dict[str, Any]) -> None:
     if dataset["kind"] == "folder" and folder.get("images"):
         images = os.path.realpath(os.path.expanduser(folder["images"]))
         # The next index would take the run's own masks and figures for images.
-        if _is_within(results, images):
+        if is_within(results, images):
             raise ConfigError(f"config key results ({results}) lies inside dataset.folder.images ({images}): "
                               "move results outside the images folder")
     if (config["mode"] == "unsupervised" and dataset["kind"] == "folder"

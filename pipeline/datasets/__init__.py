@@ -23,6 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.config import is_within
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb, printable_path
@@ -242,22 +243,18 @@ def manifest_frame(rows: list[Row], images_per_shard: int) -> pd.DataFrame:
 _PATH_COLUMNS = ("image_path", "mask_path")
 
 
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def stored_paths(frame: pd.DataFrame, manifest_dir: Path) -> pd.DataFrame:
     """The manifest's file paths as written: relative to the manifest's folder for files inside
     the working folder (where the run and its images live together), so that a working folder
     moved or copied elsewhere still finds its images; absolute for files outside it (a dataset
     elsewhere does not move with the working folder). :func:`read_manifest` makes them absolute."""
     cwd, folder = os.getcwd(), os.path.abspath(manifest_dir)
-    if not _inside(folder, cwd):
+    if not is_within(folder, cwd):
         return frame
 
     def stored(path: str) -> str:
         absolute = os.path.abspath(path)
-        return os.path.relpath(absolute, folder) if path and _inside(absolute, cwd) else path
+        return os.path.relpath(absolute, folder) if path and is_within(absolute, cwd) else path
 
     return frame.assign(**{column: [stored(p) for p in frame[column]] for column in _PATH_COLUMNS})
 

@@ -24,6 +24,7 @@ import pandas as pd
 from pipeline.datasets.common import (
     BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir,
 )
+from pipeline.config import is_within
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import check_image_id
 
@@ -55,7 +56,7 @@ def find_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             first = searched.setdefault(key, path)
             if first is path:
                 kept.append(name)
-            elif _is_below(Path(folder), first):
+            elif is_within(folder, first):
                 ignored.append((path, f"symbolic link loop (back to {first}): not searched again"))
             else:
                 ignored.append((path, f"same folder as {first}, already searched: not searched again"))
@@ -74,10 +75,6 @@ def _folder_key(path: Path) -> tuple[int, int]:
     """The real folder behind ``path`` (symbolic links followed)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _is_below(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
 
 
 def find_images(root: Path) -> list[Path]:
