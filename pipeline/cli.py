@@ -34,10 +34,13 @@ class Params(dict):
     """``--params`` as parsed; a key the stage reads but the JSON lacks is an error naming the
     key (``--params lack key train.epochs``), not a KeyError traceback. Nested sections too."""
 
-    def __init__(self, value: dict, where: str = "") -> None:
-        super().__init__({key: Params(item, f"{where}{key}.") if isinstance(item, dict) else item
-                          for key, item in value.items()})
+    # Built like a dict (dataclasses.asdict and copy rebuild it from pairs); ``where``: its dotted key.
+    def __init__(self, *args, where: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.where = where
+        for key, item in list(self.items()):
+            if isinstance(item, dict):
+                self[key] = Params(item, where=f"{where}{key}.")
 
     def __missing__(self, key: str):
         raise PipelineError(f"--params lack key {self.where}{key}")
