@@ -7,6 +7,7 @@ contract come from tests/test_bad_inputs.py and tests/workflow_runs.py.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -49,8 +50,6 @@ def folder_config(images: str | Path, **folder) -> dict:
 
 
 def skipped_rows(out: Path) -> list[list[str]]:
-    import csv
-
     with open(out / "skipped.csv", encoding="utf-8", newline="") as fh:
         return list(csv.reader(fh))[1:]
 
