@@ -62,6 +62,20 @@ def load_checkpoint(path: str | Path) -> dict:
         raise WeightsError(f"{path}: unreadable or unsafe checkpoint ({load_error_reason(exc)})") from None
 
 
+def model_file_kind(payload) -> str:
+    """What a loaded ``.pt`` file is, for the message when a stage is given another stage's file
+    (a PC2M model to ``predict-deeplab``, a training checkpoint instead of ``model.pt``, ...)."""
+    if not isinstance(payload, dict):
+        return "not a model file of this pipeline"
+    if str(payload.get("format", "")).startswith("pc2m-model") or "classifier.weight" in payload:
+        return "a PC2M model (pc2m/model.pt, read by `predict`)"
+    if "optimizer" in payload:
+        return "a training checkpoint, not a trained model.pt"
+    if set(payload) == {"arch", "model"}:
+        return "a DeepLab model (deeplab/model.pt, read by `predict-deeplab`)"
+    return "not a model file of this pipeline"
+
+
 def load_error_reason(exc: BaseException) -> str:
     """One line saying why ``torch.load(weights_only=True)`` failed. For a refused pickle, the
     offending global, not torch's advice to retry with weights_only=False (which would run it)."""

@@ -41,7 +41,23 @@ def _params(values: str | list[str]) -> dict:
         if not isinstance(value, dict):
             raise PipelineError(f"{source} must be a JSON object")
         parts.append(value)
-    return merge_params(parts)
+    return Params(merge_params(parts))
+
+
+class Params(dict):
+    """``--params`` as parsed; a key the stage reads but the JSON lacks is an error naming the
+    key (``--params lack key train.epochs``), not a KeyError traceback. Nested sections too."""
+
+    # Built like a dict (dataclasses.asdict and copy rebuild it from pairs); ``where``: its dotted key.
+    def __init__(self, *args, where: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.where = where
+        for key, item in list(self.items()):
+            if isinstance(item, dict):
+                self[key] = Params(item, where=f"{where}{key}.")
+
+    def __missing__(self, key: str):
+        raise PipelineError(f"--params lack key {self.where}{key}")
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:

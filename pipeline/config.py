@@ -6,13 +6,25 @@ dotted key and what is wrong with it, so the workflow calls :func:`validate_conf
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jsonschema
 import yaml
 
 from pipeline.errors import ConfigError
+
+
+def require_fields(cls, section: Mapping[str, Any], name: str) -> None:
+    """ConfigError naming every key of config section ``name`` that the settings dataclass ``cls``
+    needs (fields without a default) and the stage's ``--params`` lack."""
+    needed = [f.name for f in dataclasses.fields(cls)
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in needed if key not in section]
+    if missing:
+        raise ConfigError(f"--params lack key(s) {', '.join(f'{name}.{key}' for key in missing)}")
 
 
 def load_schema(path: str | Path) -> dict:
@@ -74,3 +86,61 @@ def load_config(paths: list[str | Path]) -> dict:
         config = merged(config, loaded)
     validate_config(config, load_schema(SCHEMA))
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across keys that the schema cannot express. Each one stops a run at parse time that
+# would otherwise fail (or quietly go wrong) after hours of features and training.
+
+
+def results_folder(value: str) -> str:
+    """``results`` as the workflow uses it: ``~`` expanded (YAML leaves it literal, and the rules
+    would create a folder named ``~``), no trailing slash. A file-system root, the home folder or
+    any folder above it is refused: the run writes (and replaces) sub-folders there."""
+    path = os.path.expanduser(value)
+    if path.startswith("~"):
+        raise ConfigError(f"config key results: {value!r}: unknown user in {path.split('/')[0]!r}")
+    real = os.path.realpath(path)
+    home = os.path.realpath(os.path.expanduser("~"))
+    if real == os.path.dirname(real) or is_within(home, real):
+        raise ConfigError(f"config key results: {value!r} is {real}, a root or home folder (or above it); "
+                          "name a folder for this run's artifacts, e.g. results/")
+    return path.rstrip("/") or path
+
+
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both absolute; compared as written, so
+    resolve symbolic links first where they matter)."""
+    return os.path.commonpath([os.fspath(path), os.fspath(folder)]) == os.fspath(folder)
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Cross-key checks of a schema-valid config; ConfigError naming the keys."""
+    results = os.path.realpath(results_folder(config["results"]))
+    dataset = config["dataset"]
+    folder = dataset.get("folder") or {}
+    if dataset["kind"] == "folder" and folder.get("images"):
+        images = os.path.realpath(os.path.expanduser(folder["images"]))
+        # The next index would take the run's own masks and figures for images.
+        if is_within(results, images):
+            raise ConfigError(f"config key results ({results}) lies inside dataset.folder.images ({images}): "
+                              "move results outside the images folder")
+    if (config["mode"] == "unsupervised" and dataset["kind"] == "folder"
+            and config["pseudo_labels"].get("num_clusters") is None
+            and folder.get("num_classes") is None and folder.get("class_names") is None):
+        raise ConfigError("unsupervised mode needs a number of clusters: set pseudo_labels.num_clusters "
+                          "(or dataset.folder.num_classes / dataset.folder.class_names)")
+
+
+def check_gpu_request(compute: dict[str, Any], detected: int) -> None:
+    """A local run asking for GPUs on a machine that has none would run every GPU stage on the
+    CPU without a word (``auto`` adapts; an explicit count is a request). Not for remote
+    executors: a SLURM submit host may have no GPU while its compute nodes do."""
+    if detected:
+        return
+    for key in ("gpus_per_job", "train_gpus"):
+        value = compute.get(key, "auto")
+        if value != "auto" and int(value) > 0:
+            raise ConfigError(f"config key compute.{key} is {value} but this machine has no GPU (nvidia-smi finds "
+                              "none, or CUDA_VISIBLE_DEVICES hides them): set it to auto or 0 to run on the CPU, "
+                              "or pass --resources gpu=N if the GPUs are there")

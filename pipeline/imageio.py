@@ -6,6 +6,7 @@ path, so a bad dataset file is reported by name, whichever stage trips over it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -45,18 +46,36 @@ class BadFileError(BadInputError):
     """A dataset file is unusable; keeps the path and the reason apart for skipped.csv."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
+        self.path = printable_path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
 
+def printable_path(path: str | os.PathLike) -> str:
+    """``path`` as text that can be printed and written to a UTF-8 CSV: bytes of a file name that
+    are not UTF-8 (which Python keeps as lone surrogates) shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _check_nonempty_file(path: Path) -> None:
     if not path.exists():
-        raise BadFileError(path, "missing file")
+        raise BadFileError(path, _absence(path))
     if not path.is_file():
         raise BadFileError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise BadFileError(path, "empty file (0 bytes)")
+
+
+def _absence(path: Path) -> str:
+    """Why an existing-looking path cannot be opened: a link loop, a broken link, or no file."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself)"
+    if os.path.islink(path):
+        return f"broken symbolic link (to {printable_path(os.readlink(path))}, which does not exist)"
+    return "missing file"
 
 
 def _open_decoded(path: Path) -> Image.Image:
@@ -259,10 +278,23 @@ def write_label_png(
         im.save(tmp, format="PNG")
 
 
+# Longest id component, in bytes: every file named after an id (``<id>.png``) must fit NAME_MAX
+# (255 bytes on common file systems) even as its atomic temporary ``.<id>.png.<8 chars>.partial``.
+MAX_ID_COMPONENT_BYTES = 255 - len(".png") - len("..12345678.partial")
+
+
 def check_image_id(image_id: str) -> str:
     """Return ``image_id`` if it is a safe relative posix path; ids become file names later."""
     if not isinstance(image_id, str) or image_id == "":
         raise BadInputError(f"unsafe image id {image_id!r}: empty")
+    try:
+        encoded = image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"image id '{printable_path(image_id)}' is not valid UTF-8: rename the file") from None
+    longest = max(len(part) for part in encoded.split(b"/"))
+    if longest > MAX_ID_COMPONENT_BYTES:
+        raise BadInputError(f"image id {image_id[:40]!r}... has a name of {longest} bytes, over the "
+                            f"{MAX_ID_COMPONENT_BYTES} that files named after it allow: shorten the name")
     for bad, what in (("\\", "a backslash"), ("\x00", "a NUL byte"), ("\n", "a newline"),
                       ("\r", "a carriage return")):
         if bad in image_id:

@@ -50,6 +50,7 @@ from pipeline.clustering import (
 )
 from pipeline.datasets import read_manifest
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX
+from pipeline.config import require_fields
 from pipeline.errors import BadInputError, ConfigError
 from pipeline import shards
 
@@ -80,9 +81,7 @@ class PseudoLabelSettings:
     @classmethod
     def from_params(cls, params: dict) -> PseudoLabelSettings:
         """Check the stage's parameters; a ConfigError names the offending key."""
-        missing = [key for key in cls.__dataclass_fields__ if key not in params]
-        if missing:
-            raise ConfigError(f"{SECTION}: missing key(s) {', '.join(missing)}")
+        require_fields(cls, params, SECTION)
         if params["method"] not in METHODS:
             raise ConfigError(f"{SECTION}.method: {params['method']!r} is not one of {', '.join(METHODS)}")
         for key, minimum, maximum in (

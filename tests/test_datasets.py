@@ -266,6 +266,9 @@ def test_voc_trainaug_uses_sbd_masks(tmp_path, monkeypatch, aug_format):
     val = manifest[manifest["split"] == "val"]
     assert val["labels"].tolist() == ["4", "5"]  # 255 border ignored
     assert all(p.startswith(str(tmp_path)) for p in manifest["image_path"])
+    # Inside the working folder the file stores them relative to itself (a moved folder still works).
+    stored = pd.read_csv(tmp_path / "idx" / "manifest.csv", dtype=str)["image_path"]
+    assert all(p.startswith("../VOCdevkit/VOC2012/") for p in stored)
 
 
 def test_voc_train_uses_segmentation_class(tmp_path, monkeypatch):

@@ -151,7 +151,7 @@ def _dry_run_train_command(repo, tmp_path, *args: str) -> str:
 
 def test_workflow_offers_the_machines_gpus_and_never_more(repo, tmp_path):
     """A fake `nvidia-smi -L` listing 3 GPUs: training asks for 4, gets the 3 the machine has;
-    `--resources gpu=2` caps it at 2; with no nvidia-smi at all, 0 (CPU)."""
+    `--resources gpu=2` caps it at 2; with no nvidia-smi at all and `--resources gpu=0`, 0 (CPU)."""
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nfor i in 0 1 2; do echo \"GPU $i: Fake (UUID: GPU-$i)\"; done\n")
     fake.chmod(0o755)
@@ -159,4 +159,6 @@ def test_workflow_offers_the_machines_gpus_and_never_more(repo, tmp_path):
     assert "launch --gpus 2 -- train" in _dry_run_train_command(repo, tmp_path, "--resources", "gpu=2")
     fake.unlink()
     if shutil.which("nvidia-smi") is None:
-        assert "launch --gpus 0 -- train" in _dry_run_train_command(repo, tmp_path)
+        # No GPU: explicit counts are refused before any job (tests/test_inputs_cases.py) unless the
+        # user states the GPUs, as here (0).
+        assert "launch --gpus 0 -- train" in _dry_run_train_command(repo, tmp_path, "--resources", "gpu=0")

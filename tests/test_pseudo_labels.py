@@ -153,7 +153,7 @@ def test_settings_errors_name_the_key():
         PseudoLabelSettings.from_params({**PARAMS, "method": "dbscan"})
     with pytest.raises(ConfigError, match=r"pseudo_labels.num_clusters.*1\.\.254"):
         PseudoLabelSettings.from_params({**PARAMS, "num_clusters": 255})
-    with pytest.raises(ConfigError, match="missing key.*keep_fraction"):
+    with pytest.raises(ConfigError, match="lack key.*keep_fraction"):
         PseudoLabelSettings.from_params({k: v for k, v in PARAMS.items() if k != "keep_fraction"})
 
 

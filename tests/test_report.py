@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from pipeline.atomic import write_json
-from pipeline.datasets import MANIFEST_COLUMNS
+from pipeline.datasets import MANIFEST_COLUMNS, read_manifest
 from pipeline.errors import BadInputError
 from pipeline.evaluate import evaluate_masks
 from pipeline.imageio import write_label_png
-from pipeline.report import build_report, eval_jsons_in, paper_name, qualitative_images
+from pipeline.report import build_report, eval_jsons_in, paper_name, qualitative_figure, qualitative_images
 
 NAMES = ["background", "cat", "dog"]
 TRAIN_IDS = ["t0", "t1"]
@@ -210,8 +210,35 @@ def test_unsupervised_report_notes_the_matching_and_the_pseudo_label_scores(tree
     run_report(tree, pseudo_labels_csv=pseudo, params={"mode": "unsupervised"})
     markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
     assert "clusters, matched to classes" in markdown
-    assert "- PC2M (val): matching hungarian;" in markdown and "classes discovered" in markdown
+    assert "- PC2M (val): mIoU " in markdown and "(matching hungarian); " in markdown
+    assert "classes discovered" in markdown
     assert "multi-label F1 macro 47.4, micro 48.5" in markdown and "pseudo-map mIoU 22.2" in markdown
+
+
+def test_unsupervised_headline_leads_with_the_miou_over_all_classes(tree):
+    """One cluster everywhere (a degenerate model) discovers only the background, whose IoU is high:
+    the mean over discovered classes beats every real model, so the line must lead with the mean
+    over all classes, the table's number, and say which mean is which."""
+    results, manifest = tree["results"], tree["manifest"]
+    one_cluster = results / "degenerate"
+    for image_id in VAL_IDS:
+        write_label_png(one_cluster / f"{image_id}.png", np.zeros((H, W), dtype=np.uint8))
+    shutil.rmtree(results / "eval")
+    evaluate_masks([one_cluster], manifest, tree["classes"], "val", "unsupervised",
+                   results / "eval" / "pc2m-val.json", results / "eval" / "pc2m-val.csv", num_predicted_classes=3)
+    result = json.loads((results / "eval" / "pc2m-val.json").read_text())
+    assert result["discovered"] == 1 and result["miou_discovered"] > result["miou"]
+    table = run_report(tree, params={"mode": "unsupervised"})
+    line = next(line for line in (tree["out"] / "summary.md").read_text(encoding="utf-8").splitlines()
+                if line.startswith("- PC2M (val):"))
+    overall = f"{100 * result['miou']:.1f}"
+    assert line.startswith(f"- PC2M (val): mIoU {overall} over all {result['num_classes']} classes")
+    assert f"{table.set_index('class').loc['mIoU', 'PC2M (val)']:.1f}" == overall  # the table's number
+    assert f"mIoU over those 1 only: {100 * result['miou_discovered']:.1f}" in line
+    figure = qualitative_figure(read_manifest(manifest), manifest, "val", ["v0"], {"pc2m": [one_cluster]},
+                                "unsupervised")
+    title = figure._suptitle.get_text()
+    assert title.startswith("Unsupervised:") and title.count("'") == 0  # no stray quote at the end
 
 
 def test_mixed_modes_are_refused(tree):

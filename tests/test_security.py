@@ -181,9 +181,10 @@ def test_folder_dataset_ids_come_from_paths_inside_it(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     Image.new("RGB", (8, 8)).save(outside / "o.png")
-    (root / "link").symlink_to(outside, target_is_directory=True)  # os.walk does not follow it
+    # A linked folder is searched (issue 11), but its images get ids of their path under root.
+    (root / "link").symlink_to(outside, target_is_directory=True)
     ids = [image_id_of(p, root) for p in find_images(root)]
-    assert sorted(ids) == ["a/b/c", "top"]
+    assert sorted(ids) == ["a/b/c", "link/o", "top"]
     for image_id in ids:
         check_image_id(image_id)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +24,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.atomic import atomic_path, write_json, write_text
+from pipeline.config import is_within
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry
 from pipeline.errors import BadInputError, ConfigError
-from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb
+from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb, printable_path
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,10 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         frame = frame.drop(columns=SIGNATURE_COLUMN)
     if list(frame.columns) != MANIFEST_COLUMNS:
         raise BadInputError(f"{path}: columns {list(frame.columns)}, expected {MANIFEST_COLUMNS}")
+    # Relative paths are relative to the manifest's folder (stored_paths).
+    folder = path.parent.absolute()
+    for column in _PATH_COLUMNS:
+        frame[column] = [p if p == "" or os.path.isabs(p) else os.path.normpath(folder / p) for p in frame[column]]
     # Ids become file names in every later stage: a crafted row must not reach a writer.
     for line, image_id in enumerate(frame["image_id"], start=2):
         try:
@@ -184,7 +190,7 @@ class BadInputPolicy:
         if self.mode == "error":
             raise exc
         log.warning("skipping image %r: %s", entry.image_id, exc)
-        self.skipped.append(Skipped(entry.image_id, exc.path, exc.reason))
+        self.skipped.append(Skipped(printable_path(entry.image_id), exc.path, exc.reason))
 
 
 def check_entries(
@@ -264,6 +270,25 @@ def manifest_frame(rows: list[Row], images_per_shard: int, previous: dict[str, i
     return frame.astype(_MANIFEST_DTYPES)
 
 
+_PATH_COLUMNS = ("image_path", "mask_path")
+
+
+def stored_paths(frame: pd.DataFrame, manifest_dir: Path) -> pd.DataFrame:
+    """The manifest's file paths as written: relative to the manifest's folder for files inside
+    the working folder (where the run and its images live together), so that a working folder
+    moved or copied elsewhere still finds its images; absolute for files outside it (a dataset
+    elsewhere does not move with the working folder). :func:`read_manifest` makes them absolute."""
+    cwd, folder = os.getcwd(), os.path.abspath(manifest_dir)
+    if not is_within(folder, cwd):
+        return frame
+
+    def stored(path: str) -> str:
+        absolute = os.path.abspath(path)
+        return os.path.relpath(absolute, folder) if path and is_within(absolute, cwd) else path
+
+    return frame.assign(**{column: [stored(p) for p in frame[column]] for column in _PATH_COLUMNS})
+
+
 def classes_info(dataset: Dataset, manifest: pd.DataFrame) -> dict:
     split_counts = manifest["split"].value_counts()
     return {
@@ -339,10 +364,15 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
             "training needs it: put the images under a train/ sub-folder, or set dataset.folder.split "
             "or dataset.folder.split_list"
         )
+    if params.get("require_labels") and not any(row.labels is not None for row in rows if row.split == required):
+        raise BadInputError(
+            f"config key mode is weak, which trains on image-level labels, but no image of split {required!r} has "
+            "any: set dataset.folder.labels (a CSV image_id,labels) or dataset.folder.masks, or use mode: unsupervised"
+        )
     manifest = manifest_frame(rows, images_per_shard, previous_shards(out_dir / SHARDS_DIR, images_per_shard))
     write_json(out_dir / "classes.json", classes_info(dataset, manifest))
     changed = write_shard_lists(out_dir / SHARDS_DIR, manifest, images_per_shard)
-    _write_csv(out_dir / "manifest.csv", manifest)
+    _write_csv(out_dir / "manifest.csv", stored_paths(manifest, out_dir))
     log.info(
         "indexed %d images (%s) into %d shards (%d changed); %d skipped",
         len(manifest), ", ".join(f"{k}: {v}" for k, v in manifest["split"].value_counts().items()),
@@ -387,7 +417,8 @@ def write_shard_lists(shards_dir: Path, manifest: pd.DataFrame, images_per_shard
     for shard, rows in manifest.groupby("shard", sort=True):
         path = shard_list_path(shards_dir, int(shard))
         wanted.add(path.name)
-        text = rows.assign(**{SIGNATURE_COLUMN: [file_signature(p) for p in rows["image_path"]]}).to_csv(index=False)
+        signed = rows.assign(**{SIGNATURE_COLUMN: [file_signature(p) for p in rows["image_path"]]})
+        text = stored_paths(signed, shards_dir).to_csv(index=False)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             write_text(path, text)
             changed += 1

@@ -24,6 +24,7 @@ import pandas as pd
 from pipeline.datasets.common import (
     BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir,
 )
+from pipeline.config import is_within
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import check_image_id
 
@@ -36,17 +37,44 @@ SPLIT_FOLDERS = ("train", "val", "test")
 DEFAULT_SPLIT = "train"
 
 
-def find_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under root, sorted; an image is any case of IMAGE_SUFFIXES.
-    Hidden files and folders are skipped."""
-    images, others = [], []
-    for folder, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+def find_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files, [(path, why it is not indexed)]) under root, sorted; an image is any case of
+    IMAGE_SUFFIXES. Hidden files and folders are skipped. Symbolic links to folders are followed
+    like those to files, each real folder searched once: a link back up the tree (a loop) or a
+    second way into a folder already searched is listed, not searched again."""
+    images, ignored = [], []
+    searched = {_folder_key(root): root}
+
+    def unreadable(exc: OSError) -> None:
+        ignored.append((Path(exc.filename), f"unreadable folder ({exc.strerror})"))
+
+    for folder, subdirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        kept = []
+        for name in sorted(d for d in subdirs if not d.startswith(".")):
+            path = Path(folder) / name
+            key = _folder_key(path)
+            first = searched.setdefault(key, path)
+            if first is path:
+                kept.append(name)
+            elif is_within(folder, first):
+                ignored.append((path, f"symbolic link loop (back to {first}): not searched again"))
+            else:
+                ignored.append((path, f"same folder as {first}, already searched: not searched again"))
+        subdirs[:] = kept
         for name in sorted(files):
             if not name.startswith("."):
-                is_image = Path(name).suffix.lower() in IMAGE_SUFFIXES
-                (images if is_image else others).append(Path(folder) / name)
-    return images, others
+                path = Path(folder) / name
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    images.append(path)
+                else:
+                    ignored.append((path, not_an_image(path)))
+    return images, ignored
+
+
+def _folder_key(path: Path) -> tuple[int, int]:
+    """The real folder behind ``path`` (symbolic links followed)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def find_images(root: Path) -> list[Path]:
@@ -156,14 +184,13 @@ def index_folder(cfg: dict) -> Dataset:
     split_list_path = None if cfg.get("split_list") in (None, "") else absolute(cfg["split_list"])
     listed = {} if split_list_path is None else read_split_list(split_list_path)
 
-    images, others = find_files(root)
-    if others:
-        log.warning("ignored %d files that are not images (listed in skipped.csv), e.g. %s", len(others),
-                    others[0])
+    images, ignored = find_files(root)
+    if ignored:
+        log.warning("ignored %d files or folders (listed in skipped.csv), e.g. %s: %s", len(ignored), *ignored[0])
     if not images:
         raise BadInputError(
             f"no images found in {root} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}; "
-            f"{len(others)} other files)"
+            f"{len(ignored)} other files)"
         )
     entries = []
     for path in images:
@@ -176,13 +203,26 @@ def index_folder(cfg: dict) -> Dataset:
             mask_path=mask if mask is not None and mask.is_file() else None,
             labels=labels.get(image_id),
         ))
+    if labels_path is not None:
+        _check_labels_match(labels_path, labels, entries)
     _log_coverage(entries, masks_root, labels_path, labels)
     if split_list_path is not None:
         unknown = len(set(listed) - {entry.image_id for entry in entries})
         if unknown:
             log.warning("%d rows of %s name no image found", unknown, split_list_path)
-    ignored = [(str(path), not_an_image(path)) for path in others]
-    return Dataset("folder", names, entries, ignored=ignored)
+    return Dataset("folder", names, entries, ignored=[(str(path), reason) for path, reason in ignored])
+
+
+def _check_labels_match(path: Path, labels: dict[str, tuple[int, ...]], entries: list[Entry]) -> None:
+    """A labels file none of whose ids is an image id is a naming mistake (typically ids written
+    with their extension), not a dataset without labels: say so before anything trains on it."""
+    if set(labels) & {entry.image_id for entry in entries}:
+        return
+    listed = f"ids such as {next(iter(labels))!r}" if labels else "no rows"
+    raise BadInputError(
+        f"{path}: no image_id matches an image found: the file has {listed}, the images have ids such as "
+        f"{entries[0].image_id!r} (path relative to {SECTION}.images, without extension)"
+    )
 
 
 def _log_coverage(entries: list[Entry], masks_root: Path | None, labels_path: Path | None,

@@ -37,9 +37,8 @@ from timm.models import get_arch_name
 from torch import nn
 
 from pipeline import backbone as vit_backbone
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import load_checkpoint, model_file_kind
 from pipeline.errors import ConfigError, PipelineError, WeightsError
-from pipeline.pc2m.model import MODEL_FORMAT as PC2M_MODEL_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -283,12 +282,9 @@ def load_trained_deeplab(path: str | Path) -> DeepLabV3Plus:
     """The model saved by training (``model.pt``), rebuilt from its own architecture record."""
     path = Path(path)
     payload = load_checkpoint(path)
-    if isinstance(payload, dict) and payload.get("format") == PC2M_MODEL_FORMAT:
-        raise WeightsError(f"{path}: not a DeepLab model file (a PC2M / ViT-PCM model)")
-    if (not isinstance(payload, dict) or "model" not in payload or not isinstance(payload.get("arch"), dict)
-            or not {"backbone", "num_classes"} <= set(payload["arch"])):
-        raise WeightsError(f"{path}: not a DeepLab model file (expected 'arch' with backbone and num_classes,"
-                           " and 'model' entries)")
+    kind = model_file_kind(payload)
+    if not kind.startswith("a DeepLab model") or not {"backbone", "num_classes"} <= set(payload["arch"]):
+        raise WeightsError(f"{path}: not a DeepLab model file: {kind}")
     model = DeepLabV3Plus(payload["arch"]["backbone"], payload["arch"]["num_classes"])
     problems = vit_backbone.describe_mismatch(payload["model"], model.state_dict())
     if problems:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.datasets import parse_labels
+from pipeline.config import require_fields
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import (
     Geometry,
@@ -42,7 +43,7 @@ from pipeline.features import (
 )
 from pipeline.geometry import grid_to_image
 from pipeline.atomic import atomic_dir
-from pipeline.checkpoint import load_error_reason
+from pipeline.checkpoint import load_error_reason, model_file_kind
 from pipeline.imageio import safe_child, write_label_png
 from pipeline.pc2m.data import TRAIN_SPLIT
 from pipeline.pc2m.model import MODEL_FORMAT, Architecture, PatchClassifier, build_network, mixed_precision
@@ -65,6 +66,7 @@ class PredictSettings:
 
     @classmethod
     def from_params(cls, predict: dict) -> PredictSettings:
+        require_fields(cls, predict, "predict")
         settings = cls(**predict)
         if settings.fit not in ("crop", "pad"):
             raise ConfigError(f"predict.fit: {settings.fit!r} is not crop or pad")
@@ -90,7 +92,12 @@ def read_model_file(model_path: Path) -> tuple[Architecture, dict[str, torch.Ten
         payload = torch.load(model_path, map_location="cpu", weights_only=True)
         if payload.get("format") == MODEL_FORMAT:
             return Architecture(**payload["arch"]), payload["model"]
+        kind = model_file_kind(payload)
+        if not kind.startswith("a PC2M model"):
+            raise WeightsError(f"{model_path}: not a PC2M / ViT-PCM model file: {kind}")
         return Architecture("pc2m", int(payload["classifier.weight"].shape[0]), 0), payload
+    except WeightsError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure: not a usable model file
         raise WeightsError(f"{model_path}: not a PC2M / ViT-PCM model file ({load_error_reason(exc)})") from None
 

@@ -51,6 +51,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import load_error_reason
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.datasets import read_classes, read_manifest
+from pipeline.config import require_fields
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.devices import resolve_device
 from pipeline.imageio import load_mask
@@ -131,6 +132,7 @@ class TrainSettings:
 
     @classmethod
     def from_params(cls, train: dict) -> TrainSettings:
+        require_fields(cls, train, "train")
         values = dict(train)
         values["global_scale"] = tuple(float(v) for v in values["global_scale"])
         values["local_scale"] = tuple(float(v) for v in values["local_scale"])

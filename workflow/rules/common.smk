@@ -10,7 +10,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import load_schema, validate_config
+from pipeline.config import check_config, check_gpu_request, load_schema, results_folder, validate_config
 from pipeline.errors import ConfigError
 from pipeline.patch_sizes import check_patch_sizes
 from pipeline.stage_settings import (
@@ -26,6 +26,7 @@ from pipeline.stage_settings import (
 try:
     validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
     check_patch_sizes(config)
+    check_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
@@ -71,10 +72,14 @@ GPUS = detected_gpus()
 GPUS_PER_JOB = gpus_setting("gpus_per_job", 1 if GPUS else 0)
 TRAIN_GPUS = gpus_setting("train_gpus", GPUS_PER_JOB)
 if workflow.nodes is None and not workflow.remote_exec and "gpu" not in workflow.global_resources:
+    try:
+        check_gpu_request(config.get("compute", {}), GPUS)
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid configuration: {exc}") from None
     workflow.register_resource("gpu", GPUS)
 
 
-RESULTS = config["results"].rstrip("/")
+RESULTS = results_folder(config["results"])
 DATASET = config["dataset"]
 
 
@@ -222,6 +227,8 @@ def index_settings():
         "seed": config["seed"],
         # training reads this split: a dataset without it stops at the index, before any feature
         "required_split": TRAIN_SPLIT,
+        # weak mode trains on the dataset's labels: a dataset without any stops at the index
+        "require_labels": config["mode"] == "weak",
     }
     if workflow.is_main_process:
         settings["files"] = files_fingerprint(dataset_roots(DATASET))
