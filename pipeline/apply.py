@@ -118,7 +118,8 @@ def index_images(images: Path, layout: Layout, params: dict, threads: int) -> No
     if not root.is_dir():
         raise BadInputError(f"{root}: folder of new images (config key {IMAGES_KEY}) not found")
     found, ignored = find_files(root)
-    _write_csv(layout.ignored, pd.DataFrame({"path": [str(p) for p in ignored]}, columns=["path"]))
+    _write_csv(layout.ignored, pd.DataFrame({"path": [str(path) for path, _ in ignored],
+                                             "reason": [reason for _, reason in ignored]}, columns=["path", "reason"]))
     if ignored:
         log.warning("ignored %d files that are not images (listed in %s)", len(ignored), layout.ignored)
     if not found:

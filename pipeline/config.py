@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from pipeline.datasets.common import is_within
 from pipeline.errors import ConfigError
 
 
@@ -107,11 +108,6 @@ def results_folder(value: str) -> str:
                           "name a folder for this run's artifacts, e.g. results/")
     return path.rstrip("/") or path
 
-
-def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it (both absolute; compared as written, so
-    resolve symbolic links first where they matter)."""
-    return os.path.commonpath([os.fspath(path), os.fspath(folder)]) == os.fspath(folder)
 
 
 def check_config(config: dict[str, Any]) -> None:

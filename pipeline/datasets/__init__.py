@@ -24,8 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.atomic import atomic_path, write_json, write_text
-from pipeline.config import is_within
-from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry
+from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry, is_within
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb, printable_path
 

@@ -45,6 +45,13 @@ def absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both absolute; compared as written, so
+    resolve symbolic links first where they matter)."""
+    return os.path.commonpath([os.fspath(path), os.fspath(folder)]) == os.fspath(folder)
+
+
+
 def config_path(cfg: dict, key: str, section: str) -> Path:
     """The path under ``cfg[key]``; ConfigError naming ``section.key`` when it is unset."""
     value = cfg.get(key)
