@@ -30,10 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import print_and_append  # noqa: E402
-
-from pipeline import crf, shards  # noqa: E402
-from pipeline.datasets import MANIFEST_COLUMNS  # noqa: E402
+from machine import print_and_append
+from pipeline import crf, shards
+from pipeline.datasets import MANIFEST_COLUMNS
 
 WIDTH, HEIGHT, PATCH = 500, 375, 16
 

@@ -23,9 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
-
-from pipeline.atomic import write_text  # noqa: E402
+from machine import cpu_model
+from pipeline.atomic import write_text
 
 # name -> (what it measures and its target, arguments on CPU, extra arguments on a GPU)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {

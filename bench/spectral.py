@@ -73,11 +73,10 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
-
-from pipeline.datasets.demo import generate_demo  # noqa: E402
-from pipeline.imageio import load_rgb  # noqa: E402
-from pipeline.spectral import (  # noqa: E402
+from machine import cpu_model
+from pipeline.datasets.demo import generate_demo
+from pipeline.imageio import load_rgb
+from pipeline.spectral import (
     MIN_DEGREE,
     SOLVERS,
     colour_patch_features,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 

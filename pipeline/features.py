@@ -30,9 +30,9 @@ import logging
 import math
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,14 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.backbone import (
-    build_backbone,
-    embed_dim,
-    extract_features,
-    normalisation,
-    num_prefix_tokens,
-    patch_size,
-)
+from pipeline.backbone import build_backbone, embed_dim, extract_features, normalisation, num_prefix_tokens, patch_size
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb_resized

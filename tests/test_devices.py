@@ -111,9 +111,9 @@ def test_launch_runs_the_stage(tmp_path):
 
 
 def test_resolve_auto_is_the_cpu_without_cuda():
-    from pipeline.devices import resolve_device
-
     import torch
+
+    from pipeline.devices import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: covered by the GPU check")

@@ -17,8 +17,14 @@ from pipeline.backbone import build_backbone, extract_features
 from pipeline.cli import main as cli_main
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.features import (
-    Geometry, ShardReader, batches_by_size, extract_shard, image_geometry, prepare_image,
-    read_shard, read_shard_meta,
+    Geometry,
+    ShardReader,
+    batches_by_size,
+    extract_shard,
+    image_geometry,
+    prepare_image,
+    read_shard,
+    read_shard_meta,
 )
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3}

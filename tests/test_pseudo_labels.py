@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline import shards
 from pipeline.datasets import MANIFEST_COLUMNS
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import write_label_png
@@ -22,13 +23,7 @@ from pipeline.pseudo_label_report import (
     report_pseudo_labels,
     upsample_nearest,
 )
-from pipeline import shards
-from pipeline.pseudo_labels import (
-    PseudoLabelSettings,
-    assemble,
-    cluster_crops,
-    run_pseudo_labels,
-)
+from pipeline.pseudo_labels import PseudoLabelSettings, assemble, cluster_crops, run_pseudo_labels
 
 PARAMS = {
     "method": "kmeans", "num_clusters": 3, "keep_fraction": 1.0, "n_neighbors": 5,

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.datasets.common import (
-    BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir,
-)
 from pipeline.config import is_within
+from pipeline.datasets.common import BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import check_image_id
 

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,8 +45,8 @@ from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from pipeline.datasets import read_manifest
 from pipeline.datasets.common import IGNORE_INDEX
 from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
-from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.devices import resolve_device
+from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import load_mask, load_rgb, mask_in_folders
 
 log = logging.getLogger(__name__)

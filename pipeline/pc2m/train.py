@@ -36,9 +36,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -48,12 +48,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.checkpoint import load_error_reason
 from pipeline.backbone import build_backbone, normalisation, patch_size
-from pipeline.datasets import read_classes, read_manifest
+from pipeline.checkpoint import load_error_reason
 from pipeline.config import require_fields
-from pipeline.errors import BadInputError, ConfigError, PipelineError
+from pipeline.datasets import read_classes, read_manifest
 from pipeline.devices import resolve_device
+from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import load_mask
 from pipeline.patch_sizes import fit_view_sizes
 from pipeline.pc2m.data import (
