@@ -127,8 +127,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     label = name if device.type != "cuda" else f"{name} ({'stage settings' if fast else 'reference'})"
-    return {"model": label, "images/s": images_done / total, **{k: v / args.iterations for k, v in timer.totals.items()},
-            "peak MiB": peak}
+    return {"model": label, "images/s": images_done / total,
+            **{k: v / args.iterations for k, v in timer.totals.items()}, "peak MiB": peak}
 
 
 # The part of a step timed from the loss function's returned start to after the Adam step.

@@ -210,7 +210,8 @@ def device_decodable(data: bytes, expected: tuple[int, int]) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as im:
             upright = im.getexif().get(0x0112, 1) == 1  # EXIF Orientation
-            return im.format == "JPEG" and im.mode in ("RGB", "L") and upright and (im.height, im.width) == tuple(expected)
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and upright
+                    and (im.height, im.width) == tuple(expected))
     except Exception:  # noqa: BLE001 - any header problem: let Pillow's full decode report it
         return False
 

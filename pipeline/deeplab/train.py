@@ -136,7 +136,8 @@ def train_images(manifest_path: str | Path, masks_dir: str | Path | Sequence[str
     if rows.empty:
         raise BadInputError(f"{manifest_path}: no images in split {TRAIN_SPLIT!r} to train DeepLab on")
     images = [
-        TrainImage(image_id, image_path, str(mask_in_folders(folders, image_id) or Path(folders[0]) / f"{image_id}.png"))
+        TrainImage(image_id, image_path,
+                   str(mask_in_folders(folders, image_id) or Path(folders[0]) / f"{image_id}.png"))
         for image_id, image_path in zip(rows["image_id"], rows["image_path"])
     ]
     missing = [image for image in images if not Path(image.mask_path).is_file()]

@@ -120,7 +120,9 @@ def load_model(model_path: Path, backbone: dict, device: torch.device,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{model_path}: does not fit backbone {backbone['name']!r} ({str(exc).splitlines()[0]})") from None
+        raise WeightsError(
+            f"{model_path}: does not fit backbone {backbone['name']!r} ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval()
 
 

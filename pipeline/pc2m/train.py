@@ -378,7 +378,9 @@ def train(
     device = resolve_device(settings.device)
     processes = init_processes(device)
     if settings.batch_size % processes.world:
-        raise ConfigError(f"train.batch_size {settings.batch_size} is not a multiple of the {processes.world} processes")
+        raise ConfigError(
+            f"train.batch_size {settings.batch_size} is not a multiple of the {processes.world} processes"
+        )
 
     images = training_images(mode, manifest_path, labels_path)
     num_classes = number_of_classes(mode, classes_path, labels_path, images)
@@ -434,7 +436,8 @@ def train(
             parameters = set_trainable(model, phase)
             # Fused Adam (one kernel for all tensors) on CUDA; the CPU keeps the reference
             # implementation, so CPU runs give the same numbers as before.
-            optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate(epoch), fused=device.type == "cuda" or None)
+            optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate(epoch),
+                                         fused=device.type == "cuda" or None)
             if optimizer_state is not None and optimizer_phase == phase:
                 optimizer.load_state_dict(optimizer_state)
             log.info("epoch %d: %d backbone blocks unfrozen, %d trainable tensors, lr %g",
