@@ -3,6 +3,7 @@
 #       snakemake --cores all --configfile presets/voc-unsupervised.yaml
 # Every stage is a rule that calls `python -m pipeline <stage>`; see README.md.
 
+
 configfile: f"{workflow.basedir}/config.yaml"
 
 
@@ -18,9 +19,9 @@ include: "workflow/rules/apply.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_targets,
-    default_target: True
 
 
 # `snakemake apply --config apply='{images: FOLDER}'`: the run's models applied to a new folder

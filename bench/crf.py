@@ -5,8 +5,9 @@ probabilities, decode the image, dense CRF, write the PNG) on synthetic VOC-size
 500 × 375 images, 21 classes on a 23 × 31 grid (ViT/16 on the image cropped to 496 × 368),
 10 iterations with the deeplab-v2 pairwise terms. With 2 workers a fresh stage process also pays
 once for starting them (a forkserver that imports torch, then forks); that start-up is timed on
-its own, first, so the steady-state speed-up can be read apart. The machine may be shared: the load average is printed before and
-after, and a speed-up below 2 on a loaded 2-core machine says as much about the load as the code.
+its own, first, so the steady-state speed-up can be read apart. The machine may be shared: the
+load average is printed before and after, and a speed-up below 2 on a loaded 2-core machine says
+as much about the load as the code.
 
     python bench/crf.py                   # 12 images
     python bench/crf.py --images 24 --out bench/RESULTS.md
@@ -30,10 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import print_and_append  # noqa: E402
-
-from pipeline import crf, shards  # noqa: E402
-from pipeline.datasets import MANIFEST_COLUMNS  # noqa: E402
+from machine import print_and_append
+from pipeline import crf, shards
+from pipeline.datasets import MANIFEST_COLUMNS
 
 WIDTH, HEIGHT, PATCH = 500, 375, 16
 
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---:|---:|---:|---:|",
         f"| 1 | {one:.1f} | {n / one:.2f} | 1.00 |",
         f"| 2 (forkserver already running) | {two:.1f} | {n / two:.2f} | {one / two:.2f} |",
-        f"| 2 (fresh process: + {startup:.1f} s worker start-up) | {cold_two:.1f} | {n / cold_two:.2f} | {one / cold_two:.2f} |",
+        f"| 2 (fresh process: + {startup:.1f} s worker start-up) | {cold_two:.1f} | {n / cold_two:.2f} "
+        f"| {one / cold_two:.2f} |",
         "",
         "CPU accounting (a second pass over the same images, time measured inside the workers):",
         "",

@@ -30,10 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
-
-from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size  # noqa: E402
-from pipeline.features import extract_shard, image_geometry, prepare_image, resolve_device  # noqa: E402
+from machine import cpu_model
+from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size
+from pipeline.features import extract_shard, image_geometry, prepare_image, resolve_device
 
 MANIFEST_COLUMNS = ["image_id", "image_path", "mask_path", "labels", "has_labels", "split",
                     "width", "height", "shard"]

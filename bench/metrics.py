@@ -30,8 +30,8 @@ import platform
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -40,9 +40,8 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import print_and_append  # noqa: E402
-
-from pipeline import metrics  # noqa: E402
+from machine import print_and_append
+from pipeline import metrics
 
 IGNORE = 255
 Pair = tuple[np.ndarray, np.ndarray]  # (prediction, GT), uint8 H × W

@@ -23,9 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
-
-from pipeline.atomic import write_text  # noqa: E402
+from machine import cpu_model
+from pipeline.atomic import write_text
 
 # name -> (what it measures and its target, arguments on CPU, extra arguments on a GPU)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
@@ -37,8 +36,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "spectral": (
         "Batched dense Laplacian eigensolver vs one shift-invert eigsh per image (Deep Spectral Methods), "
-        "same affinities. Target: >= 4x on CPU at VOC size, never a wrong subspace; GPU >= 1,000 images/s at 784 patches, "
-        "0 wrong on every set (the GPU run also times the float32 torch.linalg.eigh it replaced).",
+        "same affinities. Target: >= 4x on CPU at VOC size, never a wrong subspace; "
+        "GPU >= 1,000 images/s at 784 patches, 0 wrong on every set "
+        "(the GPU run also times the float32 torch.linalg.eigh it replaced).",
         ["--voc-images", "64", "--demo-images", "24"],
         ["--device", "cuda", "--voc-images", "512", "--voc-grid", "28x28", "--batch-size", "64"],
     ),

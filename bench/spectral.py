@@ -73,11 +73,10 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
-
-from pipeline.datasets.demo import generate_demo  # noqa: E402
-from pipeline.imageio import load_rgb  # noqa: E402
-from pipeline.spectral import (  # noqa: E402
+from machine import cpu_model
+from pipeline.datasets.demo import generate_demo
+from pipeline.imageio import load_rgb
+from pipeline.spectral import (
     MIN_DEGREE,
     SOLVERS,
     colour_patch_features,
@@ -152,7 +151,9 @@ def synthetic_keys(rng: np.random.Generator, grid: tuple[int, int], dim: int) ->
     return (protos[labels.reshape(-1)] + noise + smooth.reshape(gh * gw, dim)).astype(np.float32)
 
 
-def voc_affinities(count: int, dim: int, seed: int, grid: tuple[int, int] = VOC_GRID) -> tuple[torch.Tensor, tuple[int, int]]:
+def voc_affinities(
+    count: int, dim: int, seed: int, grid: tuple[int, int] = VOC_GRID
+) -> tuple[torch.Tensor, tuple[int, int]]:
     rng = np.random.default_rng(seed)
     keys = np.stack([synthetic_keys(rng, grid, dim) for _ in range(count)])
     return key_affinity(torch.from_numpy(keys)), grid
@@ -360,7 +361,8 @@ def summary_row(r: SetResult) -> str:
     counts = f"{min(r.n_segments)}–{max(r.n_segments)}" if r.n_segments else "n/a"
     n = r.grid[0] * r.grid[1]
     return (f"| {r.name} | {r.images} | {r.grid[0]}×{r.grid[1]} = {n} | {ours_ms:.1f} | {ref_ms:.1f} "
-            f"| {ref_ms / ours_ms:.2f}× | {ours_wrong} | {ref_wrong} | {len(r.ref_failures)} | {ari} | {same} | {counts} |")
+            f"| {ref_ms / ours_ms:.2f}× | {ours_wrong} | {ref_wrong} | {len(r.ref_failures)} "
+            f"| {ari} | {same} | {counts} |")
 
 
 def detail_row(r: SetResult, who: str, checks: list[Check]) -> str:

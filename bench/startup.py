@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
             "from pipeline.backbone import build_backbone\n"
             "from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable\n"
             "torch.manual_seed(0)\n"
-            "model = build_network(build_backbone('vit_small_patch16_224.dino', 'random'), Architecture('pc2m', 21, 0))\n"
+            "model = build_network(build_backbone('vit_small_patch16_224.dino', 'random'), "
+            "Architecture('pc2m', 21, 0))\n"
             "model.to(device).train()\n"
             "optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=device.type == 'cuda' or None)\n"
             "images = torch.randn(batch, 3, 224, 224, device=device)"
@@ -119,7 +120,8 @@ def measure(stage: str, args: argparse.Namespace) -> dict[str, float]:
     times = json.loads(result.stdout.strip().splitlines()[-1])
     timed = times["imports"] + times["build"] + times["first"] + times["steady"] * args.batches
     times["interpreter"] = max(0.0, wall - timed)
-    times["startup"] = times["interpreter"] + times["imports"] + times["build"] + max(0.0, times["first"] - times["steady"])
+    times["startup"] = (times["interpreter"] + times["imports"] + times["build"]
+                        + max(0.0, times["first"] - times["steady"]))
     times["rate"] = args.batch_size / times["steady"]
     return times
 

@@ -24,8 +24,8 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,14 +33,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pipeline.pc2m.losses as losses  # noqa: E402
-from pipeline.backbone import build_backbone, normalisation, patch_size  # noqa: E402
-from pipeline.devices import resolve_device  # noqa: E402
-from pipeline.pc2m.data import LabelledImage, TwoViewDataset  # noqa: E402
-from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable  # noqa: E402
-from pipeline.pc2m.ot import LOCAL, batch_class_marginal, multi_hot_frequencies, sinkhorn  # noqa: E402
-from pipeline.pc2m.views import ViewSettings, local_to_global  # noqa: E402
-from pipeline.pc2m.vitpcm import MosaicViewDataset, MosaicViews, ViTPCMSettings, vitpcm_step  # noqa: E402
+import pipeline.pc2m.losses as losses
+from pipeline.backbone import build_backbone, normalisation, patch_size
+from pipeline.devices import resolve_device
+from pipeline.pc2m.data import LabelledImage, TwoViewDataset
+from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable
+from pipeline.pc2m.ot import LOCAL, batch_class_marginal, multi_hot_frequencies, sinkhorn
+from pipeline.pc2m.views import ViewSettings, local_to_global
+from pipeline.pc2m.vitpcm import MosaicViewDataset, MosaicViews, ViTPCMSettings, vitpcm_step
 
 MODELS = {"S/16": "vit_small_patch16_224.dino", "B/16": "vit_base_patch16_224.dino"}
 NUM_CLASSES = 21  # VOC
@@ -127,8 +127,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     label = name if device.type != "cuda" else f"{name} ({'stage settings' if fast else 'reference'})"
-    return {"model": label, "images/s": images_done / total, **{k: v / args.iterations for k, v in timer.totals.items()},
-            "peak MiB": peak}
+    return {"model": label, "images/s": images_done / total,
+            **{k: v / args.iterations for k, v in timer.totals.items()}, "peak MiB": peak}
 
 
 # The part of a step timed from the loss function's returned start to after the Adam step.

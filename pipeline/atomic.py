@@ -12,9 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
 
 # Permissions of what we create: the user's umask, as a plain open() would give (mkstemp and
 # mkdtemp create 0600 / 0700, which other users of a shared results folder could not read).

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
 from pipeline.errors import ConfigError, WeightsError
 

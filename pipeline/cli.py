@@ -101,7 +101,8 @@ def _cmd_segment_features(args: argparse.Namespace) -> None:
     from pipeline.segments import run_segment_features_shard
 
     run_segment_features_shard(
-        Path(args.spectral), Path(args.features), Path(args.manifest), Path(args.out), _params(args.params), args.threads
+        Path(args.spectral), Path(args.features), Path(args.manifest), Path(args.out), _params(args.params),
+        args.threads,
     )
 
 
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="feature shard (for the resize geometry)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--params", required=True, action="append", help='JSON: {"backbone", "features", "segment_features", "seed"}')
+    p.add_argument("--params", required=True, action="append",
+                   help='JSON: {"backbone", "features", "segment_features", "seed"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_segment_features)
 
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-csv", required=True)
-    p.add_argument("--params", required=True, action="append", help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
+    p.add_argument("--params", required=True, action="append",
+                   help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train-deeplab", help="train DeepLabV3+ on the train split's pseudo-masks")
@@ -353,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", required=True, help="pc2m/alpha.csv")
     p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, action="append", help='JSON: {"mode", "qualitative_images", "gallery_images", '
+    p.add_argument("--params", required=True, action="append",
+                   help='JSON: {"mode", "qualitative_images", "gallery_images", '
                    '"stage_mask_dirs": [[stage, {split: [folder, ...]}], ...]}')
     p.set_defaults(func=_cmd_report)
     return parser

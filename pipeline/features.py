@@ -30,9 +30,9 @@ import logging
 import math
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,14 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.backbone import (
-    build_backbone,
-    embed_dim,
-    extract_features,
-    normalisation,
-    num_prefix_tokens,
-    patch_size,
-)
+from pipeline.backbone import build_backbone, embed_dim, extract_features, normalisation, num_prefix_tokens, patch_size
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb_resized
@@ -217,7 +210,8 @@ def device_decodable(data: bytes, expected: tuple[int, int]) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as im:
             upright = im.getexif().get(0x0112, 1) == 1  # EXIF Orientation
-            return im.format == "JPEG" and im.mode in ("RGB", "L") and upright and (im.height, im.width) == tuple(expected)
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and upright
+                    and (im.height, im.width) == tuple(expected))
     except Exception:  # noqa: BLE001 - any header problem: let Pillow's full decode report it
         return False
 

@@ -18,7 +18,9 @@ def unpack(geometry: torch.Tensor) -> tuple[float, tuple[int, int], tuple[int, i
     return float(scale), (int(round(rh)), int(round(rw))), (int(round(fh)), int(round(fw)))
 
 
-def grid_to_image(maps: torch.Tensor, geometry: torch.Tensor, image_hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def grid_to_image(
+    maps: torch.Tensor, geometry: torch.Tensor, image_hw: tuple[int, int], mode: str = "bilinear"
+) -> torch.Tensor:
     """C×gh×gw (float probabilities, or label ids with ``mode="nearest"``) -> C×H×W on the image.
 
     The grid is upsampled to the backbone's input (final_h×final_w); the part beyond the resized

@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,13 +37,13 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
+from pipeline import metrics, shards
 from pipeline.atomic import atomic_path, write_text
 from pipeline.datasets import parse_labels, read_classes, read_manifest
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX
 from pipeline.errors import BadInputError
 from pipeline.imageio import load_mask
 from pipeline.tables import markdown_table
-from pipeline import metrics, shards
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from pipeline import shards
 from pipeline.atomic import atomic_path, write_json
 from pipeline.clustering import (
     check_features,
@@ -48,11 +49,10 @@ from pipeline.clustering import (
     l2_normalise,
     spectral_clustering,
 )
+from pipeline.config import require_fields
 from pipeline.datasets import read_manifest
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX
-from pipeline.config import require_fields
 from pipeline.errors import BadInputError, ConfigError
-from pipeline import shards
 
 log = logging.getLogger(__name__)
 

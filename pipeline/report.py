@@ -30,9 +30,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,9 +41,9 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline.atomic import atomic_path, write_text
 from pipeline.datasets import read_classes, read_manifest
+from pipeline.datasets.common import IGNORE_INDEX
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.evaluate import find_prediction
-from pipeline.datasets.common import IGNORE_INDEX
 from pipeline.imageio import load_mask, load_rgb, overlay, voc_palette
 from pipeline.tables import markdown_table
 

@@ -40,7 +40,8 @@ def group_by_grid(grids: dict[str, tuple[int, int]], batch_size: int) -> list[li
     groups: dict[tuple[int, int], list[str]] = defaultdict(list)
     for image_id in sorted(grids):
         groups[grids[image_id]].append(image_id)
-    return [ids[i : i + batch_size] for grid in sorted(groups) for ids in [groups[grid]] for i in range(0, len(ids), batch_size)]
+    return [ids[i : i + batch_size]
+            for grid in sorted(groups) for ids in [groups[grid]] for i in range(0, len(ids), batch_size)]
 
 
 def patch_colours(rgb: np.ndarray, geometry: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -58,7 +59,8 @@ def affinity(keys: torch.Tensor, colours: torch.Tensor | None, grid: tuple[int, 
     """Feature affinity (paper 000 eq. 10), plus λ × the colour kNN affinity when λ > 0."""
     w = key_affinity(keys)
     if colours is not None and cfg["colour_weight"] > 0:
-        w = w + cfg["colour_weight"] * colour_knn_affinity(colours, grid, cfg["colour_neighbors"], cfg["colour_xy_weight"])
+        w = w + cfg["colour_weight"] * colour_knn_affinity(
+            colours, grid, cfg["colour_neighbors"], cfg["colour_xy_weight"])
     return w
 
 
@@ -71,7 +73,8 @@ def run_spectral_shard(features_path: Path, manifest_path: Path, out_path: Path,
     device = resolve_device(cfg["device"])
     manifest = read_manifest(manifest_path).set_index("image_id")
     wanted = set(manifest.index[manifest["split"].isin(cfg["splits"])])
-    images = {i: t for i, t in shards.read_images(features_path, names={"keys", "grid", "geometry"}).items() if i in wanted}
+    images = {i: t for i, t in shards.read_images(features_path, names={"keys", "grid", "geometry"}).items()
+              if i in wanted}
     for image_id, tensors in images.items():
         if "keys" not in tensors:
             raise BadInputError(f"{features_path}: no attention keys stored (add `keys` to features.keep)")

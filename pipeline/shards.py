@@ -40,7 +40,8 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"{key}: dtype {tensor.dtype} has no safetensors name")
         size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     # The format wants the data to start 8-byte aligned; pad the header with spaces as it does.

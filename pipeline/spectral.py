@@ -294,7 +294,8 @@ def _subspace_top(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
         log.info("spectral: %d of %d images not certified after %d rounds, solved densely in float64",
                  unconverged.numel(), batch, SUBSPACE_MAX_ROUNDS)
         dense_theta, dense_vectors = _dense_top(m[unconverged], k)
-        theta, vectors = theta.index_copy(0, unconverged, dense_theta), vectors.index_copy(0, unconverged, dense_vectors)
+        theta = theta.index_copy(0, unconverged, dense_theta)
+        vectors = vectors.index_copy(0, unconverged, dense_vectors)
     return 1.0 - theta, vectors, inv_sqrt, int(unconverged.numel())
 
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from workflow_runs import REPO, assert_one_line_error, reference_run, snakemake
 
 from pipeline.backbone import build_backbone
 from pipeline.pc2m.model import Architecture, build_network, model_payload
 from pipeline.shards import read_meta
+from workflow_runs import REPO, assert_one_line_error, reference_run, snakemake
 
 # Odd sizes (width, height), two formats, one image in a sub-folder: 7 images = 2 shards of the
 # tiny run's 6 images per shard.

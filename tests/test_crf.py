@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import crf, shards
 from pipeline.datasets import MANIFEST_COLUMNS
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_mask
-from PIL import Image
 
 
 def edge_image(height: int, width: int, edge: int, seed: int = 0) -> np.ndarray:

@@ -12,7 +12,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.datasets import (
-    MANIFEST_COLUMNS, Row, build_index, manifest_frame, parse_labels, read_classes, read_manifest,
+    MANIFEST_COLUMNS,
+    Row,
+    build_index,
+    manifest_frame,
+    parse_labels,
+    read_classes,
+    read_manifest,
 )
 from pipeline.datasets.coco import convert_coco_annotations
 from pipeline.datasets.demo import generate_demo

@@ -58,9 +58,10 @@ def test_another_seed_on_the_same_data_trains_other_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("retrain") / "pc2m"
     config = tiny_config(first, seed=1)
     defaults = yaml.safe_load((REPO / "config.yaml").read_text())
-    params = {"backbone": {**defaults["backbone"], **config["backbone"]}, "train": {**defaults["train"], **config["train"]},
-              "mode": "unsupervised", "seed": 1}
-    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "--manifest", str(first / "dataset/manifest.csv"),
+    params = {"backbone": {**defaults["backbone"], **config["backbone"]},
+              "train": {**defaults["train"], **config["train"]}, "mode": "unsupervised", "seed": 1}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train",
+                             "--manifest", str(first / "dataset/manifest.csv"),
                              "--classes", str(first / "dataset/classes.json"),
                              "--labels", str(first / "pseudo_labels/image_labels.csv"), "--out-dir", str(out),
                              "--params", json.dumps(params), "--threads", "2"],

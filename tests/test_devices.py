@@ -94,12 +94,15 @@ def test_process_gpu_is_claimed_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_launch_is_plain_python_for_one_gpu(gpus):
-    assert devices.launch_command(gpus, ["train", "--x", "1"], python="py") == ["py", "-m", "pipeline", "train", "--x", "1"]
+    assert devices.launch_command(gpus, ["train", "--x", "1"], python="py") == [
+        "py", "-m", "pipeline", "train", "--x", "1",
+    ]
 
 
 def test_launch_is_torchrun_for_more_gpus():
     assert devices.launch_command(2, ["train", "--x", "1"], python="py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train", "--x", "1",
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "pipeline", "train", "--x", "1",
     ]
 
 
@@ -111,9 +114,9 @@ def test_launch_runs_the_stage(tmp_path):
 
 
 def test_resolve_auto_is_the_cpu_without_cuda():
-    from pipeline.devices import resolve_device
-
     import torch
+
+    from pipeline.devices import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: covered by the GPU check")

@@ -14,6 +14,7 @@ are redone without asking because the workflow profile sets `rerun-incomplete`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path_factory):
             # What a user does after the kill: unlock, then the same command again.
             unlock = snakemake(*args, "--unlock", cwd=work)
             assert unlock.returncode == 0, unlock.stdout[-3000:]
-        killed, output = run_and_kill_when(lambda: condition(results), *args, cwd=work)
+        killed, output = run_and_kill_when(functools.partial(condition, results), *args, cwd=work)
         assert killed, f"the run finished before the {name} kill point:\n{output[-3000:]}"
         assert_every_artifact_complete(results)
         if number == 0:

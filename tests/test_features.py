@@ -17,8 +17,14 @@ from pipeline.backbone import build_backbone, extract_features
 from pipeline.cli import main as cli_main
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.features import (
-    Geometry, ShardReader, batches_by_size, extract_shard, image_geometry, prepare_image,
-    read_shard, read_shard_meta,
+    Geometry,
+    ShardReader,
+    batches_by_size,
+    extract_shard,
+    image_geometry,
+    prepare_image,
+    read_shard,
+    read_shard_meta,
 )
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3}
@@ -158,8 +164,9 @@ def test_identical_bytes_across_runs_and_worker_counts(manifest, tmp_path):
 def test_shard_file_is_canonical_safetensors_whatever_the_metadata_order(tmp_path):
     from safetensors.torch import load_file
 
-    tensors = {"x/keys": torch.arange(6, dtype=torch.float16).view(2, 3), "x/grid": torch.tensor([1, 2], dtype=torch.int32),
-               "a/flag": torch.tensor(True), "y/geometry": torch.rand(5, dtype=torch.float64)}
+    tensors = {"x/keys": torch.arange(6, dtype=torch.float16).view(2, 3),
+               "x/grid": torch.tensor([1, 2], dtype=torch.int32), "a/flag": torch.tensor(True),
+               "y/geometry": torch.rand(5, dtype=torch.float64)}
     meta = {f"k{i}": str(i) for i in range(20)}
     paths = [tmp_path / "1.safetensors", tmp_path / "2.safetensors"]
     for path, items in zip(paths, (sorted(meta.items()), sorted(meta.items(), reverse=True))):

@@ -9,9 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipeline.errors import BadInputError
-from pipeline.imageio import (
-    check_image_id, image_size, load_mask, load_rgb, voc_palette, write_label_png,
-)
+from pipeline.imageio import check_image_id, image_size, load_mask, load_rgb, voc_palette, write_label_png
 
 RNG = np.random.default_rng(0)
 

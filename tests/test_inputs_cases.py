@@ -20,7 +20,15 @@ import yaml
 
 from pipeline.datasets import read_manifest
 from test_bad_inputs import (
-    CONFIG, TIMEOUT, TINY_BACKBONE, assert_ok, cli, features_params, index, index_params, write_image,
+    CONFIG,
+    TIMEOUT,
+    TINY_BACKBONE,
+    assert_ok,
+    cli,
+    features_params,
+    index,
+    index_params,
+    write_image,
     write_manifest,
 )
 from workflow_runs import SNAKEMAKE, assert_one_line_error

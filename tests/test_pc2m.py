@@ -207,8 +207,9 @@ def test_loss_variants_are_finite_and_reach_the_classifier(use_ot, use_match):
     alignment = local_to_global(theta[:1].expand(2, 2, 3), theta, (3, 3))
     targets = torch.tensor([[1.0, 1, 0, 0], [1, 0, 1, 1]])
     alpha = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    terms = pc2m_loss(PatchPredictions(torch.log_softmax(logits_g, 1)), PatchPredictions(torch.log_softmax(logits_l, 1)),
-                      alignment, targets, alpha, 0.1, LossSettings(use_ot, use_match, 3))
+    terms = pc2m_loss(PatchPredictions(torch.log_softmax(logits_g, 1)),
+                      PatchPredictions(torch.log_softmax(logits_l, 1)), alignment, targets, alpha, 0.1,
+                      LossSettings(use_ot, use_match, 3))
     assert torch.isfinite(terms.total)
     terms.total.backward()
     assert logits_g.grad.abs().sum() > 0 and logits_l.grad.abs().sum() > 0
@@ -322,7 +323,8 @@ def test_unsupervised_mode_never_reads_ground_truth(small_demo, tmp_path):
     blind.to_csv(tmp_path / "manifest.csv", index=False)
     params = {"backbone": BACKBONE, "train": train_settings(epochs=1), "mode": "unsupervised", "seed": 0,
               "predict": predict_settings(restrict_to_labels=True)}
-    train(tmp_path / "manifest.csv", small_demo / "classes.json", tmp_path / "image_labels.csv", tmp_path / "out", params, 1)
+    train(tmp_path / "manifest.csv", small_demo / "classes.json", tmp_path / "image_labels.csv", tmp_path / "out",
+          params, 1)
     predict_shard(tmp_path / "manifest.csv", 0, tmp_path / "out" / "model.pt", tmp_path / "probs.safetensors",
                   tmp_path / "masks", params, 1, labels_path=tmp_path / "image_labels.csv")
     meta = shards.read_meta(tmp_path / "probs.safetensors")
@@ -370,7 +372,8 @@ def test_two_process_gloo_run_equals_one_process(small_demo, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         from pipeline.pc2m.train import train
-        train({str(small_demo / 'manifest.csv')!r}, {str(small_demo / 'classes.json')!r}, None, sys.argv[1], {params!r}, 1)
+        train({str(small_demo / 'manifest.csv')!r}, {str(small_demo / 'classes.json')!r}, None, sys.argv[1],
+              {params!r}, 1)
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for processes, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
@@ -382,5 +385,5 @@ def test_two_process_gloo_run_equals_one_process(small_demo, tmp_path):
     two = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model"]
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-4, rtol=1e-4)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "alpha.csv"), pd.read_csv(tmp_path / "two" / "alpha.csv"),
-                                  atol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "alpha.csv"),
+                                  pd.read_csv(tmp_path / "two" / "alpha.csv"), atol=1e-5)

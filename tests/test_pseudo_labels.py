@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline import shards
 from pipeline.datasets import MANIFEST_COLUMNS
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import write_label_png
@@ -22,13 +23,7 @@ from pipeline.pseudo_label_report import (
     report_pseudo_labels,
     upsample_nearest,
 )
-from pipeline import shards
-from pipeline.pseudo_labels import (
-    PseudoLabelSettings,
-    assemble,
-    cluster_crops,
-    run_pseudo_labels,
-)
+from pipeline.pseudo_labels import PseudoLabelSettings, assemble, cluster_crops, run_pseudo_labels
 
 PARAMS = {
     "method": "kmeans", "num_clusters": 3, "keep_fraction": 1.0, "n_neighbors": 5,
@@ -205,7 +200,7 @@ def synthetic_dataset(root: Path, with_masks: bool = True) -> dict:
         rows.append([f"val/{index}", f"/img/v{index}.jpg", "", "", False, "val", 48, 32, 2])
     # two shards of each kind, split at different images, to exercise the lookup across shards
     for kind, tensors, first in (("spectral", spectral, 5), ("crops", crops, 8)):
-        for shard, part in enumerate((lambda i: i < first, lambda i: i >= first)):
+        for shard, part in enumerate((lambda i, first=first: i < first, lambda i, first=first: i >= first)):
             chosen = {k: v for k, v in tensors.items() if part(int(k.split("/")[1]))}
             save_file(chosen, str(root / f"{kind}_{shard}.safetensors"))
     pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(root / "manifest.csv", index=False)

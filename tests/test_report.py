@@ -206,7 +206,8 @@ def test_unsupervised_report_notes_the_matching_and_the_pseudo_label_scores(tree
     pseudo = tree["results"] / "reports" / "pseudo_labels.csv"
     pseudo.parent.mkdir()
     pd.DataFrame({"class_name": ["background", "cat", "dog", "macro", "micro"],
-                  "f1": [None, 0.5, 0.4, 0.474, 0.485], "iou": [0.8, 0.1, 0.2, 0.222, None]}).to_csv(pseudo, index=False)
+                  "f1": [None, 0.5, 0.4, 0.474, 0.485],
+                  "iou": [0.8, 0.1, 0.2, 0.222, None]}).to_csv(pseudo, index=False)
     run_report(tree, pseudo_labels_csv=pseudo, params={"mode": "unsupervised"})
     markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
     assert "clusters, matched to classes" in markdown

@@ -60,7 +60,8 @@ def test_every_torch_load_uses_weights_only():
                 func = node.func
                 assert not (isinstance(func, ast.Attribute) and func.attr in ("load", "loads")
                             and isinstance(func.value, ast.Name) and func.value.id in ("pickle", "dill")), where
-                assert not any(k.arg == "weights_only" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                assert not any(k.arg == "weights_only"
+                               and not (isinstance(k.value, ast.Constant) and k.value.value is True)
                                for k in node.keywords), where
             if isinstance(node, ast.ImportFrom) and node.module == "torch":
                 assert "load" not in [alias.name for alias in node.names], where

@@ -92,12 +92,14 @@ def test_group_by_grid_never_mixes_grids():
 
 def write_feature_shard(path: Path, keys: dict[str, torch.Tensor], grid: tuple[int, int]) -> None:
     geometry = torch.tensor([1.0, grid[0] * PATCH, grid[1] * PATCH, grid[0] * PATCH, grid[1] * PATCH])
-    tensors = {i: {"keys": k.half(), "grid": torch.tensor(grid, dtype=torch.int32), "geometry": geometry} for i, k in keys.items()}
+    tensors = {i: {"keys": k.half(), "grid": torch.tensor(grid, dtype=torch.int32), "geometry": geometry}
+               for i, k in keys.items()}
     shards.write_shard(path, shards.per_image_tensors(tensors), {"image_ids": sorted(keys)})
 
 
 def write_manifest(path: Path, ids: list[str], split: str = "train") -> None:
-    rows = [dict(image_id=i, image_path="", mask_path="", labels="", has_labels=False, split=split, width=1, height=1, shard=0) for i in ids]
+    rows = [dict(image_id=i, image_path="", mask_path="", labels="", has_labels=False, split=split, width=1, height=1,
+                 shard=0) for i in ids]
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
@@ -109,7 +111,8 @@ def test_spectral_stage_is_deterministic_and_keeps_degenerate_images(tmp_path):
     write_manifest(tmp_path / "manifest.csv", sorted(keys))
     params = {"spectral": SPECTRAL, "seed": 0}
     for name in ("a", "b"):
-        run_spectral_shard(tmp_path / "features.safetensors", tmp_path / "manifest.csv", tmp_path / f"{name}.safetensors", params, 1)
+        run_spectral_shard(tmp_path / "features.safetensors", tmp_path / "manifest.csv",
+                           tmp_path / f"{name}.safetensors", params, 1)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     out = shards.read_images(tmp_path / "a.safetensors")
     assert set(out) == set(keys)
@@ -123,7 +126,8 @@ def test_spectral_stage_refuses_nan_keys_naming_the_image(tmp_path):
     write_feature_shard(tmp_path / "features.safetensors", keys, (4, 6))
     write_manifest(tmp_path / "manifest.csv", sorted(keys))
     with pytest.raises(BadInputError, match="'bad'.*NaN"):
-        run_spectral_shard(tmp_path / "features.safetensors", tmp_path / "manifest.csv", tmp_path / "o.safetensors", {"spectral": SPECTRAL, "seed": 0}, 1)
+        run_spectral_shard(tmp_path / "features.safetensors", tmp_path / "manifest.csv", tmp_path / "o.safetensors",
+                           {"spectral": SPECTRAL, "seed": 0}, 1)
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -131,5 +135,6 @@ def test_spectral_stage_skips_other_splits(tmp_path):
     keys = {"v1": torch.randn(24, 16)}
     write_feature_shard(tmp_path / "features.safetensors", keys, (4, 6))
     write_manifest(tmp_path / "manifest.csv", ["v1"], split="val")
-    run_spectral_shard(tmp_path / "features.safetensors", tmp_path / "manifest.csv", tmp_path / "o.safetensors", {"spectral": SPECTRAL, "seed": 0}, 1)
+    run_spectral_shard(tmp_path / "features.safetensors", tmp_path / "manifest.csv", tmp_path / "o.safetensors",
+                       {"spectral": SPECTRAL, "seed": 0}, 1)
     assert shards.read_images(tmp_path / "o.safetensors") == {}

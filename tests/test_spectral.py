@@ -1,4 +1,5 @@
-"""Batched spectral solvers (LAPACK on the CPU, filtered subspace iteration for GPUs): exact on block-structured graphs, equal to scipy's eigsh, never wrong on the bench's hard set."""
+"""Batched spectral solvers (LAPACK on the CPU, filtered subspace iteration for GPUs): exact on
+block-structured graphs, equal to scipy's eigsh, never wrong on the bench's hard set."""
 
 from __future__ import annotations
 

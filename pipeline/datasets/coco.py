@@ -27,9 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import write_json
-from pipeline.datasets.common import (
-    IGNORE_INDEX, Dataset, Entry, absolute, config_path, existing_dir, require_entries,
-)
+from pipeline.datasets.common import IGNORE_INDEX, Dataset, Entry, absolute, config_path, existing_dir, require_entries
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import write_label_png
 

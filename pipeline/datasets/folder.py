@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.datasets.common import (
-    BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir, is_within,
-)
+from pipeline.datasets.common import BACKGROUND, Dataset, Entry, absolute, config_path, existing_dir, is_within
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import check_image_id
 

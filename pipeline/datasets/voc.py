@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets.common import (
-    Dataset, Entry, config_path, existing_dir, require_entries,
-)
+from pipeline.datasets.common import Dataset, Entry, config_path, existing_dir, require_entries
 from pipeline.errors import BadInputError
 
 SECTION = "dataset.voc"

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,8 +45,8 @@ from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from pipeline.datasets import read_manifest
 from pipeline.datasets.common import IGNORE_INDEX
 from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
-from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.devices import resolve_device
+from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import load_mask, load_rgb, mask_in_folders
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ def train_images(manifest_path: str | Path, masks_dir: str | Path | Sequence[str
     if rows.empty:
         raise BadInputError(f"{manifest_path}: no images in split {TRAIN_SPLIT!r} to train DeepLab on")
     images = [
-        TrainImage(image_id, image_path, str(mask_in_folders(folders, image_id) or Path(folders[0]) / f"{image_id}.png"))
+        TrainImage(image_id, image_path,
+                   str(mask_in_folders(folders, image_id) or Path(folders[0]) / f"{image_id}.png"))
         for image_id, image_path in zip(rows["image_id"], rows["image_path"])
     ]
     missing = [image for image in images if not Path(image.mask_path).is_file()]

@@ -26,9 +26,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import shards
+from pipeline.atomic import atomic_dir
 from pipeline.backbone import build_backbone, normalisation, patch_size
-from pipeline.datasets import parse_labels
+from pipeline.checkpoint import load_error_reason, model_file_kind
 from pipeline.config import require_fields
+from pipeline.datasets import parse_labels
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import (
     Geometry,
@@ -42,8 +44,6 @@ from pipeline.features import (
     shard_rows,
 )
 from pipeline.geometry import grid_to_image
-from pipeline.atomic import atomic_dir
-from pipeline.checkpoint import load_error_reason, model_file_kind
 from pipeline.imageio import safe_child, write_label_png
 from pipeline.pc2m.data import TRAIN_SPLIT
 from pipeline.pc2m.model import MODEL_FORMAT, Architecture, PatchClassifier, build_network, mixed_precision
@@ -120,7 +120,9 @@ def load_model(model_path: Path, backbone: dict, device: torch.device,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{model_path}: does not fit backbone {backbone['name']!r} ({str(exc).splitlines()[0]})") from None
+        raise WeightsError(
+            f"{model_path}: does not fit backbone {backbone['name']!r} ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval()
 
 

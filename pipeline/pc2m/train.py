@@ -36,9 +36,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -48,12 +48,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.checkpoint import load_error_reason
 from pipeline.backbone import build_backbone, normalisation, patch_size
-from pipeline.datasets import read_classes, read_manifest
+from pipeline.checkpoint import load_error_reason
 from pipeline.config import require_fields
-from pipeline.errors import BadInputError, ConfigError, PipelineError
+from pipeline.datasets import read_classes, read_manifest
 from pipeline.devices import resolve_device
+from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import load_mask
 from pipeline.patch_sizes import fit_view_sizes
 from pipeline.pc2m.data import (
@@ -378,7 +378,9 @@ def train(
     device = resolve_device(settings.device)
     processes = init_processes(device)
     if settings.batch_size % processes.world:
-        raise ConfigError(f"train.batch_size {settings.batch_size} is not a multiple of the {processes.world} processes")
+        raise ConfigError(
+            f"train.batch_size {settings.batch_size} is not a multiple of the {processes.world} processes"
+        )
 
     images = training_images(mode, manifest_path, labels_path)
     num_classes = number_of_classes(mode, classes_path, labels_path, images)
@@ -434,7 +436,8 @@ def train(
             parameters = set_trainable(model, phase)
             # Fused Adam (one kernel for all tensors) on CUDA; the CPU keeps the reference
             # implementation, so CPU runs give the same numbers as before.
-            optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate(epoch), fused=device.type == "cuda" or None)
+            optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate(epoch),
+                                         fused=device.type == "cuda" or None)
             if optimizer_state is not None and optimizer_phase == phase:
                 optimizer.load_state_dict(optimizer_state)
             log.info("epoch %d: %d backbone blocks unfrozen, %d trainable tensors, lr %g",

@@ -143,4 +143,5 @@ def resample(maps: torch.Tensor, alignment: Alignment) -> torch.Tensor:
 
     Bilinear weights sum to one with border padding, so distributions stay distributions.
     """
-    return F.grid_sample(maps, alignment.grid.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(maps, alignment.grid.to(maps.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=False)

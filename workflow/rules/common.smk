@@ -95,8 +95,21 @@ def planning_only():
         args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
     except SystemExit:
         return False
-    flags = ("dryrun", "lint", "report", "unlock", "list_rules", "list_target_rules", "summary",
-             "detailed_summary", "dag", "rulegraph", "filegraph", "d3dag", "print_compilation")
+    flags = (
+        "dryrun",
+        "lint",
+        "report",
+        "unlock",
+        "list_rules",
+        "list_target_rules",
+        "summary",
+        "detailed_summary",
+        "dag",
+        "rulegraph",
+        "filegraph",
+        "d3dag",
+        "print_compilation",
+    )
     return any(getattr(args, flag, None) for flag in flags)
 
 
@@ -243,8 +256,9 @@ def manifest_path():
 def _split_facts(path, mtime_ns):
     import pandas as pd
 
-    frame = pd.read_csv(path, usecols=["split", "mask_path", "shard"], dtype={"mask_path": str},
-                        keep_default_na=False, na_filter=False)
+    frame = pd.read_csv(
+        path, usecols=["split", "mask_path", "shard"], dtype={"mask_path": str}, keep_default_na=False, na_filter=False
+    )
     with_gt = frame["mask_path"] != ""
     splits = {
         split: {"images": int(len(rows)), "with_gt": int(with_gt[rows.index].sum())}

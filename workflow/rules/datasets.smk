@@ -16,16 +16,14 @@ rule demo_data:
 
 rule coco_masks:
     input:
-        annotations=lambda w: str(
-            Path(DATASET["coco"]["root"]) / DATASET["coco"][f"{w.split}_annotations"]
-        ),
+        annotations=lambda w: str(Path(DATASET["coco"]["root"]) / DATASET["coco"][f"{w.split}_annotations"]),
     output:
         directory(f"{DATASET.get('coco', {}).get('masks_cache', 'data/coco/semantic_masks')}/{{split}}"),
     log:
         results("logs/coco_masks_{split}.log"),
-    threads: 4
     conda:
         "../../envs/torch.yaml"
+    threads: 4
     shell:
         "python -m pipeline coco-masks --annotations {input.annotations:q} --out {output:q}"
         " --threads {threads} > {log:q} 2>&1"
@@ -39,14 +37,14 @@ checkpoint dataset_index:
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
         skipped=results("dataset/skipped.csv"),
+    log:
+        results("logs/dataset_index.log"),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
     params:
         facts=index_facts,
         out_dir=lambda w, output: str(Path(output.manifest).parent),
-    log:
-        results("logs/dataset_index.log"),
-    threads: 2
-    conda:
-        "../../envs/torch.yaml"
     shell:
         "python -m pipeline index --params {input.settings:q} --params {params.facts:q} --out-dir {params.out_dir:q}"
         " --threads {threads} > {log:q} 2>&1"

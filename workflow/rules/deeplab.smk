@@ -19,21 +19,21 @@ rule train_deeplab:
         # outputs before rerunning a job, and a killed job resumes from it.
         model=results("deeplab/model.pt"),
         done=results("deeplab/done.json"),
-    params:
-        runtime=runtime_file("train_deeplab"),
-        facts=lambda w, input: as_json({"num_classes": model_classes(input)}),
-        out_dir=lambda w, output: str(Path(output.model).parent),
     log:
         results("logs/train_deeplab.log"),
     benchmark:
         results("benchmarks/train_deeplab.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("train_deeplab"),
+        facts=lambda w, input: as_json({"num_classes": model_classes(input)}),
+        out_dir=lambda w, output: str(Path(output.model).parent),
     shell:
         "python -m pipeline train-deeplab --manifest {input.manifest:q} --masks {input.masks:q}"
         " --out-dir {params.out_dir:q} --params {input.settings:q} --params {params.runtime:q} --params {params.facts:q}"
@@ -49,17 +49,17 @@ rule predict_deeplab:
         ),
     output:
         masks=directory(results("deeplab/masks/{split}")),
-    params:
-        runtime=runtime_file("predict_deeplab"),
     log:
         results("logs/predict_deeplab/{split}.log"),
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("predict_deeplab"),
     shell:
         "python -m pipeline predict-deeplab --manifest {input.manifest:q} --split {wildcards.split}"
         " --model {input.model:q} --out-masks {output.masks:q} --params {input.settings:q} --params {params.runtime:q}"

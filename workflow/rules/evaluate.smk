@@ -13,12 +13,12 @@ rule dense_crf:
         results("logs/crf/shard-{shard}.log"),
     benchmark:
         results("benchmarks/crf/shard-{shard}.tsv")
+    conda:
+        "../../envs/crf.yaml"
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/crf.yaml"
     shell:
         "python -m pipeline crf --probs {input.probs:q} --manifest {input.manifest:q} --out-masks {output.masks:q}"
         " --params {input.settings:q} --threads {threads} > {log:q} 2>&1"
@@ -34,15 +34,15 @@ rule evaluate_split:
     output:
         json=results("eval/{stage}-{split}.json"),
         csv=results("eval/{stage}-{split}.csv"),
-    params:
-        facts=lambda w, input: as_json({"num_predicted_classes": predicted_classes(input)}),
     log:
         results("logs/evaluate/{stage}-{split}.log"),
+    conda:
+        "../../envs/report.yaml"
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-    conda:
-        "../../envs/report.yaml"
+    params:
+        facts=lambda w, input: as_json({"num_predicted_classes": predicted_classes(input)}),
     shell:
         "python -m pipeline evaluate --masks {input.masks:q} --manifest {input.manifest:q} --classes {input.classes:q}"
         " --split {wildcards.split} --out-json {output.json:q} --out-csv {output.csv:q}"
@@ -68,11 +68,14 @@ rule report:
         ),
         alpha=report(results("reports/alpha.png"), caption="../report/alpha.rst", category="Training"),
         curves=report(results("reports/training.png"), caption="../report/training.rst", category="Training"),
-        qualitative=report(
-            results("reports/qualitative.png"), caption="../report/qualitative.rst", category="Results"
-        ),
+        qualitative=report(results("reports/qualitative.png"), caption="../report/qualitative.rst", category="Results"),
         clusters=report(results("reports/clusters.csv"), caption="../report/clusters.rst", category="Results"),
         gallery=report(results("reports/gallery.png"), caption="../report/gallery.rst", category="Results"),
+    log:
+        results("logs/report.log"),
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
     params:
         facts=lambda w: as_json(
             # pairs, not a mapping: as_json sorts keys, and the figures' columns follow the stages' order
@@ -80,11 +83,6 @@ rule report:
         ),
         out_dir=lambda w, output: str(Path(output.summary).parent),
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
-    log:
-        results("logs/report.log"),
-    localrule: True
-    conda:
-        "../../envs/report.yaml"
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
         " --history {input.history:q} --alpha {input.alpha:q} {params.pseudo} --out-dir {params.out_dir:q}"

@@ -13,19 +13,19 @@ rule extract_features:
         ),
     output:
         results("features/shard-{shard}.safetensors"),
-    params:
-        runtime=runtime_file("extract_features"),
     log:
         results("logs/extract_features/shard-{shard}.log"),
     benchmark:
         results("benchmarks/extract_features/shard-{shard}.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("extract_features"),
     shell:
         "python -m pipeline extract-features --manifest {input.manifest:q} --shard {wildcards.shard}"
         " --out {output:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads} > {log:q} 2>&1"

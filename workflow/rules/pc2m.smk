@@ -7,7 +7,12 @@ rule train_pc2m:
         unpack(train_inputs),
         settings=settings_file(
             "train_pc2m",
-            {"backbone": config["backbone"], "train": section("train"), "mode": config["mode"], "seed": config["seed"]},
+            {
+                "backbone": config["backbone"],
+                "train": section("train"),
+                "mode": config["mode"],
+                "seed": config["seed"],
+            },
             runtime_keys("train"),
         ),
     output:
@@ -15,21 +20,21 @@ rule train_pc2m:
         done=results("pc2m/done.json"),
         history=report(results("pc2m/history.csv"), caption="../report/training.rst", category="Training"),
         alpha=results("pc2m/alpha.csv"),
-    params:
-        runtime=runtime_file("train_pc2m"),
-        out_dir=lambda w, output: str(Path(output.model).parent),
-        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     log:
         results("logs/train_pc2m.log"),
     benchmark:
         results("benchmarks/train_pc2m.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=TRAIN_GPUS,
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("train_pc2m"),
+        out_dir=lambda w, output: str(Path(output.model).parent),
+        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     shell:
         # more than one GPU: torchrun, one data-parallel process per GPU (pipeline/devices.py)
         "python -m pipeline.devices launch --gpus {resources.gpu} --"
@@ -49,20 +54,20 @@ rule predict_pc2m:
     output:
         probs=results("pc2m/probs/shard-{shard}.safetensors"),
         masks=directory(results("pc2m/masks/shard-{shard}")),
-    params:
-        runtime=runtime_file("predict_pc2m"),
-        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     log:
         results("logs/predict_pc2m/shard-{shard}.log"),
     benchmark:
         results("benchmarks/predict_pc2m/shard-{shard}.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("predict_pc2m"),
+        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     shell:
         "python -m pipeline predict --manifest {input.manifest:q} --shard {wildcards.shard} --model {input.model:q}"
         " {params.labels} --out-probs {output.probs:q} --out-masks {output.masks:q}"

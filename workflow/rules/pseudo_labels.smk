@@ -13,19 +13,19 @@ rule spectral_segments:
         ),
     output:
         results("spectral/shard-{shard}.safetensors"),
-    params:
-        runtime=runtime_file("spectral_segments"),
     log:
         results("logs/spectral_segments/shard-{shard}.log"),
     benchmark:
         results("benchmarks/spectral_segments/shard-{shard}.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("spectral_segments"),
     shell:
         "python -m pipeline spectral-segments --features {input.features:q} --manifest {input.manifest:q}"
         " --out {output:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads} > {log:q} 2>&1"
@@ -49,19 +49,19 @@ rule segment_features:
         ),
     output:
         results("segment_features/shard-{shard}.safetensors"),
-    params:
-        runtime=runtime_file("segment_features"),
     log:
         results("logs/segment_features/shard-{shard}.log"),
     benchmark:
         results("benchmarks/segment_features/shard-{shard}.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        runtime=runtime_file("segment_features"),
     shell:
         "python -m pipeline segment-features --spectral {input.spectral:q} --features {input.features:q}"
         " --manifest {input.manifest:q} --out {output:q} --params {input.settings:q} --params {params.runtime:q}"
@@ -80,18 +80,18 @@ rule pseudo_labels:
         crops=results("pseudo_labels/crops.csv"),
         maps=results("pseudo_labels/maps.safetensors"),
         summary=results("pseudo_labels/summary.json"),
-    params:
-        out_dir=lambda w, output: str(Path(output.labels).parent),
     log:
         results("logs/pseudo_labels.log"),
     benchmark:
         results("benchmarks/pseudo_labels.tsv")
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        out_dir=lambda w, output: str(Path(output.labels).parent),
     shell:
         "python -m pipeline pseudo-labels --segment-features {input.segment_features:q}"
         " --spectral {input.spectral:q} --manifest {input.manifest:q} --classes {input.classes:q}"
@@ -111,13 +111,13 @@ rule pseudo_label_report:
             category="Pseudo-labels",
         ),
         md=results("reports/pseudo_labels.md"),
-    params:
-        pseudo_dir=lambda w, input: str(Path(input.labels).parent),
     log:
         results("logs/pseudo_label_report.log"),
     localrule: True
     conda:
         "../../envs/torch.yaml"
+    params:
+        pseudo_dir=lambda w, input: str(Path(input.labels).parent),
     shell:
         "python -m pipeline pseudo-label-report --pseudo-dir {params.pseudo_dir:q} --manifest {input.manifest:q}"
         " --classes {input.classes:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"

@@ -1,0 +1,27 @@
+"""Style: ruff and snakefmt are clean on the whole repository (configuration in pyproject.toml).
+`.ci/run` runs the same two checks before the tests; here they catch a regression in a plain
+`python -m pytest` too. Both take a second or two."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+
+def _check(repo, module: str, *args: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=repo, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{module} {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+def test_ruff_is_clean(repo):
+    _check(repo, "ruff", "check", "--no-cache", ".")
+
+
+def test_snakefmt_is_clean(repo):
+    _check(repo, "snakefmt", "--check", "--compact-diff", "Snakefile", "workflow/rules/")
