@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_path, write_text
+from pipeline.atomic import atomic_path, write_csv, write_text
 from pipeline.errors import BadInputError, ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def index_images(images: Path, layout: Layout, params: dict, threads: int) -> No
     if not root.is_dir():
         raise BadInputError(f"{root}: folder of new images (config key {IMAGES_KEY}) not found")
     found, ignored = find_files(root)
-    _write_csv(layout.ignored, pd.DataFrame({"path": [str(path) for path, _ in ignored],
+    write_csv(layout.ignored, pd.DataFrame({"path": [str(path) for path, _ in ignored],
                                              "reason": [reason for _, reason in ignored]}, columns=["path", "reason"]))
     if ignored:
         log.warning("ignored %d files that are not images (listed in %s)", len(ignored), layout.ignored)
@@ -309,7 +309,7 @@ def write_report(layout: Layout, models: dict[str, Path], params: dict) -> None:
     count = (known_classes(layout, models, params, int(ids[0]))
              or 1 + max(int(np.flatnonzero(c).max(initial=0)) for c in counts.values()))
     shares = class_shares(counts, class_names(count, params["mode"], params.get("class_names")))
-    _write_csv(layout.shares, shares)
+    write_csv(layout.shares, shares)
     shown = manifest.sort_values("image_id").head(max(1, int(params["gallery_images"])))
     overlays = {m: [layout.overlays(m, int(s)) for s in ids] for m in models}
     save_figure(gallery_figure(shown, overlays, layout.manifest), layout.gallery)
@@ -349,7 +349,3 @@ def run_apply(step: str, out_dir: Path, params: dict, threads: int = 1, images: 
     if step in ("all", "report"):
         write_report(layout, models, params)
 
-
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)

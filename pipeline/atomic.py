@@ -57,6 +57,12 @@ def write_text(dest: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_csv(dest: str | os.PathLike, frame, **to_csv) -> None:
+    """A pandas DataFrame as CSV without its index (``to_csv``: e.g. float_format)."""
+    with atomic_path(dest) as tmp:
+        frame.to_csv(tmp, index=False, **to_csv)
+
+
 def write_json(dest: str | os.PathLike, obj) -> None:
     write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

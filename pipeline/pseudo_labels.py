@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import write_csv, write_json
 from pipeline.clustering import (
     check_features,
     distances_to_centroids,
@@ -334,10 +334,6 @@ def summarise(settings: PseudoLabelSettings, seed: int, per_image: dict[str, Ima
     }
 
 
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
 
 def _write_image_labels(path: Path, image_ids: Sequence[str], per_image: dict[str, ImagePseudoLabels]) -> None:
     frame = pd.DataFrame(
@@ -348,7 +344,7 @@ def _write_image_labels(path: Path, image_ids: Sequence[str], per_image: dict[st
         },
         columns=IMAGE_LABEL_COLUMNS,
     )
-    _write_csv(path, frame)
+    write_csv(path, frame)
 
 
 def _write_crops(path: Path, crops: Crops, clusters: np.ndarray, distances: np.ndarray, kept: np.ndarray) -> None:
@@ -362,7 +358,7 @@ def _write_crops(path: Path, crops: Crops, clusters: np.ndarray, distances: np.n
         },
         columns=CROP_COLUMNS,
     )
-    _write_csv(path, frame)
+    write_csv(path, frame)
 
 
 def _write_maps(path: Path, image_ids: Sequence[str], per_image: dict[str, ImagePseudoLabels],

@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.atomic import atomic_path, write_json, write_text
+from pipeline.atomic import write_csv, write_json, write_text
 from pipeline.datasets.common import BACKGROUND, IGNORE_INDEX, Dataset, Entry, is_within
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import BadFileError, check_image_id, image_size, load_mask, load_rgb, printable_path
@@ -302,10 +302,6 @@ def classes_info(dataset: Dataset, manifest: pd.DataFrame) -> dict:
     }
 
 
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
 
 def load_dataset(params: dict) -> Dataset:
     """Dispatch to the adapter of ``params['dataset']['kind']``."""
@@ -349,7 +345,7 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
     out_dir = Path(out_dir)
     ignored = [Skipped("", path, reason) for path, reason in dataset.ignored]
     skipped = pd.DataFrame([vars(s) for s in ignored + policy.skipped], columns=SKIPPED_COLUMNS)
-    _write_csv(out_dir / "skipped.csv", skipped)
+    write_csv(out_dir / "skipped.csv", skipped)
     if not rows:
         raise BadInputError(
             f"dataset {dataset.kind!r}: all {len(dataset.entries)} images were skipped as bad "
@@ -371,7 +367,7 @@ def build_index(params: dict, out_dir: Path, threads: int) -> None:
     manifest = manifest_frame(rows, images_per_shard, previous_shards(out_dir / SHARDS_DIR, images_per_shard))
     write_json(out_dir / "classes.json", classes_info(dataset, manifest))
     changed = write_shard_lists(out_dir / SHARDS_DIR, manifest, images_per_shard)
-    _write_csv(out_dir / "manifest.csv", stored_paths(manifest, out_dir))
+    write_csv(out_dir / "manifest.csv", stored_paths(manifest, out_dir))
     log.info(
         "indexed %d images (%s) into %d shards (%d changed); %d skipped",
         len(manifest), ", ".join(f"{k}: {v}" for k, v in manifest["split"].value_counts().items()),
@@ -424,6 +420,6 @@ def write_shard_lists(shards_dir: Path, manifest: pd.DataFrame, images_per_shard
     for stale in shards_dir.glob("shard-*.csv"):
         if stale.name not in wanted:
             stale.unlink()
-    _write_csv(shards_dir / SHARD_ASSIGNMENT, manifest[["image_id", "shard"]])
+    write_csv(shards_dir / SHARD_ASSIGNMENT, manifest[["image_id", "shard"]])
     write_json(shards_dir / SHARD_LAYOUT, {"images_per_shard": images_per_shard})
     return changed

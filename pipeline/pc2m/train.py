@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import atomic_path, write_csv, write_json
 from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.checkpoint import load_error_reason
 from pipeline.config import require_fields
@@ -344,16 +344,12 @@ def _load_checkpoint(path: Path) -> dict:
 # Logs
 
 
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-
 
 def _write_logs(out_dir: Path, history: list[dict], alphas: list[list[float]]) -> None:
-    _write_csv(out_dir / "history.csv", pd.DataFrame(history))
+    write_csv(out_dir / "history.csv", pd.DataFrame(history), float_format="%.6g")
     frame = pd.DataFrame(alphas, columns=[f"class_{c}" for c in range(len(alphas[0]))])
     frame.insert(0, "epoch", range(len(alphas)))
-    _write_csv(out_dir / "alpha.csv", frame)
+    write_csv(out_dir / "alpha.csv", frame, float_format="%.6g")
 
 
 # ---------------------------------------------------------------------------------------------
