@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.datasets.common import is_within
 from pipeline.errors import ConfigError
+from pipeline.stage_settings import merge_params
 
 
 def require_fields(cls, section: Mapping[str, Any], name: str) -> None:
@@ -62,14 +63,6 @@ def validate_config(config: dict[str, Any], schema: dict) -> None:
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def merged(base: dict, override: dict) -> dict:
-    """``override`` laid over ``base`` section by section, as Snakemake merges ``--configfile``s."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_config(paths: list[str | Path]) -> dict:
     """The configuration of YAML files merged in order (config.yaml first, then presets), validated.
 
@@ -85,7 +78,7 @@ def load_config(paths: list[str | Path]) -> dict:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: not a mapping of config keys")
-        config = merged(config, loaded)
+        config = merge_params([config, loaded])
     validate_config(config, load_schema(SCHEMA))
     return config
 

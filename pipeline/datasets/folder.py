@@ -110,20 +110,30 @@ def class_names_from_config(cfg: dict, needed: bool) -> list[str] | None:
     return None
 
 
-def read_labels_csv(path: Path, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """{image_id: sorted foreground ids}; 0 (background) is accepted and dropped."""
+def read_id_table(path: Path, column: str, what: str) -> list[tuple[int, str, str]]:
+    """(line, image_id, value of ``column``) of a CSV with columns image_id,<column>; each id
+    listed once. BadInputError naming the file (and line) otherwise."""
     if not path.is_file():
-        raise BadInputError(f"{path}: labels file not found")
+        raise BadInputError(f"{path}: {what} not found")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: unreadable labels CSV ({exc})") from None
-    if not {"image_id", "labels"} <= set(table.columns):
-        raise BadInputError(f"{path}: needs columns image_id,labels, has {list(table.columns)}")
-    labels: dict[str, tuple[int, ...]] = {}
-    for line, (image_id, text) in enumerate(zip(table["image_id"], table["labels"]), start=2):
-        if image_id in labels:
+        raise BadInputError(f"{path}: unreadable {what} ({exc})") from None
+    if not {"image_id", column} <= set(table.columns):
+        raise BadInputError(f"{path}: needs columns image_id,{column}, has {list(table.columns)}")
+    rows, seen = [], set()
+    for line, (image_id, value) in enumerate(zip(table["image_id"], table[column]), start=2):
+        if image_id in seen:
             raise BadInputError(f"{path}: line {line}: image id {image_id!r} listed twice")
+        seen.add(image_id)
+        rows.append((line, image_id, value))
+    return rows
+
+
+def read_labels_csv(path: Path, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """{image_id: sorted foreground ids}; 0 (background) is accepted and dropped."""
+    labels: dict[str, tuple[int, ...]] = {}
+    for line, image_id, text in read_id_table(path, "labels", "labels CSV"):
         try:
             check_image_id(image_id)
         except BadInputError as exc:
@@ -134,9 +144,7 @@ def read_labels_csv(path: Path, num_classes: int) -> dict[str, tuple[int, ...]]:
             raise BadInputError(f"{path}: line {line}: labels {text!r} are not integers") from None
         out_of_range = sorted(i for i in ids if not 0 <= i < num_classes)
         if out_of_range:
-            raise BadInputError(
-                f"{path}: line {line}: class ids {out_of_range} outside 0..{num_classes - 1}"
-            )
+            raise BadInputError(f"{path}: line {line}: class ids {out_of_range} outside 0..{num_classes - 1}")
         labels[image_id] = tuple(sorted(ids - {BACKGROUND}))
     return labels
 
@@ -151,18 +159,8 @@ def split_of(image_id: str, setting: str) -> str:
 
 def read_split_list(path: Path) -> dict[str, str]:
     """{image_id: split} from a CSV with columns image_id,split."""
-    if not path.is_file():
-        raise BadInputError(f"{path}: split list not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: unreadable split list ({exc})") from None
-    if not {"image_id", "split"} <= set(table.columns):
-        raise BadInputError(f"{path}: needs columns image_id,split, has {list(table.columns)}")
     splits: dict[str, str] = {}
-    for line, (image_id, split) in enumerate(zip(table["image_id"], table["split"]), start=2):
-        if image_id in splits:
-            raise BadInputError(f"{path}: line {line}: image id {image_id!r} listed twice")
+    for line, image_id, split in read_id_table(path, "split", "split list"):
         if not split.replace("_", "").isalnum() or not split.isascii():
             raise BadInputError(f"{path}: line {line}: split {split!r} is not a name of letters, digits, _")
         splits[image_id] = split
