@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline.config import load_schema, validate_config
 from pipeline.datasets import MANIFEST_COLUMNS, read_manifest
 from pipeline.errors import ConfigError
-from workflow_runs import REPO, SNAKEMAKE, assert_one_line_error
+from workflow_runs import REPO, SNAKEMAKE, assert_one_line_error, with_values
 
 TIMEOUT = 300
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -447,14 +447,7 @@ def test_truncated_deeplab_model_for_predict(tmp_path, demo_features):
 
 
 def _config_with(**changes) -> dict:
-    config = copy.deepcopy(CONFIG)
-    for dotted, value in changes.items():
-        *parents, key = dotted.split("__")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[key] = value
-    return config
+    return with_values(copy.deepcopy(CONFIG), **changes)
 
 
 @pytest.mark.parametrize("changes,key", [

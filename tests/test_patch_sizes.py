@@ -11,6 +11,8 @@ import yaml
 from pipeline.backbone import build_backbone, patch_size
 from pipeline.errors import ConfigError
 from pipeline.patch_sizes import check_patch_sizes, fit_to_patch, fit_view_sizes, patch_size_of
+from pipeline.stage_settings import merge_params
+from workflow_runs import with_values
 
 BACKBONES = {
     "vit_small_patch16_224.dino": 16,
@@ -22,25 +24,6 @@ BACKBONES = {
 }
 PRESETS = ["voc-weak", "voc-unsupervised", "coco-weak", "coco-unsupervised"]
 TINY = {"depth": 1, "embed_dim": 24, "num_heads": 2}
-
-
-def merged(base: dict, override: dict) -> dict:
-    """Recursive merge, as Snakemake merges --configfile over the default config."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
-
-
-def with_values(config: dict, **dotted) -> dict:
-    """``config`` with dotted keys (``train__global_size``) set."""
-    for key, value in dotted.items():
-        *parents, leaf = key.split("__")
-        section = config
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
-    return config
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -105,7 +88,7 @@ def test_vitpcm_crop_larger_than_the_rounded_view_is_refused():
 def test_every_backbone_works_with_the_defaults_and_every_preset(repo, default_config, preset, method, name):
     config = default_config
     if preset is not None:
-        config = merged(config, yaml.safe_load((repo / "presets" / f"{preset}.yaml").read_text()))
+        config = merge_params([config, yaml.safe_load((repo / "presets" / f"{preset}.yaml").read_text())])
     config = with_values(config, backbone__name=name, train__method=method, mode="unsupervised")
     patch = BACKBONES[name]
     sizes = check_patch_sizes(config)

@@ -61,6 +61,17 @@ def tiny_config(results: Path, seed: int = 0, **overrides) -> dict:
     return config
 
 
+def with_values(config: dict, **dotted) -> dict:
+    """``config`` with dotted keys (``train__global_size=50``) set in place; returns it."""
+    for key, value in dotted.items():
+        *parents, leaf = key.split("__")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    return config
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     return path
