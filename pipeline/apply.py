@@ -315,6 +315,8 @@ def write_report(layout: Layout, models: dict[str, Path], params: dict) -> None:
     save_figure(gallery_figure(shown, overlays, layout.manifest), layout.gallery)
     ignored = pd.read_csv(layout.ignored, dtype=str, keep_default_na=False)["path"].tolist()
     skipped = pd.read_csv(layout.skipped, dtype=str, keep_default_na=False)
+    # The index lists non-image files in skipped.csv too (no image id): they are in `ignored` already.
+    skipped = skipped[skipped["image_id"] != ""]
     write_text(layout.report, report_markdown(manifest, shares, ignored, skipped, models, layout))
     log.info("report of %d images in %s", len(manifest), layout.report)
 
