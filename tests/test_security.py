@@ -173,7 +173,7 @@ def test_every_mask_writer_names_its_files_through_safe_child():
 
 
 def test_folder_dataset_ids_come_from_paths_inside_it(tmp_path):
-    from pipeline.datasets.folder import find_images, image_id_of
+    from pipeline.datasets.folder import find_files, image_id_of
 
     root = tmp_path / "images"
     (root / "a" / "b").mkdir(parents=True)
@@ -184,7 +184,7 @@ def test_folder_dataset_ids_come_from_paths_inside_it(tmp_path):
     Image.new("RGB", (8, 8)).save(outside / "o.png")
     # A linked folder is searched (issue 11), but its images get ids of their path under root.
     (root / "link").symlink_to(outside, target_is_directory=True)
-    ids = [image_id_of(p, root) for p in find_images(root)]
+    ids = [image_id_of(p, root) for p in find_files(root)[0]]
     assert sorted(ids) == ["a/b/c", "link/o", "top"]
     for image_id in ids:
         check_image_id(image_id)

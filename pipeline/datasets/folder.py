@@ -74,10 +74,6 @@ def _folder_key(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under root (any case of suffix), sorted, skipping hidden files and folders."""
-    return find_files(root)[0]
-
 
 def not_an_image(path: Path) -> str:
     accepted = ", ".join(sorted(IMAGE_SUFFIXES))
