@@ -58,10 +58,11 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "smallest_eigenpairs(w, 20)[0].cpu()",
     ),
     "train (PC2M, ViT-S/16, 224 px, forward + backward)": (
-        "pipeline.pc2m.train",
+        "pipeline.training.trainer",
         (
             "from pipeline.backbone import build_backbone\n"
-            "from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable\n"
+            "from pipeline.devices import mixed_precision\n"
+            "from pipeline.methods.pc2m.model import Architecture, build_network, set_trainable\n"
             "torch.manual_seed(0)\n"
             "model = build_network(build_backbone('vit_small_patch16_224.dino', 'random'), "
             "Architecture('pc2m', 21, 0))\n"

@@ -33,14 +33,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pipeline.pc2m.losses as losses
+import pipeline.methods.pc2m.losses as losses
 from pipeline.backbone import build_backbone, normalisation, patch_size
-from pipeline.devices import resolve_device
-from pipeline.pc2m.data import LabelledImage, TwoViewDataset
-from pipeline.pc2m.model import Architecture, build_network, mixed_precision, set_trainable
-from pipeline.pc2m.ot import LOCAL, batch_class_marginal, multi_hot_frequencies, sinkhorn
-from pipeline.pc2m.views import ViewSettings, local_to_global
-from pipeline.pc2m.vitpcm import MosaicViewDataset, MosaicViews, ViTPCMSettings, vitpcm_step
+from pipeline.devices import mixed_precision, resolve_device
+from pipeline.methods.pc2m.model import Architecture, build_network, set_trainable
+from pipeline.methods.pc2m.ot import batch_class_marginal, multi_hot_frequencies, sinkhorn
+from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings
+from pipeline.methods.vitpcm.settings import ViTPCMSettings
+from pipeline.methods.vitpcm.step import vitpcm_step
+from pipeline.methods.vitpcm.views import MosaicViewDataset, MosaicViews
+from pipeline.training.augment import local_to_global
+from pipeline.training.data import LabelledImage
+from pipeline.training.distributed import LOCAL
 
 MODELS = {"S/16": "vit_small_patch16_224.dino", "B/16": "vit_base_patch16_224.dino"}
 NUM_CLASSES = 21  # VOC

@@ -7,7 +7,7 @@ it) works in steps, all writing under one output folder (:class:`Layout`):
   adapter, ``build_index``) into ``dataset/manifest.csv``; files that are not images are ignored
   and listed in ``dataset/ignored.csv``.
 - ``predict`` (per shard): PC2M probabilities and palette masks at image size (the run's own
-  ``pipeline.pc2m.predict``, never restricted to labels: new images have none), DeepLab masks
+  ``pipeline.predict``, never restricted to labels: new images have none), DeepLab masks
   (``pipeline.deeplab.predict``) when a DeepLab model is given, and an overlay per mask.
 - ``report``: ``report.md``, ``gallery.png`` (image | overlays) and ``class_shares.csv``.
 
@@ -157,7 +157,7 @@ def predict_pc2m(layout: Layout, shard: int, model_path: Path, params: dict, thr
     """PC2M probabilities, masks and overlays of one shard; returns the model's class count."""
     from pipeline import shards
     from pipeline.features import shard_rows
-    from pipeline.pc2m.predict import predict_shard
+    from pipeline.predict import predict_shard
 
     # New images carry no labels to restrict the classes to (that is for the run's train split).
     settings = {**params, "predict": {**params["predict"], "restrict_to_labels": False}}

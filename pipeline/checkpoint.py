@@ -68,7 +68,10 @@ def model_file_kind(payload) -> str:
     if not isinstance(payload, dict):
         return "not a model file of this pipeline"
     if str(payload.get("format", "")).startswith("pc2m-model") or "classifier.weight" in payload:
-        return "a PC2M model (pc2m/model.pt, read by `predict`)"
+        return "a PC2M model (model/model.pt, read by `predict`)"
+    arch = payload.get("arch")
+    if isinstance(arch, dict) and "method" in arch and "model" in payload:
+        return f"a {arch['method']} model (model/model.pt, read by `predict`)"
     if "optimizer" in payload:
         return "a training checkpoint, not a trained model.pt"
     if set(payload) == {"arch", "model"}:

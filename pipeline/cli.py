@@ -143,14 +143,14 @@ def _cmd_pseudo_label_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from pipeline.pc2m.train import train
+    from pipeline.training.trainer import train
 
     train(Path(args.manifest), Path(args.classes), Path(args.labels) if args.labels else None,
           Path(args.out_dir), _params(args.params), args.threads)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from pipeline.pc2m.predict import predict_shard
+    from pipeline.predict import predict_shard
 
     predict_shard(Path(args.manifest), args.shard, Path(args.model), Path(args.out_probs), Path(args.out_masks),
                   _params(args.params), args.threads, labels_path=Path(args.labels) if args.labels else None)

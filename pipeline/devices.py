@@ -210,3 +210,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast of the forward passes on CUDA; full precision on the CPU."""
+    import torch  # not at module level: the launcher imports this module without torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from pipeline.backbone import build_backbone
-from pipeline.pc2m.model import Architecture, build_network, model_payload
+from pipeline.methods.pc2m.model import Architecture, build_network, model_payload
 from pipeline.shards import read_meta
 from workflow_runs import REPO, assert_one_line_error, reference_run, snakemake
 

@@ -398,7 +398,7 @@ def _predict_params() -> str:
 
 def test_truncated_pc2m_model_for_predict(tmp_path, demo_features):
     from pipeline.backbone import build_backbone
-    from pipeline.pc2m.model import Architecture, build_network, model_payload
+    from pipeline.methods.pc2m.model import Architecture, build_network, model_payload
 
     manifest, _ = demo_features
     net = build_network(build_backbone(TINY_BACKBONE["name"], "random", "teacher", TINY_BACKBONE["model_kwargs"]),
@@ -415,7 +415,7 @@ def test_truncated_pc2m_model_for_predict(tmp_path, demo_features):
 
 def test_pc2m_model_of_another_backbone(tmp_path, demo_features):
     from pipeline.backbone import build_backbone
-    from pipeline.pc2m.model import Architecture, build_network, model_payload
+    from pipeline.methods.pc2m.model import Architecture, build_network, model_payload
 
     manifest, _ = demo_features
     other = build_backbone(TINY_BACKBONE["name"], "random", "teacher", {"depth": 1, "embed_dim": 48, "num_heads": 3})

@@ -232,7 +232,7 @@ def _tiny_manifest(tmp_path: Path) -> Path:
 def test_model_file_of_another_stage_says_what_it_is(tmp_path):
     from pipeline.backbone import build_backbone
     from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
-    from pipeline.pc2m.model import Architecture, build_network, model_payload
+    from pipeline.methods.pc2m.model import Architecture, build_network, model_payload
 
     manifest = _tiny_manifest(tmp_path)
     pc2m = tmp_path / "pc2m.pt"

@@ -22,10 +22,11 @@ from pipeline.datasets import build_index, read_manifest
 from pipeline.datasets.demo import generate_demo
 from pipeline.errors import PipelineError
 from pipeline.imageio import load_mask, load_rgb
-from pipeline.pc2m import ot
-from pipeline.pc2m.losses import LossSettings, pc2m_loss
-from pipeline.pc2m.model import PatchPredictions
-from pipeline.pc2m.views import ViewSettings, local_to_global, make_views, patch_centres, resample
+from pipeline.methods.pc2m import ot
+from pipeline.methods.pc2m.losses import LossSettings, pc2m_loss
+from pipeline.methods.pc2m.model import PatchPredictions
+from pipeline.methods.pc2m.views import ViewSettings, make_views
+from pipeline.training.augment import local_to_global, patch_centres, resample
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5  # demo: background + 4 shapes
@@ -222,7 +223,7 @@ def test_loss_variants_are_finite_and_reach_the_classifier(use_ot, use_match):
 def _runner(index: Path, out: Path, settings: dict, mode: str = "weak", labels: Path | None = None) -> str:
     params = {"backbone": BACKBONE, "train": settings, "mode": mode, "seed": 0}
     return textwrap.dedent(f"""
-        from pipeline.pc2m.train import train
+        from pipeline.training.trainer import train
         train({str(index / 'manifest.csv')!r}, {str(index / 'classes.json')!r},
               {str(labels) if labels else None!r}, {str(out)!r}, {params!r}, 1)
     """)
@@ -271,7 +272,7 @@ def test_killed_run_resumes_to_the_same_weights(small_demo, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_epoch_and_batch(small_demo, tmp_path, monkeypatch):
-    import pipeline.pc2m.train as train_module
+    import pipeline.methods.pc2m.method as train_module
 
     calls = {"n": 0}
     real_loss = train_module.pc2m_loss
@@ -293,7 +294,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(small_demo, tmp_path, monk
 
 
 def test_class_absent_from_labels_is_reported(small_demo, tmp_path, caplog):
-    from pipeline.pc2m.train import train
+    from pipeline.training.trainer import train
 
     manifest = read_manifest(small_demo / "manifest.csv")
     keep = manifest[~manifest["labels"].str.contains("4")]
@@ -310,8 +311,8 @@ def test_class_absent_from_labels_is_reported(small_demo, tmp_path, caplog):
 
 def test_unsupervised_mode_never_reads_ground_truth(small_demo, tmp_path):
     """Masks deleted, manifest labels blanked: training and prediction still run on the pseudo-labels."""
-    from pipeline.pc2m.predict import predict_shard
-    from pipeline.pc2m.train import train
+    from pipeline.predict import predict_shard
+    from pipeline.training.trainer import train
 
     manifest = read_manifest(small_demo / "manifest.csv")
     pseudo = manifest[manifest["split"] == "train"][["image_id", "labels", "has_labels"]].copy()
@@ -339,8 +340,8 @@ def test_weak_training_learns_the_demo(tmp_path):
     epochs: the loss falls and val mIoU beats predicting background everywhere by a margin
     (measured 0.23 against 0.14; a trainer whose gradients or targets were broken stays at or
     below the baseline)."""
-    from pipeline.pc2m.predict import predict_shard
-    from pipeline.pc2m.train import train
+    from pipeline.predict import predict_shard
+    from pipeline.training.trainer import train
 
     index = make_demo(tmp_path, 32, 16, 96, 72)
     settings = train_settings(epochs=12, batch_size=8, lr=3e-3, lr_after_warmup_factor=1.0,
@@ -371,7 +372,7 @@ def test_two_process_gloo_run_equals_one_process(small_demo, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys
-        from pipeline.pc2m.train import train
+        from pipeline.training.trainer import train
         train({str(small_demo / 'manifest.csv')!r}, {str(small_demo / 'classes.json')!r}, None, sys.argv[1],
               {params!r}, 1)
     """))

@@ -107,19 +107,19 @@ def test_backbone_weights_loader_refuses_pickled_callables(evil):
 
 
 def test_pc2m_model_loader_refuses_pickled_callables(evil):
-    from pipeline.pc2m.predict import load_model
+    from pipeline.predict import load_predictor
 
     path = evil(lambda bomb: {"classifier.weight": torch.zeros(3, 48), "extra": bomb})
     with pytest.raises(WeightsError, match=re.escape(str(path))):
-        load_model(path, TINY_BACKBONE, torch.device("cpu"))
+        load_predictor(path, TINY_BACKBONE, torch.device("cpu"))
 
 
 def test_pc2m_training_checkpoint_refuses_pickled_callables(evil):
-    from pipeline.pc2m.train import _load_checkpoint
+    from pipeline.training.checkpoints import load_checkpoint
 
     path = evil(lambda bomb: {"format": "x", "rng": bomb})
     with pytest.raises(BadInputError, match=re.escape(str(path))):
-        _load_checkpoint(path)
+        load_checkpoint(path)
 
 
 def test_deeplab_model_loader_refuses_pickled_callables(evil):

@@ -10,23 +10,20 @@ import torch.nn.functional as F
 
 from pipeline import shards
 from pipeline.errors import ConfigError
-from pipeline.pc2m.model import HVBiLSTM, PatchPredictions, image_class_probabilities, multilabel_bce
-from pipeline.pc2m.ot import LOCAL
-from pipeline.pc2m.views import local_to_global, resample
-from pipeline.pc2m.vitpcm import (
-    ETBranch,
+from pipeline.methods.pc2m.model import HVBiLSTM, PatchPredictions, image_class_probabilities, multilabel_bce
+from pipeline.methods.vitpcm.losses import ETBranch, condition_on_labels, et_target, vitpcm_loss
+from pipeline.methods.vitpcm.settings import ViTPCMSettings
+from pipeline.methods.vitpcm.views import (
     MosaicViews,
-    ViTPCMSettings,
-    condition_on_labels,
     crop_window,
     et_affine,
-    et_target,
     fair_coin,
     main_affine,
     tile_mosaic,
     untile_mosaic,
-    vitpcm_loss,
 )
+from pipeline.training.augment import local_to_global, resample
+from pipeline.training.distributed import LOCAL
 from test_pc2m import BACKBONE, NUM_CLASSES, make_demo, predict_settings, train_settings
 
 
@@ -191,7 +188,7 @@ def test_l2_penalty_and_mce_scale():
 
 
 def test_settings_defaults_and_checks():
-    from pipeline.pc2m.train import TrainSettings
+    from pipeline.methods.pc2m.settings import TrainSettings
 
     settings = TrainSettings.from_params(train_settings(method="vitpcm", global_size=384))
     assert settings.vitpcm == ViTPCMSettings()
@@ -214,14 +211,14 @@ def demo(tmp_path_factory):
 
 
 def _train(index, out, settings: dict) -> None:
-    from pipeline.pc2m.train import train
+    from pipeline.training.trainer import train
 
     train(index / "manifest.csv", index / "classes.json", None, out,
           {"backbone": BACKBONE, "train": settings, "mode": "weak", "seed": 0}, 2)
 
 
 def test_training_lowers_the_loss_resumes_exactly_and_predicts(demo, tmp_path):
-    from pipeline.pc2m.predict import load_model, predict_shard
+    from pipeline.predict import predict_shard
 
     settings = vitpcm_settings(epochs=3, lr=3e-3, lr_after_warmup_factor=1.0)
     _train(demo, tmp_path / "straight", settings)
@@ -244,7 +241,7 @@ def test_training_lowers_the_loss_resumes_exactly_and_predicts(demo, tmp_path):
     pd.testing.assert_frame_equal(history.drop(columns="seconds"),
                                   pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns="seconds"))
 
-    model = load_model(tmp_path / "straight" / "model.pt", BACKBONE, torch.device("cpu"))
+    model = load_predictor(tmp_path / "straight" / "model.pt", BACKBONE, torch.device("cpu")).model
     assert isinstance(model.conditioning, HVBiLSTM)
     params = {"backbone": BACKBONE, "predict": predict_settings(max_size=64, flip=True), "mode": "weak"}
     predict_shard(demo / "manifest.csv", 0, tmp_path / "straight" / "model.pt", tmp_path / "probs.safetensors",

@@ -122,11 +122,6 @@ def model_payload(model: PatchClassifier, arch: Architecture) -> dict:
             "model": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 
-def mixed_precision(device: torch.device) -> torch.autocast:
-    """bf16 autocast of the forward passes on CUDA; full precision on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def image_class_probabilities(predictions: PatchPredictions) -> torch.Tensor:
     """Global max pooling over the patches: B x C image-level class probabilities (paper 001 eq. 3)."""
     return predictions.probs.amax(dim=(2, 3))
@@ -141,14 +136,6 @@ def multilabel_bce(image_probs: torch.Tensor, targets: torch.Tensor) -> torch.Te
     y = image_probs.clamp(_PROB_FLOOR, 1.0 - _PROB_FLOOR)
     t = targets.to(y)
     return -(t * y.log() + (1.0 - t) * (1.0 - y).log()).sum(dim=1).mean()
-
-
-def multi_hot(labels: list[int], num_classes: int) -> torch.Tensor:
-    """Multi-hot target of an image's foreground labels, background included."""
-    target = torch.zeros(num_classes, dtype=torch.float32)
-    target[0] = 1.0
-    target[list(labels)] = 1.0
-    return target
 
 
 def set_trainable(model: PatchClassifier, unfrozen_blocks: int) -> list[nn.Parameter]:

@@ -1,9 +1,11 @@
-"""Training images for PC2M: labels per image, and per-sample augmentation seeded by
+"""Training images of every method: labels per image (weak: GT image labels; unsupervised: the
+clustering pseudo-labels), and per-sample augmentation seeded by
 (seed, epoch, image index) so that the views do not depend on workers, processes or on where a
 run was resumed."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,11 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.datasets import parse_labels, read_manifest
-from pipeline.errors import BadInputError
+from pipeline.datasets import parse_labels, read_classes, read_manifest
+from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb
-from pipeline.pc2m.model import multi_hot
-from pipeline.pc2m.views import make_views
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +110,6 @@ class AugmentedViewDataset(Dataset):
         return len(self.images)
 
 
-class TwoViewDataset(AugmentedViewDataset):
-    """Item i: normalised global and local views, their thetas, the multi-hot target, i."""
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = self.images[index]
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
-        pair = make_views(source_image(image.image_path, self.views.global_size), self.views, generator)
-        return {
-            "global": (pair.global_view - self.mean) / self.std,
-            "local": (pair.local_view - self.mean) / self.std,
-            "theta_global": pair.theta_global,
-            "theta_local": pair.theta_local,
-            "target": multi_hot(list(image.labels), self.num_classes),
-            "index": torch.tensor(index),
-        }
-
-
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This process's share of each global batch of the epoch's permutation (last partial batch
     dropped). Global batch k is the same set of images whatever the number of processes, which
@@ -137,3 +120,35 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank:
         order[start + rank * per_process : start + (rank + 1) * per_process]
         for start in range(0, num_images - batch_size + 1, batch_size)
     ]
+
+
+def multi_hot(labels: list[int], num_classes: int) -> torch.Tensor:
+    """Multi-hot target of an image's foreground labels, background included."""
+    target = torch.zeros(num_classes, dtype=torch.float32)
+    target[0] = 1.0
+    target[list(labels)] = 1.0
+    return target
+
+
+MODES = ("weak", "unsupervised")
+
+
+def training_images(mode: str, manifest_path: Path, labels_path: Path | None) -> list[LabelledImage]:
+    if mode == "weak":
+        return weak_training_images(manifest_path)
+    if mode == "unsupervised":
+        if labels_path is None:
+            raise ConfigError("mode unsupervised: training needs the pseudo-label file (labels_path)")
+        return unsupervised_training_images(manifest_path, labels_path)
+    raise ConfigError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+
+
+def number_of_classes(mode: str, classes_path: Path, labels_path: Path | None, images: list[LabelledImage]) -> int:
+    """|C| including background: the dataset's classes (weak), or clusters + 1 (unsupervised;
+    from the pseudo-label stage's summary.json beside the labels, else the largest cluster id)."""
+    if mode == "weak":
+        return int(read_classes(classes_path)["num_classes"])
+    summary = Path(labels_path).parent / "summary.json"
+    if summary.is_file():
+        return int(json.loads(summary.read_text(encoding="utf-8"))["num_clusters"]) + 1
+    return max((max(i.labels, default=0) for i in images), default=0) + 1

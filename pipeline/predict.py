@@ -1,5 +1,6 @@
-"""PC2M / ViT-PCM inference: class-probability maps of every image of a manifest shard (all
-splits), and their argmax masks at image size (the baseline pseudo-masks, BPM, of paper 001).
+"""Inference of every training method (its ``load_predictor``): class-probability maps of every
+image of a manifest shard (all splits), and their argmax masks at image size (the baseline
+pseudo-masks, BPM, of paper 001).
 
 Images are resized so that their longer side is ``predict.max_size`` (paper 001 infers at 960 px
 for +2-3 mIoU; ``upscale: true`` lets small images grow to it, as ViT-PCM's 960 x 960 input does,
@@ -27,10 +28,10 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.atomic import atomic_dir
-from pipeline.backbone import build_backbone, normalisation, patch_size
 from pipeline.checkpoint import load_error_reason, model_file_kind
 from pipeline.config import require_fields
 from pipeline.datasets import parse_labels
+from pipeline.devices import mixed_precision, resolve_device
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import (
     Geometry,
@@ -40,13 +41,12 @@ from pipeline.features import (
     fit_side,
     image_geometry,
     make_loader,
-    resolve_device,
     shard_rows,
 )
 from pipeline.geometry import grid_to_image
 from pipeline.imageio import safe_child, write_label_png
-from pipeline.pc2m.data import TRAIN_SPLIT
-from pipeline.pc2m.model import MODEL_FORMAT, Architecture, PatchClassifier, build_network, mixed_precision
+from pipeline.methods import METHODS, load_method
+from pipeline.training.data import TRAIN_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -83,47 +83,37 @@ def prediction_geometry(height: int, width: int, settings: PredictSettings, patc
     return Geometry(scale=scale, resized=(rh, rw), final=(fh, fw), grid=(fh // patch, fw // patch))
 
 
-def read_model_file(model_path: Path) -> tuple[Architecture, dict[str, torch.Tensor]]:
-    """model.pt's architecture record and weights; a plain state dict (written before the record
-    existed) is a PC2M network."""
+def read_model_payload(model_path: Path) -> dict:
+    """model.pt as {"format", "arch": {"method", "num_classes", "backbone", ...}, "model": weights};
+    a plain state dict (written before the record existed) is a PC2M network."""
     if not Path(model_path).is_file():
         raise WeightsError(f"{model_path}: trained model not found")
     try:
         payload = torch.load(model_path, map_location="cpu", weights_only=True)
-        if payload.get("format") == MODEL_FORMAT:
-            return Architecture(**payload["arch"]), payload["model"]
-        kind = model_file_kind(payload)
-        if not kind.startswith("a PC2M model"):
-            raise WeightsError(f"{model_path}: not a PC2M / ViT-PCM model file: {kind}")
-        return Architecture("pc2m", int(payload["classifier.weight"].shape[0]), 0), payload
-    except WeightsError:
-        raise
     except Exception as exc:  # noqa: BLE001 - any failure: not a usable model file
-        raise WeightsError(f"{model_path}: not a PC2M / ViT-PCM model file ({load_error_reason(exc)})") from None
+        raise WeightsError(f"{model_path}: not a trained model file ({load_error_reason(exc)})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("arch"), dict) and "model" in payload \
+            and payload["arch"].get("method") in METHODS:
+        return payload
+    kind = model_file_kind(payload)
+    if kind.startswith("a PC2M model") and "classifier.weight" in payload:
+        arch = {"method": "pc2m", "num_classes": int(payload["classifier.weight"].shape[0]), "lstm_hidden": 0}
+        return {"format": "pc2m-model/1", "arch": arch, "model": payload}
+    raise WeightsError(f"{model_path}: not a model trained by `train`: {kind}")
 
 
-def load_model(model_path: Path, backbone: dict, device: torch.device,
-               num_classes: int | None = None) -> PatchClassifier:
-    """The trained network: backbone architecture from the config, the rest of the architecture
-    (HV-BiLSTM or none, classes) from model.pt's record, every weight from model.pt.
-    ``num_classes``: what the model must predict, when the caller knows (applying a run's model)."""
-    arch, state = read_model_file(model_path)
-    if num_classes is not None and arch.num_classes != num_classes:
-        raise WeightsError(f"{model_path}: predicts {arch.num_classes} classes where {num_classes} are expected")
-    if arch.backbone and arch.backbone != backbone["name"]:
-        raise WeightsError(f"{model_path}: trained with backbone {arch.backbone!r}, but config key backbone.name is"
+def load_predictor(model_path: Path, backbone: dict, device: torch.device, num_classes: int | None = None):
+    """The trained network of any method as a predictor (``predict(images, flip)``, ``stride``,
+    ``mean``, ``std``, ``num_classes``); ``num_classes``: what the model must predict, when the
+    caller knows (applying a run's model)."""
+    payload = read_model_payload(model_path)
+    arch = payload["arch"]
+    if num_classes is not None and int(arch["num_classes"]) != num_classes:
+        raise WeightsError(f"{model_path}: predicts {arch['num_classes']} classes where {num_classes} are expected")
+    if arch.get("backbone") and arch["backbone"] != backbone["name"]:
+        raise WeightsError(f"{model_path}: trained with backbone {arch['backbone']!r}, but config key backbone.name is"
                            f" {backbone['name']!r}")
-    # `random`: the architecture only; model.pt overwrites every tensor (strict below).
-    net = build_backbone(backbone["name"], "random", backbone.get("checkpoint_key", "teacher"),
-                         backbone.get("model_kwargs") or {})
-    model = build_network(net, arch)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"{model_path}: does not fit backbone {backbone['name']!r} ({str(exc).splitlines()[0]})"
-        ) from None
-    return model.to(device).eval()
+    return load_method(arch["method"]).load_predictor(payload, backbone, device, Path(model_path))
 
 
 def restriction_labels(rows: pd.DataFrame, mode: str, labels_path: Path | None) -> dict[str, list[int]]:
@@ -148,15 +138,6 @@ def restrict(probs: torch.Tensor, labels: list[int]) -> torch.Tensor:
     return masked / masked.sum(dim=0, keepdim=True).clamp_min(1e-12)
 
 
-@torch.no_grad()
-def predict_batch(model: PatchClassifier, images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """B x C x gh x gw probabilities, averaged with the horizontally flipped input if ``flip``."""
-    probs = model(images).probs
-    if flip:
-        probs = (probs + model(images.flip(-1)).probs.flip(-1)) / 2
-    return probs.float()
-
-
 def predict_shard(
     manifest_path: str | Path,
     shard: int,
@@ -177,9 +158,8 @@ def predict_shard(
     torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(settings.device)
     rows = shard_rows(Path(manifest_path), shard)
-    model = load_model(Path(model_path), params["backbone"], device, params.get("num_classes"))
-    patch = patch_size(model.backbone)
-    mean, std = normalisation(model.backbone)
+    predictor = load_predictor(Path(model_path), params["backbone"], device, params.get("num_classes"))
+    patch, mean, std = predictor.stride, predictor.mean, predictor.std
     allowed = (restriction_labels(rows, params["mode"], Path(labels_path) if labels_path else None)
                if settings.restrict_to_labels else {})
     sizes = [(int(r.height), int(r.width)) for r in rows.itertuples()]
@@ -191,7 +171,7 @@ def predict_shard(
     # The masks folder appears complete or not at all (a killed job leaves no partial folder).
     with atomic_dir(out_masks_dir) as masks_tmp, mixed_precision(device):
         for samples in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
-            probs = predict_batch(model, batch_images(samples, dataset, device), settings.flip).cpu()
+            probs = predictor.predict(batch_images(samples, dataset, device), settings.flip).cpu()
             for index, image_probs in zip((sample.index for sample in samples), probs):
                 image_id = rows["image_id"][index]
                 if image_id in allowed:
@@ -202,7 +182,7 @@ def predict_shard(
                 on_image = grid_to_image(image_probs, geometry, sizes[index], mode="bilinear")
                 write_label_png(safe_child(masks_tmp, image_id), on_image.argmax(dim=0).to(torch.uint8).numpy())
     shards.write_shard(Path(out_probs), tensors, {
-        "format": FORMAT_VERSION, "image_ids": rows["image_id"].tolist(), "num_classes": model.num_classes,
+        "format": FORMAT_VERSION, "image_ids": rows["image_id"].tolist(), "num_classes": predictor.num_classes,
         "patch_size": patch, "max_size": settings.max_size, "upscale": settings.upscale, "fit": settings.fit,
         "flip": settings.flip, "restricted_images": sorted(allowed), "mode": params["mode"],
     })

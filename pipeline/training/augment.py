@@ -1,12 +1,10 @@
-"""The global and local views of an image and the map between their patch grids (paper 000
-Sec. 3.1: "one global view retaining most of the original image, and a local view obtained by
-randomly cropping and resizing X", both jittered and affinely transformed).
+"""Augmentations every training method shares: random affine views rendered from a source image
+(``theta`` maps the view's normalised coordinates, -1..1 with ``align_corners=False``, to the
+source's), ViT-PCM's colour jitter, and the map between two views' grids (``local_to_global``)
+that lets a loss compare predictions made on the same image regions whatever the flips, scales
+and rotations: view B -> source -> view A is ``inv(theta_a) o theta_b``.
 
-A view is rendered by ``F.grid_sample`` from the source image with an affine ``theta`` (2 x 3)
-that maps the view's normalised coordinates (-1..1, ``align_corners=False``) to the source's.
-Keeping theta lets the loss resample the global branch's predictions at the source points seen
-by each local patch: local -> source -> global is ``inv(theta_g) o theta_l``. So CE(Q^g, P^l)
-and CE(Q^l, P^g) compare the same image regions, whatever the flips, scales and rotations.
+Every random choice is drawn from a ``torch.Generator`` the dataset seeds per (seed, epoch, image).
 """
 
 from __future__ import annotations
@@ -16,21 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class ViewSettings:
-    """Sizes in pixels (square views); scales are the side of the view as a fraction of the
-    source's side (before rotation)."""
-
-    global_size: int
-    local_size: int
-    global_scale: tuple[float, float]
-    local_scale: tuple[float, float]
-    max_rotation_deg: float
-    flip: bool
-    jitter: bool
-
 
 # Colour jitter of ViT-PCM (PRIOR-ART.md): brightness 0.2, contrast [0.5, 2], saturation
 # [0.5, 1.5], hue 0.1, greyscale p = 0.1. Paper 000 only says "jittering".
@@ -78,26 +61,6 @@ def colour_jitter(image: torch.Tensor, generator: torch.Generator) -> torch.Tens
     if float(torch.rand((), generator=generator)) < GREYSCALE_P:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     return image.clamp(0.0, 1.0)
-
-
-@dataclass
-class ViewPair:
-    global_view: torch.Tensor  # 3 x Sg x Sg, in [0, 1]
-    local_view: torch.Tensor  # 3 x Sl x Sl, in [0, 1]
-    theta_global: torch.Tensor  # 2 x 3
-    theta_local: torch.Tensor  # 2 x 3
-
-
-def make_views(source: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> ViewPair:
-    """Both views of a 3 x H x W source in [0, 1], every random choice drawn from ``generator``."""
-    theta_g = random_affine(generator, settings.global_scale, settings.max_rotation_deg, settings.flip)
-    theta_l = random_affine(generator, settings.local_scale, settings.max_rotation_deg, settings.flip)
-    global_view = render(source, theta_g, settings.global_size)
-    local_view = render(source, theta_l, settings.local_size)
-    if settings.jitter:
-        global_view = colour_jitter(global_view, generator)
-        local_view = colour_jitter(local_view, generator)
-    return ViewPair(global_view, local_view, theta_g, theta_l)
 
 
 def _homogeneous(theta: torch.Tensor) -> torch.Tensor:

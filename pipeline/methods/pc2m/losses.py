@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.pc2m.model import PatchPredictions, image_class_probabilities, multilabel_bce
-from pipeline.pc2m.ot import LOCAL, Reducer, sinkhorn
-from pipeline.pc2m.views import Alignment, resample
+from pipeline.methods.pc2m.model import PatchPredictions, image_class_probabilities, multilabel_bce
+from pipeline.methods.pc2m.ot import sinkhorn
+from pipeline.training.augment import Alignment, resample
+from pipeline.training.distributed import LOCAL, Reducer
 
 # log(0) guard for the resampled global probabilities.
 _PROB_FLOOR = 1e-8

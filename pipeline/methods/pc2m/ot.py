@@ -16,34 +16,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from pipeline.training.distributed import LOCAL, Reducer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Reducer:
-    """Sum / max of a tensor over the data-parallel processes (identity on one process)."""
-
-    distributed: bool = False
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.SUM) if self.distributed else tensor
-
-    def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.MAX) if self.distributed else tensor
-
-    @staticmethod
-    def _reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-        out = tensor.detach().clone()
-        dist.all_reduce(out, op=op)
-        return out
-
-
-LOCAL = Reducer()
 
 
 @torch.no_grad()

@@ -1,0 +1,116 @@
+"""The ``train`` section of the patch-classifier methods, PC2M (paper 000 Sec. 4.2) and its
+baseline ViT-PCM (paper 001; its own values under ``train.vitpcm``).
+
+Schedule: ``warmup_epochs`` (1) with the backbone frozen and only the patch classifier (and
+ViT-PCM's HV-BiLSTM) training, then the last ``unfreeze_blocks`` (5) blocks and the final norm
+unfrozen; Adam at ``lr`` (1e-3) scaled by ``lr_after_warmup_factor`` (0.1) after the warm-up
+(ViT-PCM's official schedule has the same values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from pipeline.config import require_fields
+from pipeline.errors import ConfigError
+from pipeline.methods.pc2m.losses import LossSettings
+from pipeline.methods.pc2m.model import Architecture
+from pipeline.methods.pc2m.views import ViewSettings
+from pipeline.methods.vitpcm.settings import ViTPCMSettings
+from pipeline.methods.vitpcm.views import MosaicViews
+from pipeline.patch_sizes import fit_view_sizes
+
+PATCH_METHODS = ("pc2m", "vitpcm")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    method: str
+    epochs: int
+    warmup_epochs: int
+    unfreeze_blocks: int
+    batch_size: int
+    lr: float
+    lr_after_warmup_factor: float
+    global_size: int
+    local_size: int
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    max_rotation: float
+    flip: bool
+    jitter: bool
+    gamma: float
+    epsilon_start: float
+    epsilon_end: float
+    epsilon_rate: float
+    sinkhorn_iterations: int
+    use_ot: bool
+    use_match: bool
+    keep_checkpoints: int
+    num_workers: int
+    device: str
+    # ViT-PCM's own values (``train.vitpcm``; its defaults are in ViTPCMSettings).
+    vitpcm: ViTPCMSettings = field(default_factory=ViTPCMSettings)
+
+    @classmethod
+    def from_params(cls, train: dict) -> TrainSettings:
+        require_fields(cls, train, "train")
+        values = dict(train)
+        values["global_scale"] = tuple(float(v) for v in values["global_scale"])
+        values["local_scale"] = tuple(float(v) for v in values["local_scale"])
+        values["vitpcm"] = ViTPCMSettings(**(values.get("vitpcm") or {}))
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.method not in PATCH_METHODS:
+            raise ConfigError(f"train.method: {self.method!r} is not one of {', '.join(PATCH_METHODS)}")
+        for key in ("global_scale", "local_scale"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high <= 1:
+                raise ConfigError(f"train.{key}: {[low, high]} must satisfy 0 < min <= max <= 1")
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"train.gamma: {self.gamma} must be in [0, 1]")
+        if not 0 < self.epsilon_start <= self.epsilon_end:
+            raise ConfigError("train.epsilon_start must be > 0 and <= train.epsilon_end")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("train.epochs and train.batch_size must be >= 1")
+        if self.method == "vitpcm":
+            self.vitpcm.check(self.global_size)
+
+    def fitted_to_patch(self, patch: int) -> TrainSettings:
+        """The view and crop sizes rounded to multiples of ``patch`` (``pipeline.patch_sizes``)."""
+        global_size, local_size, crop_size = fit_view_sizes(self.method, self.global_size, self.local_size,
+                                                            self.vitpcm.crop_size, patch)
+        return replace(self, global_size=global_size, local_size=local_size,
+                       vitpcm=replace(self.vitpcm, crop_size=crop_size))
+
+    def views(self) -> ViewSettings:
+        return ViewSettings(self.global_size, self.local_size, self.global_scale, self.local_scale,
+                            self.max_rotation, self.flip, self.jitter)
+
+    def mosaic_views(self, patch: int) -> MosaicViews:
+        return MosaicViews(self.global_size, patch, self.vitpcm.crop_size, self.vitpcm.crop_probability,
+                           self.flip, self.jitter)
+
+    def losses(self) -> LossSettings:
+        return LossSettings(self.use_ot, self.use_match, self.sinkhorn_iterations)
+
+    def architecture(self, num_classes: int, backbone: str) -> Architecture:
+        with_lstm = self.method == "vitpcm" and self.vitpcm.use_hv_bilstm
+        return Architecture(self.method, num_classes, self.vitpcm.lstm_hidden if with_lstm else 0, backbone)
+
+    def head_dropout(self) -> float:
+        return self.vitpcm.dropout if self.method == "vitpcm" else 0.0
+
+    def phase(self, epoch: int) -> int:
+        """Number of unfrozen backbone blocks in ``epoch`` (0 during the warm-up)."""
+        return 0 if epoch < self.warmup_epochs else self.unfreeze_blocks
+
+    def learning_rate(self, epoch: int) -> float:
+        return self.lr if epoch < self.warmup_epochs else self.lr * self.lr_after_warmup_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes

@@ -1,0 +1,70 @@
+"""The global and local views of an image and the map between their patch grids (paper 000
+Sec. 3.1: "one global view retaining most of the original image, and a local view obtained by
+randomly cropping and resizing X", both jittered and affinely transformed).
+
+A view is rendered by ``F.grid_sample`` from the source image with an affine ``theta`` (2 x 3)
+that maps the view's normalised coordinates (-1..1, ``align_corners=False``) to the source's.
+Keeping theta lets the loss resample the global branch's predictions at the source points seen
+by each local patch: local -> source -> global is ``inv(theta_g) o theta_l``. So CE(Q^g, P^l)
+and CE(Q^l, P^g) compare the same image regions, whatever the flips, scales and rotations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.training.augment import colour_jitter, random_affine, render
+from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot, source_image
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    """Sizes in pixels (square views); scales are the side of the view as a fraction of the
+    source's side (before rotation)."""
+
+    global_size: int
+    local_size: int
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    max_rotation_deg: float
+    flip: bool
+    jitter: bool
+
+
+@dataclass
+class ViewPair:
+    global_view: torch.Tensor  # 3 x Sg x Sg, in [0, 1]
+    local_view: torch.Tensor  # 3 x Sl x Sl, in [0, 1]
+    theta_global: torch.Tensor  # 2 x 3
+    theta_local: torch.Tensor  # 2 x 3
+
+
+def make_views(source: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> ViewPair:
+    """Both views of a 3 x H x W source in [0, 1], every random choice drawn from ``generator``."""
+    theta_g = random_affine(generator, settings.global_scale, settings.max_rotation_deg, settings.flip)
+    theta_l = random_affine(generator, settings.local_scale, settings.max_rotation_deg, settings.flip)
+    global_view = render(source, theta_g, settings.global_size)
+    local_view = render(source, theta_l, settings.local_size)
+    if settings.jitter:
+        global_view = colour_jitter(global_view, generator)
+        local_view = colour_jitter(local_view, generator)
+    return ViewPair(global_view, local_view, theta_g, theta_l)
+
+
+class TwoViewDataset(AugmentedViewDataset):
+    """Item i: normalised global and local views, their thetas, the multi-hot target, i."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index]
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+        pair = make_views(source_image(image.image_path, self.views.global_size), self.views, generator)
+        return {
+            "global": (pair.global_view - self.mean) / self.std,
+            "local": (pair.local_view - self.mean) / self.std,
+            "theta_global": pair.theta_global,
+            "theta_local": pair.theta_local,
+            "target": multi_hot(list(image.labels), self.num_classes),
+            "index": torch.tensor(index),
+        }
