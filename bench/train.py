@@ -104,7 +104,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         dataset = TwoViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
         step_losses = pc2m_losses(model, (args.local_size // patch,) * 2, timer, device)
     model.to(device).train()
-    fast = stage_settings and device.type == "cuda"  # as pipeline/pc2m/train.py
+    fast = stage_settings and device.type == "cuda"  # as the training stage (pipeline/methods/pc2m/method.py)
     optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
     steps = args.iterations + 1
     batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(steps)]

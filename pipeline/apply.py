@@ -32,14 +32,14 @@ from pipeline.errors import BadInputError, ConfigError, WeightsError
 log = logging.getLogger(__name__)
 
 STEPS = ("all", "index", "predict", "report")
-MODELS = ("pc2m", "deeplab")
+MODELS = ("model", "deeplab")
 IMAGES_KEY = "apply.images"
 
 # Config values each step reads (what the rules pass as --params, so that changing an unrelated
 # key reruns nothing); "all" takes their union.
 _STEP_VALUES = {
     "index": ("images_per_shard", "verify_images", "on_bad_input"),
-    "pc2m": ("backbone", "predict", "mode", "overlay_alpha"),
+    "model": ("backbone", "predict", "mode", "overlay_alpha"),
     "deeplab": ("deeplab", "overlay_alpha"),
     "report": ("mode", "gallery_images"),
 }
@@ -68,7 +68,7 @@ class Layout:
         return self.dataset / "ignored.csv"
 
     def probs(self, shard: int) -> Path:
-        return self.root / "pc2m" / "probs" / f"shard-{shard:05d}.safetensors"
+        return self.root / "model" / "probs" / f"shard-{shard:05d}.safetensors"
 
     def masks(self, model: str, shard: int) -> Path:
         return self.root / model / "masks" / f"shard-{shard:05d}"
@@ -153,7 +153,7 @@ def write_overlays(rows: pd.DataFrame, masks_dir: Path, out_dir: Path, alpha: fl
                 blended.save(tmp, format="PNG")
 
 
-def predict_pc2m(layout: Layout, shard: int, model_path: Path, params: dict, threads: int) -> int:
+def predict_model(layout: Layout, shard: int, model_path: Path, params: dict, threads: int) -> int:
     """PC2M probabilities, masks and overlays of one shard; returns the model's class count."""
     from pipeline import shards
     from pipeline.features import shard_rows
@@ -161,9 +161,9 @@ def predict_pc2m(layout: Layout, shard: int, model_path: Path, params: dict, thr
 
     # New images carry no labels to restrict the classes to (that is for the run's train split).
     settings = {**params, "predict": {**params["predict"], "restrict_to_labels": False}}
-    predict_shard(layout.manifest, shard, model_path, layout.probs(shard), layout.masks("pc2m", shard), settings,
+    predict_shard(layout.manifest, shard, model_path, layout.probs(shard), layout.masks("model", shard), settings,
                   threads)
-    write_overlays(shard_rows(layout.manifest, shard), layout.masks("pc2m", shard), layout.overlays("pc2m", shard),
+    write_overlays(shard_rows(layout.manifest, shard), layout.masks("model", shard), layout.overlays("model", shard),
                    params["overlay_alpha"])
     return int(shards.read_meta(layout.probs(shard))["num_classes"])
 
@@ -207,9 +207,9 @@ def predict_shards(layout: Layout, shards: Sequence[int], models: dict[str, Path
                    threads: int) -> None:
     """Every model of ``models`` (pc2m, deeplab: path) on every shard of ``shards``."""
     for shard in shards:
-        if "pc2m" in models:
+        if "model" in models:
             # Standalone runs check DeepLab's classes against the PC2M model given with it.
-            found = predict_pc2m(layout, shard, models["pc2m"], params, threads)
+            found = predict_model(layout, shard, models["model"], params, threads)
             params = {**params, "num_classes": params.get("num_classes") or found}
         if "deeplab" in models:
             predict_deeplab(layout, shard, models["deeplab"], params, threads)
@@ -233,7 +233,7 @@ def known_classes(layout: Layout, models: dict[str, Path], params: dict, shard: 
 
     if params.get("num_classes"):
         return int(params["num_classes"])
-    return int(shards.read_meta(layout.probs(shard))["num_classes"]) if "pc2m" in models else None
+    return int(shards.read_meta(layout.probs(shard))["num_classes"]) if "model" in models else None
 
 
 def pixel_counts(mask_paths: Sequence[Path]) -> np.ndarray:
@@ -336,7 +336,7 @@ def run_apply(step: str, out_dir: Path, params: dict, threads: int = 1, images: 
     if shard is not None and step != "predict":
         raise ConfigError("--shard goes with --step predict (the other steps cover the whole folder)")
     layout = Layout(Path(out_dir))
-    models = {name: Path(path) for name, path in (("pc2m", model), ("deeplab", deeplab_model)) if path is not None}
+    models = {name: Path(path) for name, path in (("model", model), ("deeplab", deeplab_model)) if path is not None}
     for name, path in models.items():
         if not path.is_file():
             raise WeightsError(f"{path}: {name} model file not found")

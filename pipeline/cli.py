@@ -191,7 +191,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     params = _params(args.params)
     build_report(
-        [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes), Path(args.history), Path(args.alpha),
+        [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes), Path(args.history), Path(args.done),
         {stage: {split: [Path(d) for d in dirs] for split, dirs in by_split.items()}
          for stage, by_split in params.get("stage_mask_dirs", [])},
         Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict_deeplab)
 
     p = sub.add_parser("apply", help="segment a new folder of images with a finished run's model(s)")
-    p.add_argument("--model", help="the run's PC2M model (<results>/pc2m/model.pt)")
+    p.add_argument("--model", help="the run's PC2M model (<results>/model/model.pt)")
     p.add_argument("--deeplab-model", help="the run's DeepLab model (<results>/deeplab/model.pt), optional")
     p.add_argument("--images", help="folder of new images (searched recursively; other files ignored)")
     p.add_argument("--out", required=True, help="output folder (masks, probabilities, overlays, report)")
@@ -352,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval/<stage>-<split>.json files (none for a dataset without ground truth)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--classes", required=True)
-    p.add_argument("--history", required=True, help="pc2m/history.csv")
-    p.add_argument("--alpha", required=True, help="pc2m/alpha.csv")
+    p.add_argument("--history", required=True, help="model/history.csv")
+    p.add_argument("--done", required=True, help="model/done.json (the method and its classes; alpha.csv beside "
+                   "history.csv is plotted when the method wrote one)")
     p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--params", required=True, action="append",

@@ -1,7 +1,7 @@
 """Final report: one results table over every evaluated stage, what the run found, and figures.
 
 Reads the evaluation summaries (``eval/{stage}-{split}.json``; none at all for a dataset without
-ground truth), the PC2M training logs (``pc2m/history.csv``, ``pc2m/alpha.csv``), the dataset
+ground truth), the PC2M training logs (``model/history.csv``, ``model/alpha.csv``), the dataset
 manifest and classes, each stage's mask folders and, in the unsupervised mode, the pseudo-label
 report; writes into ``out_dir``:
 
@@ -57,12 +57,18 @@ MAX_GALLERY_IDS = 40
 NON_LOSS_COLUMNS = {"epoch", "unfrozen_blocks", "lr", "epsilon", "seconds"}
 CLUSTER_COLUMNS = ["id", "name", "images", "image_share", "pixel_share"]
 # Column order of the paper's tables: train (Table 3) before val (Table 4), pipeline order within.
-STAGE_ORDER = ("pc2m", "crf", "deeplab")
+STAGE_ORDER = ("model", "crf", "deeplab")
 SPLIT_ORDER = ("train", "val")
 # Summary rows after the per-class rows: label -> key of the evaluation JSON.
 METRIC_ROWS = {"mIoU": "miou", "pixel accuracy": "pixel_accuracy", "mIoU_shape": "miou_shape"}
 # Paper 000's Table 11 shows the 21 VOC classes by name; beyond that a legend is unreadable.
 MAX_LEGEND_CLASSES = 21
+
+
+# train.method -> the name its paper gives it.
+METHOD_NAMES = {"pc2m": "PC2M", "vitpcm": "ViT-PCM", "rcm_mam": "RCM+MAM"}
+# Methods whose train-split masks the papers call Baseline Pseudo-Masks (ViT-PCM's nomenclature).
+BPM_METHODS = ("pc2m", "vitpcm")
 
 
 @dataclass(frozen=True)
@@ -72,17 +78,23 @@ class StageEval:
     stage: str
     split: str
     result: dict
+    method: str = "pc2m"
 
     @property
     def column(self) -> str:
-        return f"{paper_name(self.stage, self.split)} ({self.split})"
+        return f"{paper_name(self.stage, self.split, self.method)} ({self.split})"
 
 
-def paper_name(stage: str, split: str) -> str:
-    """Paper 000's name for a stage's masks: on train they are the Baseline Pseudo-Masks (BPM,
-    Table 3, the ViT-PCM nomenclature), on val/test the model's predictions (PC2M, Table 4)."""
-    base = "BPM" if split == "train" else "PC2M"
-    names = {"pc2m": base, "crf": f"{base}+CRF", "deeplab": "DeepLab"}
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def paper_name(stage: str, split: str, method: str = "pc2m") -> str:
+    """The papers' name for a stage's masks: on train, for the patch classifiers, the Baseline
+    Pseudo-Masks (BPM, paper 000 Table 3, the ViT-PCM nomenclature); otherwise the method's
+    predictions (PC2M, Table 4; RCM+MAM, ...)."""
+    base = "BPM" if split == "train" and method in BPM_METHODS else method_name(method)
+    names = {"model": base, "crf": f"{base}+CRF", "deeplab": "DeepLab"}
     return names.get(stage, stage)
 
 
@@ -95,14 +107,14 @@ def eval_jsons_in(eval_dir: Path) -> list[Path]:
     return sorted(Path(eval_dir).glob("*-*.json"))
 
 
-def read_evals(eval_jsons: Sequence[Path]) -> list[StageEval]:
+def read_evals(eval_jsons: Sequence[Path], method: str = "pc2m") -> list[StageEval]:
     """The evaluation summaries in the paper's column order (unknown stages and splits last)."""
     evals = []
     for path in map(Path, eval_jsons):
         stage, sep, split = path.stem.rpartition("-")
         if not sep or not stage:
             raise BadInputError(f"{path}: expected an evaluation file named {{stage}}-{{split}}.json")
-        evals.append(StageEval(stage, split, _read_json(path)))
+        evals.append(StageEval(stage, split, _read_json(path), method))
 
     def rank(item: StageEval) -> tuple:
         return (_rank(item.split, SPLIT_ORDER), item.split, _rank(item.stage, STAGE_ORDER), item.stage)
@@ -165,7 +177,8 @@ def summary_frame(evals: Sequence[StageEval], names: Sequence[str]) -> pd.DataFr
     return frame
 
 
-def header_lines(classes: dict, manifest: pd.DataFrame, mode: str, evals: Sequence[StageEval]) -> list[str]:
+def header_lines(classes: dict, manifest: pd.DataFrame, mode: str, evals: Sequence[StageEval],
+                 method: str = "pc2m") -> list[str]:
     counts = []
     for split, rows in manifest.groupby("split", sort=False):
         counts.append(f"{split} {len(rows)} ({int((rows['mask_path'] != '').sum())} with GT masks)")
@@ -173,8 +186,9 @@ def header_lines(classes: dict, manifest: pd.DataFrame, mode: str, evals: Sequen
                     else "no class names (clusters only)")
     scored = [f"{item.column} on {item.result['images']}" for item in evals]
     return [
-        "# PC2M results",
+        f"# {method_name(method)} results",
         "",
+        f"- Method: {method_name(method)} (`train.method: {method}`).",
         f"- Dataset: {classes.get('kind', 'unknown')}, {classes_text}.",
         f"- Mode: {mode} ({'image-level labels' if mode == 'weak' else 'pseudo-labels from clustering, no labels'}).",
         f"- Images per split: {', '.join(counts)}.",
@@ -292,14 +306,18 @@ def per_class_iou_figure(frame: pd.DataFrame, names: Sequence[str]) -> Figure:
     return figure
 
 
-def no_scores_figure() -> Figure:
-    """per_class_iou.png when nothing was scored: the outputs stay the same in every case."""
+def message_figure(text: str) -> Figure:
+    """A figure saying why there is nothing to plot: the outputs stay the same in every case."""
     figure = Figure(figsize=(6.0, 1.5), layout="constrained")
     ax = figure.subplots()
     ax.axis("off")
-    ax.text(0.5, 0.5, "No ground-truth masks: no per-class IoU.\nSee clusters.csv and gallery.png.",
-            ha="center", va="center", transform=ax.transAxes)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
     return figure
+
+
+def no_scores_figure() -> Figure:
+    """per_class_iou.png when nothing was scored."""
+    return message_figure("No ground-truth masks: no per-class IoU.\nSee clusters.csv and gallery.png.")
 
 
 def training_figure(history: pd.DataFrame) -> Figure:
@@ -395,14 +413,14 @@ def stage_mask(stage: str, mask_dirs: Sequence[Path], image_id: str, manifest_pa
 
 
 def qualitative_figure(manifest: pd.DataFrame, manifest_path: Path, split: str, image_ids: Sequence[str],
-                       stage_mask_dirs: Mapping[str, Sequence[Path]], mode: str) -> Figure:
+                       stage_mask_dirs: Mapping[str, Sequence[Path]], mode: str, method: str = "pc2m") -> Figure:
     """Rows: images; columns: image | GT | one mask per stage, coloured with the VOC palette
     (255 = ignore, ivory as in the paper's figures)."""
     palette = voc_palette()
     rows = manifest.set_index("image_id")
     stages = list(stage_mask_dirs)
     id_note = ", cluster ids" if mode == "unsupervised" else ""
-    titles = ["image", "ground truth"] + [f"{paper_name(s, split)} ({split}){id_note}" for s in stages]
+    titles = ["image", "ground truth"] + [f"{paper_name(s, split, method)} ({split}){id_note}" for s in stages]
     figure = Figure(figsize=(2.4 * len(titles), 2.2 * len(image_ids) + 0.6), layout="constrained")
     axes = figure.subplots(len(image_ids), len(titles), squeeze=False)
     for r, image_id in enumerate(image_ids):
@@ -518,7 +536,7 @@ def build_report(
     manifest_path: Path,
     classes_path: Path,
     history_csv: Path,
-    alpha_csv: Path,
+    done_json: Path,
     stage_mask_dirs: Mapping[str, Mapping[str, Sequence[Path]]],
     out_dir: Path,
     params: Mapping | None = None,
@@ -535,14 +553,18 @@ def build_report(
     per_id = _positive(params, "gallery_images", DEFAULT_GALLERY_IMAGES)
     out_dir = Path(out_dir)
 
-    evals = read_evals(eval_jsons)
+    done = _read_json(done_json)
+    method = str(done.get("method", "pc2m"))
+    evals = read_evals(eval_jsons, method)
     mode = common_mode(evals, params.get("mode"))
     classes = read_classes(classes_path)
     names = class_names(classes, evals)
     manifest = read_manifest(manifest_path)
     history = pd.read_csv(history_csv)
-    alpha = read_alpha(alpha_csv, len(names) if mode == "weak" else None)
-    predicted_names = model_class_names(mode, names, len(alpha.columns) - 1)
+    predicted_names = model_class_names(mode, names, int(done["num_classes"]))
+    # alpha-tilde (paper 000 eq. 7): only the patch-classifier methods estimate class areas.
+    alpha_csv = Path(history_csv).parent / "alpha.csv"
+    alpha = read_alpha(alpha_csv, len(predicted_names)) if method in BPM_METHODS and alpha_csv.is_file() else None
 
     stage = final_stage(stage_mask_dirs)
     found = count_found(manifest, Path(manifest_path), stage, stage_mask_dirs[stage], len(predicted_names))
@@ -557,15 +579,17 @@ def build_report(
     with atomic_path(out_dir / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     write_text(out_dir / "summary.md", summary_markdown(
-        frame if evals else None, header_lines(classes, manifest, mode, evals), notes,
+        frame if evals else None, header_lines(classes, manifest, mode, evals, method), notes,
         found_lines(clusters, stage, mode)))
 
     save_figure(per_class_iou_figure(frame, names) if evals else no_scores_figure(), out_dir / "per_class_iou.png")
-    save_figure(alpha_figure(alpha, history, predicted_names), out_dir / "alpha.png")
+    save_figure(alpha_figure(alpha, history, predicted_names) if alpha is not None
+                else message_figure(f"{method_name(method)} estimates no class areas (alpha-tilde is PC2M's)"),
+                out_dir / "alpha.png")
     save_figure(training_figure(history), out_dir / "training.png")
     split, image_ids = qualitative_images(manifest, count)
     shown_stages = {s: by_split[split] for s, by_split in stage_mask_dirs.items() if split in by_split}
-    save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, shown_stages, mode),
+    save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, shown_stages, mode, method),
                 out_dir / "qualitative.png")
     save_figure(gallery_figure(found, predicted_names, manifest, Path(manifest_path), stage_mask_dirs[stage], per_id),
                 out_dir / "gallery.png")

@@ -85,7 +85,7 @@ def check_outputs(out: Path, models: tuple[str, ...]) -> None:
             overlay = Image.open(out / model / "overlays" / f"shard-{shard:05d}" / f"{image_id}.png")
             assert (mask.mode, mask.size) == ("P", (width, height)), image_id
             assert (overlay.mode, overlay.size) == ("RGB", (width, height)), image_id
-    probs = [read_meta(p)["image_ids"] for p in sorted((out / "pc2m" / "probs").glob("shard-*.safetensors"))]
+    probs = [read_meta(p)["image_ids"] for p in sorted((out / "model" / "probs").glob("shard-*.safetensors"))]
     assert sorted(i for ids in probs for i in ids) == sorted(NEW_IMAGES)
     ignored = pd.read_csv(out / "dataset" / "ignored.csv")["path"].map(lambda p: Path(p).name).tolist()
     assert sorted(ignored) == sorted(Path(n).name for n in NOT_IMAGES)
@@ -107,8 +107,8 @@ def test_snakemake_apply_segments_the_folder_without_retraining(applied):
     out, first, second = applied
     counts = executed(first)
     # one job per shard and model; the run's models are inputs, none is retrained
-    assert counts == {"apply_index": 1, "apply_pc2m": 2, "apply_deeplab": 2, "apply_report": 1, "apply": 1}, counts
-    check_outputs(out, ("pc2m", "deeplab"))
+    assert counts == {"apply_index": 1, "apply_model": 2, "apply_deeplab": 2, "apply_report": 1, "apply": 1}, counts
+    check_outputs(out, ("model", "deeplab"))
     assert executed(second) == {} and "Nothing to be done" in second, second[-3000:]
 
 
@@ -116,13 +116,13 @@ def test_snakemake_apply_segments_the_folder_without_retraining(applied):
 def test_cli_gives_the_masks_of_the_workflow(run, new_folder, applied, tmp_path):
     _, results, configfile = run
     out = tmp_path / "out"
-    result = cli("--model", results / "pc2m" / "model.pt", "--deeplab-model", results / "deeplab" / "model.pt",
+    result = cli("--model", results / "model" / "model.pt", "--deeplab-model", results / "deeplab" / "model.pt",
                  "--images", new_folder, "--out", out, "--config", REPO / "config.yaml",
                  configfile)
     assert result.returncode == 0, result.stderr[-4000:]
-    check_outputs(out, ("pc2m", "deeplab"))
+    check_outputs(out, ("model", "deeplab"))
     workflow_out = applied[0]
-    for model in ("pc2m", "deeplab"):
+    for model in ("model", "deeplab"):
         ours = sorted(p.relative_to(out) for p in (out / model / "masks").rglob("*.png"))
         assert ours == sorted(p.relative_to(workflow_out) for p in (workflow_out / model / "masks").rglob("*.png"))
         for path in ours:
@@ -158,7 +158,7 @@ def test_empty_folder_and_missing_folder(tmp_path):
 @pytest.mark.slow
 def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     _, results, _ = run
-    pc2m, deeplab = results / "pc2m" / "model.pt", results / "deeplab" / "model.pt"
+    pc2m, deeplab = results / "model" / "model.pt", results / "deeplab" / "model.pt"
 
     out = tmp_path / "out"
     assert cli("--step", "index", "--images", new_folder, "--out", out, *configs(run)).returncode == 0
@@ -169,7 +169,7 @@ def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     missing = tmp_path / "missing.pt"
     assert_one_line_error(apply("--model", missing), missing)
     # the other kind of model file
-    assert_one_line_error(apply("--model", deeplab), deeplab, "not a PC2M")
+    assert_one_line_error(apply("--model", deeplab), deeplab, "not a model trained by `train`")
     assert_one_line_error(apply("--deeplab-model", pc2m), pc2m, "not a DeepLab")
 
     backbone = _run_params(run)["backbone"]
@@ -177,12 +177,12 @@ def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     net = build_backbone(backbone["name"], "random", "teacher", backbone["model_kwargs"])
     # another backbone recorded in the model file
     other = tmp_path / "other-backbone.pt"
-    arch = Architecture("pc2m", classes, 0, "vit_small_patch8_224.dino")
+    arch = Architecture("model", classes, 0, "vit_small_patch8_224.dino")
     torch.save(model_payload(build_network(net, arch), arch), other)
     assert_one_line_error(apply("--model", other), other, "vit_small_patch8_224.dino", "backbone.name")
     # another class count: DeepLab's classes must be the PC2M model's (the run's, under Snakemake)
     more = tmp_path / "more-classes.pt"
-    arch = Architecture("pc2m", classes + 2, 0, backbone["name"])
+    arch = Architecture("model", classes + 2, 0, backbone["name"])
     torch.save(model_payload(build_network(net, arch), arch), more)
     assert_one_line_error(apply("--model", more, "--deeplab-model", deeplab), deeplab,
                           f"{classes} classes where {classes + 2} are expected")

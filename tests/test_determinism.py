@@ -21,7 +21,7 @@ from workflow_runs import REPO, digests, reference_run, snakemake, tiny_config, 
 pytestmark = pytest.mark.slow
 
 # Targets of the other-seed run: enough to hold pseudo-labels, PC2M masks and their metrics.
-OTHER_SEED_TARGETS = ("pseudo_labels/summary.json", "eval/pc2m-train.json", "eval/pc2m-val.json")
+OTHER_SEED_TARGETS = ("pseudo_labels/summary.json", "eval/model-train.json", "eval/model-val.json")
 
 
 def test_same_seed_gives_identical_bytes(tmp_path_factory):
@@ -32,7 +32,7 @@ def test_same_seed_gives_identical_bytes(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-6000:]
 
     a, b = digests(first), digests(work / "results")
-    for kind in ("pseudo_labels/", "pc2m/masks/", "crf/masks/", "deeplab/masks/", "eval/", "reports/summary.csv"):
+    for kind in ("pseudo_labels/", "model/masks/", "crf/masks/", "deeplab/masks/", "eval/", "reports/summary.csv"):
         assert any(k.startswith(kind) for k in a), f"nothing compared under {kind}"
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
@@ -47,9 +47,9 @@ def test_another_seed_changes_pseudo_labels_masks_and_metrics(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-6000:]
 
     a, b = digests(first), digests(results)
-    for prefix in ("pseudo_labels/image_labels.csv", "pseudo_labels/maps.safetensors", "eval/pc2m-val.json"):
+    for prefix in ("pseudo_labels/image_labels.csv", "pseudo_labels/maps.safetensors", "eval/model-val.json"):
         assert a[prefix] != b[prefix], prefix
-    masks = [k for k in b if k.startswith("pc2m/masks/")]
+    masks = [k for k in b if k.startswith("model/masks/")]
     assert masks and any(a.get(k) != b[k] for k in masks)
 
 
@@ -67,7 +67,7 @@ def test_another_seed_on_the_same_data_trains_other_weights(tmp_path_factory):
                              "--params", json.dumps(params), "--threads", "2"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    seed0 = torch.load(first / "pc2m/model.pt", weights_only=True)["model"]
+    seed0 = torch.load(first / "model/model.pt", weights_only=True)["model"]
     seed1 = torch.load(out / "model.pt", weights_only=True)["model"]
     assert seed0.keys() == seed1.keys()
     assert any(not torch.equal(seed0[k], seed1[k]) for k in seed0)

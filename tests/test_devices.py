@@ -133,7 +133,7 @@ def test_claims_are_fast(tmp_path):
 
 
 def test_launch_with_two_gpus_starts_two_torchrun_processes(tmp_path):
-    """The path train_pc2m takes with gpu=2: torchrun runs `-m pipeline` once per rank (here
+    """The path train_model takes with gpu=2: torchrun runs `-m pipeline` once per rank (here
     `--help`, so no GPU is needed; tests/test_pc2m.py shows 2-process training equals 1-process)."""
     result = subprocess.run([sys.executable, "-m", "pipeline.devices", "launch", "--gpus", "2", "--", "--help"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -43,7 +43,7 @@ def features_mid_run(results: Path) -> bool:
 
 
 def training_mid_run(results: Path) -> bool:
-    return (results / "pc2m" / "checkpoints" / "epoch-0001.pt").exists()
+    return (results / "model" / "checkpoints" / "epoch-0001.pt").exists()
 
 
 def crf_mid_run(results: Path) -> bool:
@@ -119,7 +119,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path_factory):
     assert_every_artifact_complete(results)
     leftovers = [str(p.relative_to(results)) for p in results.rglob("*.partial")]
     assert leftovers == [], f"temporary files survived: {leftovers}"
-    for stage in ("pc2m", "crf", "deeplab"):
+    for stage in ("model", "crf", "deeplab"):
         assert list((results / stage / "masks").rglob("*.png")), stage
     got = digests(results)
     assert sorted(got) == sorted(reference)

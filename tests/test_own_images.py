@@ -77,9 +77,9 @@ def test_a_folder_without_ground_truth_ends_with_masks_for_every_image_and_a_rep
     assert result.returncode == 0, result.stdout[-6000:]
     counts = jobs_run(result.stdout)
     assert "evaluate_split" not in counts and counts["predict_deeplab"] == 1, counts
-    assert counts["predict_pc2m"] == counts["dense_crf"] == 2, counts
+    assert counts["predict_model"] == counts["dense_crf"] == 2, counts
     # every image, every stage, at the image's size (one split: DeepLab predicts it all)
-    for folder in ("pc2m/masks", "crf/masks", "deeplab/masks"):
+    for folder in ("model/masks", "crf/masks", "deeplab/masks"):
         found = {p.stem: p for p in (results / folder).glob("*/*.png")}
         assert set(found) == set(sizes), folder
         for image_id, path in found.items():
@@ -106,7 +106,7 @@ def test_a_folder_without_ground_truth_ends_with_masks_for_every_image_and_a_rep
 def test_a_patch_14_backbone_rounds_the_view_and_crop_sizes_and_says_so(photo_run):
     results, _, result = photo_run
     assert result.returncode == 0, result.stdout[-6000:]
-    train_log = (results / "logs" / "train_pc2m.log").read_text()
+    train_log = (results / "logs" / "train_model.log").read_text()
     assert "train.global_size: 64 is not a multiple of 14 (patch size 14); using 70" in train_log
     crops_logs = "".join(p.read_text() for p in (results / "logs" / "segment_features").glob("*.log"))
     assert "segment_features.crop_size: 32 is not a multiple of 14 (patch size 14); using 28" in crops_logs
@@ -148,8 +148,8 @@ STAGE_TARGETS = [
     ("features", "features/shard-*.safetensors"),
     ("segments", "segment_features/shard-*.safetensors"),
     ("pseudo_labels", "pseudo_labels/image_labels.csv"),
-    ("train", "pc2m/model.pt"),
-    ("masks", "pc2m/masks/shard-*/**/*.png"),
+    ("train", "model/model.pt"),
+    ("masks", "model/masks/shard-*/**/*.png"),
     ("crf", "crf/masks/shard-*/**/*.png"),
     ("deeplab", "deeplab/masks/val/**/*.png"),
     ("evaluate", "eval/*.json"),
@@ -180,7 +180,7 @@ def test_mixed_folder_evaluates_only_the_images_with_masks(split_folder):
     evals = work / "results" / "eval"
     scored = {path.stem: json.loads(path.read_text())["images"] for path in evals.glob("*.json")}
     train, val = len(facts["with_mask"]["train"]), len(facts["with_mask"]["val"])
-    assert scored == {"pc2m-train": train, "crf-train": train, "pc2m-val": val, "crf-val": val,
+    assert scored == {"model-train": train, "crf-train": train, "model-val": val, "crf-val": val,
                       "deeplab-val": val}
     summary = (work / "results" / "reports" / "summary.md").read_text(encoding="utf-8")
     assert f"train 8 ({train} with GT masks), val 4 ({val} with GT masks)" in summary

@@ -273,6 +273,7 @@ def test_killed_run_resumes_to_the_same_weights(small_demo, tmp_path):
 
 def test_non_finite_loss_stops_naming_epoch_and_batch(small_demo, tmp_path, monkeypatch):
     import pipeline.methods.pc2m.method as train_module
+    from pipeline.training.trainer import train
 
     calls = {"n": 0}
     real_loss = train_module.pc2m_loss
@@ -286,7 +287,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(small_demo, tmp_path, monk
 
     monkeypatch.setattr(train_module, "pc2m_loss", diverging)
     with pytest.raises(PipelineError, match="epoch 1 batch 2"):
-        train_module.train(small_demo / "manifest.csv", small_demo / "classes.json", None, tmp_path,
+        train(small_demo / "manifest.csv", small_demo / "classes.json", None, tmp_path,
                            {"backbone": BACKBONE, "train": train_settings(epochs=3), "mode": "weak", "seed": 0}, 1)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["epochs_done"] == 1

@@ -22,7 +22,7 @@ from pipeline.report import build_report, eval_jsons_in, paper_name, qualitative
 NAMES = ["background", "cat", "dog"]
 TRAIN_IDS = ["t0", "t1"]
 VAL_IDS = ["v1", "v0", "v2"]  # unsorted on purpose: the figure takes sorted ids
-STAGES = ("pc2m", "crf")
+STAGES = ("model", "crf")
 H, W = 6, 8
 
 
@@ -40,14 +40,14 @@ def predicted_mask(index: int, split: str, stage: str) -> np.ndarray:
     """The GT with a stage-dependent band wrong, so every column has different scores."""
     mask = gt_mask(index, split)
     mask[mask == 255] = 0
-    band = 1 if stage == "pc2m" else 2
+    band = 1 if stage == "model" else 2
     mask[:, W // 2 - band : W // 2] = 1
     return mask
 
 
 @pytest.fixture()
 def tree(tmp_path: Path) -> dict:
-    """results/{dataset,eval,pc2m,crf}: manifest, classes, masks, weak-mode evaluations, logs."""
+    """results/{dataset,eval,model,crf}: manifest, classes, masks, weak-mode evaluations, logs."""
     results = tmp_path / "results"
     rows = []
     for split, ids in (("train", TRAIN_IDS), ("val", VAL_IDS)):
@@ -78,9 +78,10 @@ def tree(tmp_path: Path) -> dict:
         "epoch": [0, 1], "unfrozen_blocks": [0, 5], "lr": [1e-3, 1e-4], "epsilon": [0.1, 0.105],
         "loss": [2.0, 1.5], "mce": [1.0, 0.8], "match": [1.0, 0.7], "seconds": [1.0, 1.0],
         "js_alpha_change": [2e-3, 1e-4], "js_alpha_gt": [0.05, 0.04],
-    }).to_csv(results / "pc2m" / "history.csv", index=False)
+    }).to_csv(results / "model" / "history.csv", index=False)
     pd.DataFrame({"epoch": [0, 1, 2], "class_0": [0.6, 0.55, 0.5], "class_1": [0.2, 0.25, 0.3],
-                  "class_2": [0.2, 0.2, 0.2]}).to_csv(results / "pc2m" / "alpha.csv", index=False)
+                  "class_2": [0.2, 0.2, 0.2]}).to_csv(results / "model" / "alpha.csv", index=False)
+    write_json(results / "model" / "done.json", {"method": "pc2m", "num_classes": len(NAMES)})
     return {"results": results, "manifest": manifest, "classes": classes, "mask_dirs": mask_dirs,
             "out": tmp_path / "report"}
 
@@ -89,8 +90,8 @@ def run_report(tree: dict, **overrides) -> pd.DataFrame:
     results = tree["results"]
     arguments = {
         "eval_jsons": eval_jsons_in(results / "eval"), "manifest_path": tree["manifest"],
-        "classes_path": tree["classes"], "history_csv": results / "pc2m" / "history.csv",
-        "alpha_csv": results / "pc2m" / "alpha.csv",
+        "classes_path": tree["classes"], "history_csv": results / "model" / "history.csv",
+        "done_json": results / "model" / "done.json",
         "stage_mask_dirs": {stage: {"train": dirs, "val": dirs} for stage, dirs in tree["mask_dirs"].items()},
         "out_dir": tree["out"], "params": {"qualitative_images": 2, "mode": "weak"},
     }
@@ -106,7 +107,7 @@ def test_tables_hold_each_evaluation_in_percent_with_one_decimal(tree):
                                      "PC2M+CRF (val)"]
     assert list(summary["class"]) == NAMES + ["mIoU", "pixel accuracy", "mIoU_shape"]
     table = markdown[markdown.index("| class_id"):].splitlines()
-    for stage, split, column in (("pc2m", "train", "BPM (train)"), ("crf", "val", "PC2M+CRF (val)")):
+    for stage, split, column in (("model", "train", "BPM (train)"), ("crf", "val", "PC2M+CRF (val)")):
         result = json.loads((tree["results"] / "eval" / f"{stage}-{split}.json").read_text())
         expected = result["iou"] + [result["miou"], result["pixel_accuracy"], result["miou_shape"]]
         position = list(summary.columns).index(column)
@@ -118,14 +119,14 @@ def test_tables_hold_each_evaluation_in_percent_with_one_decimal(tree):
                 assert summary.at[row, column] == pytest.approx(round(100 * value, 1))
                 assert cell == f"{100 * value:.1f}"
     # dog is absent from the val GT and predictions: undefined, not 0.
-    assert json.loads((tree["results"] / "eval" / "pc2m-val.json").read_text())["iou"][2] is None
+    assert json.loads((tree["results"] / "eval" / "model-val.json").read_text())["iou"][2] is None
     assert "- Mode: weak" in markdown and "val 3 (3 with GT masks)" in markdown
     assert "Unsupervised" not in markdown
 
 
 def test_columns_are_the_evaluations_given(tree):
     evals = tree["results"] / "eval"
-    shutil.copy(evals / "pc2m-val.json", evals / "deeplab-val.json")
+    shutil.copy(evals / "model-val.json", evals / "deeplab-val.json")
     jsons = [path for path in eval_jsons_in(evals) if path.name != "crf-train.json"]
     run_report(tree, eval_jsons=jsons)
     summary = pd.read_csv(tree["out"] / "summary.csv")
@@ -184,8 +185,8 @@ def test_with_ground_truth_the_report_says_how_many_images_each_column_scored(tr
 
 def test_the_final_stage_is_the_last_of_the_pipeline_that_wrote_masks(tree):
     dirs = tree["mask_dirs"]
-    run_report(tree, stage_mask_dirs={"crf": {"val": dirs["crf"]}, "pc2m": {"train": dirs["pc2m"],
-                                                                              "val": dirs["pc2m"]}})
+    run_report(tree, stage_mask_dirs={"crf": {"val": dirs["crf"]}, "model": {"train": dirs["model"],
+                                                                              "val": dirs["model"]}})
     clusters = pd.read_csv(tree["out"] / "clusters.csv")
     # crf over val only: 3 images
     assert clusters["image_share"].max() == pytest.approx(1.0) and clusters.at[1, "images"] == len(VAL_IDS)
@@ -226,8 +227,8 @@ def test_unsupervised_headline_leads_with_the_miou_over_all_classes(tree):
         write_label_png(one_cluster / f"{image_id}.png", np.zeros((H, W), dtype=np.uint8))
     shutil.rmtree(results / "eval")
     evaluate_masks([one_cluster], manifest, tree["classes"], "val", "unsupervised",
-                   results / "eval" / "pc2m-val.json", results / "eval" / "pc2m-val.csv", num_predicted_classes=3)
-    result = json.loads((results / "eval" / "pc2m-val.json").read_text())
+                   results / "eval" / "model-val.json", results / "eval" / "model-val.csv", num_predicted_classes=3)
+    result = json.loads((results / "eval" / "model-val.json").read_text())
     assert result["discovered"] == 1 and result["miou_discovered"] > result["miou"]
     table = run_report(tree, params={"mode": "unsupervised"})
     line = next(line for line in (tree["out"] / "summary.md").read_text(encoding="utf-8").splitlines()
@@ -236,7 +237,7 @@ def test_unsupervised_headline_leads_with_the_miou_over_all_classes(tree):
     assert line.startswith(f"- PC2M (val): mIoU {overall} over all {result['num_classes']} classes")
     assert f"{table.set_index('class').loc['mIoU', 'PC2M (val)']:.1f}" == overall  # the table's number
     assert f"mIoU over those 1 only: {100 * result['miou_discovered']:.1f}" in line
-    figure = qualitative_figure(read_manifest(manifest), manifest, "val", ["v0"], {"pc2m": [one_cluster]},
+    figure = qualitative_figure(read_manifest(manifest), manifest, "val", ["v0"], {"model": [one_cluster]},
                                 "unsupervised")
     title = figure._suptitle.get_text()
     assert title.startswith("Unsupervised:") and title.count("'") == 0  # no stray quote at the end
@@ -258,6 +259,18 @@ def test_qualitative_images_are_the_first_sorted_val_ids_with_gt_first():
 
 
 def test_paper_names():
-    assert [paper_name(s, "train") for s in ("pc2m", "crf")] == ["BPM", "BPM+CRF"]
-    assert [paper_name(s, "val") for s in ("pc2m", "crf", "deeplab")] == ["PC2M", "PC2M+CRF", "DeepLab"]
+    assert [paper_name(s, "train") for s in ("model", "crf")] == ["BPM", "BPM+CRF"]
+    assert [paper_name(s, "val") for s in ("model", "crf", "deeplab")] == ["PC2M", "PC2M+CRF", "DeepLab"]
     assert paper_name("other", "val") == "other"
+    # other methods name their own masks on both splits
+    assert [paper_name(s, "train", "rcm_mam") for s in ("model", "crf")] == ["RCM+MAM", "RCM+MAM+CRF"]
+    assert paper_name("model", "val", "vitpcm") == "ViT-PCM"
+
+
+def test_report_names_the_method_and_plots_no_areas_for_a_method_without_them(tree):
+    write_json(tree["results"] / "model" / "done.json", {"method": "rcm_mam", "num_classes": len(NAMES)})
+    summary = run_report(tree)
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# RCM+MAM results") and "`train.method: rcm_mam`" in markdown
+    assert "RCM+MAM (train)" in summary.columns and "RCM+MAM+CRF (val)" in summary.columns
+    assert (tree["out"] / "alpha.png").is_file()  # a message, not PC2M's stale alpha.csv

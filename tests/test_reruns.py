@@ -48,7 +48,7 @@ TINY = {
 }
 FRONT = {"dataset_index", "extract_features", "spectral_segments", "segment_features", "pseudo_labels",
          "pseudo_label_report"}
-UPSTREAM_OF_CRF = FRONT | {"train_pc2m", "predict_pc2m"}
+UPSTREAM_OF_CRF = FRONT | {"train_model", "predict_model"}
 
 
 def index_reruns(counts: dict[str, int]) -> bool:
@@ -123,7 +123,7 @@ def test_changed_crf_parameter_reruns_crf_and_downstream_only(repo, finished_run
 def test_changed_pseudo_label_parameter_keeps_features_and_segments(repo, finished_run):
     work, _, base = finished_run
     counts = planned(repo, work, write_config(work / "pl.yaml", base, pseudo_labels={"keep_fraction": 0.8}))
-    assert counts.get("pseudo_labels") == 1 and counts.get("train_pc2m") == 1, counts
+    assert counts.get("pseudo_labels") == 1 and counts.get("train_model") == 1, counts
     assert not {"dataset_index", "extract_features", "spectral_segments", "segment_features"} & set(counts)
 
 
@@ -189,8 +189,8 @@ def test_replaced_weights_rerun_features_segments_and_training(repo, finished_ru
 
     def check():
         counts = planned(repo, work, configfile)
-        assert {k: counts.get(k) for k in ("extract_features", "segment_features", "train_pc2m")} == {
-            "extract_features": 2, "segment_features": 2, "train_pc2m": 1}, counts
+        assert {k: counts.get(k) for k in ("extract_features", "segment_features", "train_model")} == {
+            "extract_features": 2, "segment_features": 2, "train_model": 1}, counts
         assert "dataset_index" not in counts
 
     replace_keeping(weights, other.read_bytes(), check)
@@ -246,13 +246,13 @@ def test_forcerun_until_redoes_exactly_one_stage(repo, finished_run):
     """Last of the module: it really reruns the CRF, which leaves the downstream stages older."""
     work, configfile, _ = finished_run
     masks = sorted((work / "results" / "crf" / "masks").glob("shard-*"))
-    before = {p: p.stat().st_mtime_ns for p in (work / "results" / "pc2m").rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in (work / "results" / "model").rglob("*") if p.is_file()}
     redo = snakemake(repo, work, configfile, "--forcerun", "dense_crf", "--until", "dense_crf")
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert job_counts(redo.stdout + redo.stderr) == {"dense_crf": len(masks)}
     assert len(masks) == 2 and all(m.is_dir() for m in masks)
     # upstream outputs untouched
-    assert before == {p: p.stat().st_mtime_ns for p in (work / "results" / "pc2m").rglob("*") if p.is_file()}
+    assert before == {p: p.stat().st_mtime_ns for p in (work / "results" / "model").rglob("*") if p.is_file()}
 
 
 def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, finished_run):
@@ -272,7 +272,7 @@ def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, 
     ran = Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", run.stdout + run.stderr, flags=re.MULTILINE))
     assert {k: ran[k] for k in ("dataset_index", "extract_features", "spectral_segments", "segment_features")} == {
         "dataset_index": 1, "extract_features": 1, "spectral_segments": 1, "segment_features": 1}, ran
-    assert ran["pseudo_labels"] == 1 and ran["train_pc2m"] == 1 and ran["predict_pc2m"] == 3, ran
+    assert ran["pseudo_labels"] == 1 and ran["train_model"] == 1 and ran["predict_model"] == 3, ran
     assert before == {p: p.stat().st_mtime_ns for p in before}  # the old shards untouched
     manifest = pd.read_csv(results / "dataset" / "manifest.csv")
     assert sorted(manifest.loc[manifest["image_id"].str.contains("new_"), "shard"]) == [2, 2, 2]

@@ -165,8 +165,8 @@ def test_safe_child_keeps_nested_ids_inside(tmp_path):
 
 
 def test_every_mask_writer_names_its_files_through_safe_child():
-    """predict (PC2M), crf and deeplab predict write one file per image id: through safe_child."""
-    for module in ("pc2m/predict.py", "crf.py", "deeplab/predict.py"):
+    """predict (every method), crf and deeplab predict write one file per image id: through safe_child."""
+    for module in ("predict.py", "crf.py", "deeplab/predict.py"):
         text = (PIPELINE / module).read_text(encoding="utf-8")
         assert "safe_child(" in text, module
         assert not re.search(r"f\"\{image_id\}\.png\"|/ f\"\{", text), f"{module} builds a per-image path by hand"

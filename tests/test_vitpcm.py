@@ -218,7 +218,7 @@ def _train(index, out, settings: dict) -> None:
 
 
 def test_training_lowers_the_loss_resumes_exactly_and_predicts(demo, tmp_path):
-    from pipeline.predict import predict_shard
+    from pipeline.predict import load_predictor, predict_shard
 
     settings = vitpcm_settings(epochs=3, lr=3e-3, lr_after_warmup_factor=1.0)
     _train(demo, tmp_path / "straight", settings)

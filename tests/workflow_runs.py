@@ -28,7 +28,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "
 COMPARED_GLOBS = (
     "pseudo_labels/*.csv",
     "pseudo_labels/maps.safetensors",
-    "pc2m/masks/**/*.png",
+    "model/masks/**/*.png",
     "crf/masks/**/*.png",
     "deeplab/masks/**/*.png",
     "eval/*.json",

@@ -114,7 +114,7 @@ run_pipeline "$SCRATCH/slurm" --workflow-profile "$REPO/workflow/profiles/slurm"
     --default-resources slurm_partition=debug "mem_mb=2000" "runtime=30" \
     --set-resources extract_features:slurm_partition=debug extract_features:gpu=0 \
         segment_features:slurm_partition=debug segment_features:gpu=0 \
-        train_pc2m:slurm_partition=debug train_pc2m:gpu=0 predict_pc2m:slurm_partition=debug predict_pc2m:gpu=0 \
+        train_model:slurm_partition=debug train_model:gpu=0 predict_model:slurm_partition=debug predict_model:gpu=0 \
     --slurm-no-account --slurm-status-command squeue --slurm-init-seconds-before-status-checks 2 \
     --jobs 4 --cores "$CPUS" >"$SCRATCH/slurm-run.log" 2>&1 \
     || { tail -50 "$SCRATCH/slurm-run.log"; fail "the pipeline failed under SLURM (log: $SCRATCH/slurm-run.log)"; }

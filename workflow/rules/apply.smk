@@ -28,17 +28,17 @@ checkpoint apply_index:
         " --params {input.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
-rule apply_pc2m:
+rule apply_model:
     input:
-        unpack(lambda w: run_model_inputs("pc2m")),
+        unpack(lambda w: run_model_inputs("model")),
         manifest=applied("dataset/manifest.csv"),
-        settings=settings_file("apply_pc2m", apply_params(config, ["pc2m"])),
+        settings=settings_file("apply_model", apply_params(config, ["model"])),
     output:
-        probs=applied("pc2m/probs/shard-{shard}.safetensors"),
-        masks=directory(applied("pc2m/masks/shard-{shard}")),
-        overlays=directory(applied("pc2m/overlays/shard-{shard}")),
+        probs=applied("model/probs/shard-{shard}.safetensors"),
+        masks=directory(applied("model/masks/shard-{shard}")),
+        overlays=directory(applied("model/overlays/shard-{shard}")),
     log:
-        results(f"logs/apply/{APPLY['name']}/pc2m/shard-{{shard}}.log"),
+        results(f"logs/apply/{APPLY['name']}/model/shard-{{shard}}.log"),
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -82,7 +82,7 @@ rule apply_deeplab:
 rule apply_report:
     input:
         # separate from the checkpoint-dependent inputs, which stay unknown until apply_index has run
-        unpack(lambda w: run_model_inputs("pc2m")),
+        unpack(lambda w: run_model_inputs("model")),
         unpack(applied_outputs),
         manifest=applied("dataset/manifest.csv"),
         settings=settings_file("apply_report", apply_params(config, ["report"])),
@@ -107,5 +107,5 @@ rule apply_report:
             f"--deeplab-model {shlex.quote(input.deeplab_model)}" if "deeplab_model" in input.keys() else ""
         ),
     shell:
-        "python -m pipeline apply --step report --model {input.pc2m_model:q} {params.deeplab}"
+        "python -m pipeline apply --step report --model {input.model_model:q} {params.deeplab}"
         " --out {params.out_dir:q} --params {input.settings:q} --params {params.facts:q} > {log:q} 2>&1"

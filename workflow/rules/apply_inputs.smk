@@ -29,7 +29,7 @@ def applied_models():
     wanted = APPLY["deeplab"]
     if wanted == "auto":
         wanted = Path(results("deeplab/model.pt")).is_file()
-    return ["pc2m", "deeplab"] if wanted else ["pc2m"]
+    return ["model", "deeplab"] if wanted else ["model"]
 
 
 def run_model_inputs(model):

@@ -173,8 +173,8 @@ def runtime_file(rule):
 
 # Stages that write masks: name -> folder (one sub-folder per shard, or per split for DeepLab),
 # and the splits each is evaluated on where they have ground truth (paper 000 Tables 3-4, 11).
-MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
-EVALUATED = {"pc2m": ("train", "val"), "crf": ("train", "val"), "deeplab": ("val",)}
+MASK_STAGES = {"model": "model/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
+EVALUATED = {"model": ("train", "val"), "crf": ("train", "val"), "deeplab": ("val",)}
 TRAIN_SPLIT = "train"
 
 
@@ -367,7 +367,7 @@ def train_inputs(wildcards):
 
 
 def predict_inputs(wildcards):
-    inputs = {"manifest": shard_list(wildcards), "model": results("pc2m/model.pt")}
+    inputs = {"manifest": shard_list(wildcards), "model": results("model/model.pt")}
     if config["mode"] == "unsupervised":
         inputs["labels"] = results("pseudo_labels/image_labels.csv")
     return inputs

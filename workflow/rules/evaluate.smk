@@ -4,7 +4,7 @@
 
 rule dense_crf:
     input:
-        probs=results("pc2m/probs/shard-{shard}.safetensors"),
+        probs=results("model/probs/shard-{shard}.safetensors"),
         manifest=shard_list,
         settings=settings_file("dense_crf", config["crf"]),
     output:
@@ -55,8 +55,8 @@ rule report:
         evals=lambda w: eval_targets(),
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
-        history=results("pc2m/history.csv"),
-        alpha=results("pc2m/alpha.csv"),
+        history=results("model/history.csv"),
+        done=results("model/done.json"),
         masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
         pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
         settings=settings_file("report", {"mode": config["mode"], "qualitative_images": 4, "gallery_images": 4}),
@@ -85,5 +85,5 @@ rule report:
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
-        " --history {input.history:q} --alpha {input.alpha:q} {params.pseudo} --out-dir {params.out_dir:q}"
+        " --history {input.history:q} --done {input.done:q} {params.pseudo} --out-dir {params.out_dir:q}"
         " --params {input.settings:q} --params {params.facts:q} > {log:q} 2>&1"

@@ -28,14 +28,14 @@ rule segments:
 
 rule train:
     input:
-        rules.train_pc2m.output,
+        rules.train_model.output,
     localrule: True
 
 
 rule masks:
     input:
         results("dataset/manifest.csv"),
-        lambda w: sharded("pc2m/probs") + sharded_dirs(MASK_STAGES["pc2m"]),
+        lambda w: sharded("model/probs") + sharded_dirs(MASK_STAGES["model"]),
     localrule: True
 
 

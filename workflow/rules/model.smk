@@ -2,11 +2,11 @@
 # and masks of every image (train split: the baseline pseudo-masks, BPM; val split: PC2M on val).
 
 
-rule train_pc2m:
+rule train_model:
     input:
         unpack(train_inputs),
         settings=settings_file(
-            "train_pc2m",
+            "train_model",
             {
                 "backbone": config["backbone"],
                 "train": section("train"),
@@ -16,14 +16,13 @@ rule train_pc2m:
             runtime_keys("train"),
         ),
     output:
-        model=results("pc2m/model.pt"),
-        done=results("pc2m/done.json"),
-        history=report(results("pc2m/history.csv"), caption="../report/training.rst", category="Training"),
-        alpha=results("pc2m/alpha.csv"),
+        model=results("model/model.pt"),
+        done=results("model/done.json"),
+        history=report(results("model/history.csv"), caption="../report/training.rst", category="Training"),
     log:
-        results("logs/train_pc2m.log"),
+        results("logs/train_model.log"),
     benchmark:
-        results("benchmarks/train_pc2m.tsv")
+        results("benchmarks/train_model.tsv")
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -32,7 +31,7 @@ rule train_pc2m:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
     params:
-        runtime=runtime_file("train_pc2m"),
+        runtime=runtime_file("train_model"),
         out_dir=lambda w, output: str(Path(output.model).parent),
         labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     shell:
@@ -43,21 +42,21 @@ rule train_pc2m:
         " > {log:q} 2>&1"
 
 
-rule predict_pc2m:
+rule predict_model:
     input:
         unpack(predict_inputs),
         settings=settings_file(
-            "predict_pc2m",
+            "predict_model",
             {"backbone": config["backbone"], "predict": section("predict"), "mode": config["mode"]},
             runtime_keys("predict"),
         ),
     output:
-        probs=results("pc2m/probs/shard-{shard}.safetensors"),
-        masks=directory(results("pc2m/masks/shard-{shard}")),
+        probs=results("model/probs/shard-{shard}.safetensors"),
+        masks=directory(results("model/masks/shard-{shard}")),
     log:
-        results("logs/predict_pc2m/shard-{shard}.log"),
+        results("logs/predict_model/shard-{shard}.log"),
     benchmark:
-        results("benchmarks/predict_pc2m/shard-{shard}.tsv")
+        results("benchmarks/predict_model/shard-{shard}.tsv")
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -66,7 +65,7 @@ rule predict_pc2m:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     params:
-        runtime=runtime_file("predict_pc2m"),
+        runtime=runtime_file("predict_model"),
         labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     shell:
         "python -m pipeline predict --manifest {input.manifest:q} --shard {wildcards.shard} --model {input.model:q}"
