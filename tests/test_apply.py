@@ -177,12 +177,12 @@ def test_model_files_that_do_not_fit(run, new_folder, tmp_path):
     net = build_backbone(backbone["name"], "random", "teacher", backbone["model_kwargs"])
     # another backbone recorded in the model file
     other = tmp_path / "other-backbone.pt"
-    arch = Architecture("model", classes, 0, "vit_small_patch8_224.dino")
+    arch = Architecture("pc2m", classes, 0, "vit_small_patch8_224.dino")
     torch.save(model_payload(build_network(net, arch), arch), other)
     assert_one_line_error(apply("--model", other), other, "vit_small_patch8_224.dino", "backbone.name")
     # another class count: DeepLab's classes must be the PC2M model's (the run's, under Snakemake)
     more = tmp_path / "more-classes.pt"
-    arch = Architecture("model", classes + 2, 0, backbone["name"])
+    arch = Architecture("pc2m", classes + 2, 0, backbone["name"])
     torch.save(model_payload(build_network(net, arch), arch), more)
     assert_one_line_error(apply("--model", more, "--deeplab-model", deeplab), deeplab,
                           f"{classes} classes where {classes + 2} are expected")
