@@ -68,6 +68,7 @@ def training_step(main: CAMNet, support: CAMNet, images: torch.Tensor, labels: t
     F runs at every scale while lambda_3 > 0, else at scale 1 only (the other scales feed only
     L_MAM); G runs at every scale without gradients, in eval mode. ``memory`` is updated with
     this batch's prototypes (summed over processes by ``reducer``) before the contrast.
+    The networks run under the caller's autocast, if any; masks and losses in float32.
     Returns the total (with gradient) and the detached parts ``cls``, ``rcm``, ``mam``.
     """
     weights = loss_weights(epoch, settings.mam_start_epoch, settings.lambda_cls, settings.lambda_rcm,
@@ -77,18 +78,22 @@ def training_step(main: CAMNet, support: CAMNet, images: torch.Tensor, labels: t
     with torch.no_grad():
         support.eval()
         support_out = forward_scales(support, images, settings.scales)
-        masks = region_masks(fuse_scales([o.cams for o in support_out]), labels, settings.threshold)
-        middle = support_out[settings.scales.index(1.0)]
-        sums, counts = class_prototype_sums(masks, middle.features)
-        if reducer is not None:
-            sums, counts = reducer.sum(sums), reducer.sum(counts)
-        memory.update(mean_prototypes(sums, counts), counts > 0)
     main_middle = main_out[main_scales.index(1.0)]
-    cls = classification_loss(main_middle.logits, labels)
-    rcm = rcm_loss(main_middle.features, masks, memory.prototypes, memory.filled, settings.temperature)
-    if weights.mam > 0:
-        mam = mam_loss(torch.stack([o.cams for o in main_out]), torch.stack([o.cams for o in support_out]), labels)
-    else:
-        mam = torch.zeros((), device=images.device)
+    # Masks, prototypes and losses run in float32 even when the caller wraps the step in bf16
+    # autocast: cosines and a softmax over 1/T-scaled logits lose too much in bf16.
+    with torch.autocast(images.device.type, enabled=False):
+        with torch.no_grad():
+            masks = region_masks(fuse_scales([o.cams for o in support_out]), labels, settings.threshold)
+            sums, counts = class_prototype_sums(masks, support_out[settings.scales.index(1.0)].features)
+            if reducer is not None:
+                sums, counts = reducer.sum(sums), reducer.sum(counts)
+            memory.update(mean_prototypes(sums, counts), counts > 0)
+        cls = classification_loss(main_middle.logits, labels)
+        rcm = rcm_loss(main_middle.features, masks, memory.prototypes, memory.filled, settings.temperature)
+        if weights.mam > 0:
+            mam = mam_loss(torch.stack([o.cams for o in main_out]), torch.stack([o.cams for o in support_out]),
+                           labels)
+        else:
+            mam = torch.zeros((), device=images.device)
     total = weights.cls * cls + weights.rcm * rcm + weights.mam * mam
     return total, {"cls": cls.detach(), "rcm": rcm.detach(), "mam": mam.detach()}
