@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import WeightsError
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.methods.rcm_mam import (
     CAMNet,
     PrototypeMemory,
@@ -115,6 +115,11 @@ def test_timm_backbone_output_stride(stride: int) -> None:
     trunk = timm_backbone("resnet10t", output_stride=stride)
     out = trunk(torch.randn(1, 3, 64, 64))
     assert trunk.output_stride == stride and out.shape == (1, trunk.out_channels, 64 // stride, 64 // stride)
+
+
+def test_timm_backbone_refuses_a_model_timm_cannot_dilate() -> None:
+    with pytest.raises(ConfigError, match="ResNet or ResNeSt"):
+        timm_backbone("vit_tiny_patch16_224", output_stride=16)
 
 
 def test_timm_backbone_loads_a_classifier_checkpoint(tmp_path) -> None:
@@ -364,6 +369,17 @@ def test_training_step_trains_only_main(epoch: int) -> None:
     assert main.project.weight.grad is not None and main.project.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in support.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, support.parameters(), strict=True))
+
+
+def test_training_step_losses_stay_float32_under_bf16_autocast() -> None:
+    main = tiny_net(num_classes=2, dim=4)
+    support = support_copy(main)
+    memory = PrototypeMemory(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, parts = training_step(main.train(), support, torch.randn(2, 3, 8, 8), torch.eye(2), 6, memory,
+                                     RCMMAMSettings(feature_dim=4))
+    assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+    assert memory.prototypes.dtype == torch.float32 and torch.isfinite(total)
 
 
 def test_settings_from_params() -> None:
