@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -412,3 +413,88 @@ def test_class_scores_and_masks_by_hand() -> None:
     assert torch.allclose(scores[0, :, 0], torch.tensor([[0.55, 0.55], [0.0, 0.0], [0.5, 0.6]]))
     assert masks_from_scores(scores).tolist() == [[[0, 2]]]
     assert masks_from_scores(class_scores(cams, None, 0.55)).tolist() == [[[1, 2]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The method plugged into the shared trainer and prediction stage
+
+
+def rcm_train_settings(**overrides) -> dict:
+    from test_pc2m import train_settings
+
+    rcm = dict(backbone="resnet10t", weights="random", output_stride=8, scales=[0.5, 1.0, 2.0], feature_dim=16,
+               threshold=0.2, temperature=0.5, ema_momentum=0.9, mam_start_epoch=1, lambda_cls=1.0,
+               lambda_rcm=1.0, lambda_mam=1.0, lr=0.01, lr_power=0.9, weight_decay=5e-4, crop_size=32,
+               resize_range=[0.5, 1.3], flip=True, jitter=True)
+    rcm.update(overrides.pop("rcm_mam", {}))
+    return train_settings(**({"method": "rcm_mam", "epochs": 2, "batch_size": 4, "rcm_mam": rcm} | overrides))
+
+
+@pytest.fixture(scope="module")
+def rcm_demo(tmp_path_factory):
+    from test_pc2m import make_demo
+
+    return make_demo(tmp_path_factory.mktemp("rcm_demo"), 12, 4, 64, 48)
+
+
+def test_crop_views_resize_flip_and_pad_with_the_mean():
+    from pipeline.methods.rcm_mam.data import CropViews, random_crop_view
+
+    image = torch.rand(3, 10, 20)
+    views = CropViews(crop_size=16, resize_range=(1.0, 1.0), flip=False, jitter=False)
+    view = random_crop_view(image, views, torch.Generator().manual_seed(0))
+    assert view.shape == (3, 16, 16)
+    # the 10-row image is placed whole inside the 16-row crop; the rest is NaN (mean after normalising)
+    assert int(torch.isnan(view[0]).all(dim=1).sum()) == 6
+    rows = ~torch.isnan(view[0]).all(dim=1)
+    window = view[:, rows]
+    offsets = [x for x in range(5) if torch.equal(window, image[:, :, x : x + 16])]
+    assert len(offsets) == 1  # a crop of the image, unresized and unflipped
+    doubled = random_crop_view(image, CropViews(16, (2.0, 2.0), False, False), torch.Generator().manual_seed(0))
+    assert not torch.isnan(doubled).any()  # 20 x 40 after resizing: the crop lies inside
+
+
+def test_training_resumes_exactly_and_predicts_through_the_shared_stages(rcm_demo, tmp_path):
+    import pandas as pd
+
+    from pipeline import shards
+    from pipeline.predict import predict_shard
+    from pipeline.training.trainer import train
+    from test_pc2m import BACKBONE, NUM_CLASSES, predict_settings
+
+    def run(out):
+        train(rcm_demo / "manifest.csv", rcm_demo / "classes.json", None, out,
+              {"backbone": BACKBONE, "train": rcm_train_settings(epochs=3, keep_checkpoints=3), "mode": "weak",
+               "seed": 0}, 2)
+
+    run(tmp_path / "straight")
+    history = pd.read_csv(tmp_path / "straight" / "history.csv")
+    assert {"cls", "rcm", "mam", "lambda_mam"} <= set(history.columns)
+    assert list(history["lambda_mam"]) == [0.0, 1.0, 1.0]  # lambda_3 switched on at mam_start_epoch
+    assert history["mam"].iloc[0] == 0 and history["mam"].iloc[1:].gt(0).all()
+    assert history["lr"].is_monotonic_decreasing  # poly schedule
+    # A run killed after epoch 2: only its epoch-2 checkpoint is left; the same command resumes it.
+    # (The poly rate spans the run: asking for other epochs is another run, never resumed.)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(tmp_path / "straight" / "checkpoints" / "epoch-0002.pt",
+                    tmp_path / "resumed" / "checkpoints" / "last.pt")
+    run(tmp_path / "resumed")
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert straight["arch"]["method"] == "rcm_mam" and straight["arch"]["num_classes"] == NUM_CLASSES
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    pd.testing.assert_frame_equal(history.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns="seconds"))
+
+    predict = predict_settings(max_size=64, flip=True) | {"rcm_mam": {"scales": [0.5, 1.0], "background": 0.2}}
+    params = {"backbone": BACKBONE, "predict": predict, "mode": "weak"}
+    predict_shard(rcm_demo / "manifest.csv", 0, tmp_path / "straight" / "model.pt", tmp_path / "probs.safetensors",
+                  tmp_path / "masks", params, 2)
+    meta = shards.read_meta(tmp_path / "probs.safetensors")
+    assert meta["num_classes"] == NUM_CLASSES and meta["patch_size"] == 8
+    for image in shards.read_images(tmp_path / "probs.safetensors").values():
+        probs = image["probs"].float()
+        assert probs.shape[0] == NUM_CLASSES
+        torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]), atol=2e-3, rtol=0)
+    assert len(list((tmp_path / "masks").glob("*.png"))) == len(meta["image_ids"])
