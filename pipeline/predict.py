@@ -67,7 +67,8 @@ class PredictSettings:
     @classmethod
     def from_params(cls, predict: dict) -> PredictSettings:
         require_fields(cls, predict, "predict")
-        settings = cls(**predict)
+        # Sub-sections named after a method (``predict.rcm_mam``) are that method's own settings.
+        settings = cls(**{k: v for k, v in predict.items() if k not in METHODS})
         if settings.fit not in ("crop", "pad"):
             raise ConfigError(f"predict.fit: {settings.fit!r} is not crop or pad")
         return settings
@@ -102,10 +103,12 @@ def read_model_payload(model_path: Path) -> dict:
     raise WeightsError(f"{model_path}: not a model trained by `train`: {kind}")
 
 
-def load_predictor(model_path: Path, backbone: dict, device: torch.device, num_classes: int | None = None):
+def load_predictor(model_path: Path, backbone: dict, device: torch.device, num_classes: int | None = None,
+                   predict: dict | None = None):
     """The trained network of any method as a predictor (``predict(images, flip)``, ``stride``,
     ``mean``, ``std``, ``num_classes``); ``num_classes``: what the model must predict, when the
-    caller knows (applying a run's model)."""
+    caller knows (applying a run's model); ``predict``: the ``predict`` section (a method's own
+    inference settings under its name)."""
     payload = read_model_payload(model_path)
     arch = payload["arch"]
     if num_classes is not None and int(arch["num_classes"]) != num_classes:
@@ -113,7 +116,7 @@ def load_predictor(model_path: Path, backbone: dict, device: torch.device, num_c
     if arch.get("backbone") and arch["backbone"] != backbone["name"]:
         raise WeightsError(f"{model_path}: trained with backbone {arch['backbone']!r}, but config key backbone.name is"
                            f" {backbone['name']!r}")
-    return load_method(arch["method"]).load_predictor(payload, backbone, device, Path(model_path))
+    return load_method(arch["method"]).load_predictor(payload, backbone, device, Path(model_path), predict or {})
 
 
 def restriction_labels(rows: pd.DataFrame, mode: str, labels_path: Path | None) -> dict[str, list[int]]:
@@ -158,7 +161,8 @@ def predict_shard(
     torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(settings.device)
     rows = shard_rows(Path(manifest_path), shard)
-    predictor = load_predictor(Path(model_path), params["backbone"], device, params.get("num_classes"))
+    predictor = load_predictor(Path(model_path), params["backbone"], device, params.get("num_classes"),
+                               params["predict"])
     patch, mean, std = predictor.stride, predictor.mean, predictor.std
     allowed = (restriction_labels(rows, params["mode"], Path(labels_path) if labels_path else None)
                if settings.restrict_to_labels else {})

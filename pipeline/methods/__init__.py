@@ -6,7 +6,9 @@ Each ``pipeline.methods.<name>.method`` module provides:
 - ``prepare(context: TrainContext) -> MethodRun``: the run the shared trainer drives
   (``pipeline.training``);
 - ``load_predictor(payload: dict, backbone: dict, device) -> Predictor``: the trained network
-  of a model.pt written by that method, for the shared prediction stage (``pipeline.predict``).
+  of a model.pt written by that method, for the shared prediction stage (``pipeline.predict``);
+- optionally ``RESUMABLE_KEYS``: the ``train`` keys that may change when a run is resumed
+  (default ``pipeline.training.checkpoints.RESUMABLE_KEYS``).
 
 model.pt records the method in ``payload["arch"]["method"]``; prediction dispatches on it.
 """

@@ -23,15 +23,16 @@ from pipeline.errors import BadInputError
 from pipeline.training.data import LabelledImage
 
 CHECKPOINT_FORMAT = "training-checkpoint/2"
-# Settings that may change when a run is resumed (they do not change the result).
+# Settings that may change when a run is resumed (they do not change the result); a method whose
+# schedule spans the whole run (a poly rate) leaves ``epochs`` out (its ``RESUMABLE_KEYS``).
 RESUMABLE_KEYS = ("epochs", "num_workers", "device", "keep_checkpoints")
 
 
 def settings_fingerprint(params: dict, images: list[LabelledImage] | None = None,
-                          num_classes: int | None = None) -> str:
+                          num_classes: int | None = None, resumable: tuple[str, ...] = RESUMABLE_KEYS) -> str:
     """What a checkpoint must match to be resumed: the recipe and the training data (image ids
     and their labels: new pseudo-labels must not resume a model trained on the old ones)."""
-    train = {k: v for k, v in params["train"].items() if k not in RESUMABLE_KEYS}
+    train = {k: v for k, v in params["train"].items() if k not in resumable}
     record = {"backbone": params["backbone"], "train": train, "mode": params["mode"], "seed": params["seed"]}
     if images is not None:
         data = json.dumps({"num_classes": num_classes, "images": [[i.image_id, list(i.labels)] for i in images]})

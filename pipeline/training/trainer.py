@@ -40,6 +40,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.methods import METHODS, load_method
 from pipeline.training.checkpoints import (
     CHECKPOINT_FORMAT,
+    RESUMABLE_KEYS,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -117,7 +118,8 @@ def train(
     history: list[dict] = []
     start_epoch, optimizer_state, optimizer_phase = 0, None, None
     last = out_dir / "checkpoints" / "last.pt"
-    fingerprint = settings_fingerprint(params, images, num_classes)
+    fingerprint = settings_fingerprint(params, images, num_classes,
+                                       getattr(method, "RESUMABLE_KEYS", RESUMABLE_KEYS))
     state = load_checkpoint(last) if last.is_file() else None
     if state is not None and (state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint):
         # Snakemake reruns this job when its inputs or params changed: the old checkpoints are

@@ -30,9 +30,11 @@ class PatchPredictor:
         return probs.float()
 
 
-def load_predictor(payload: dict, backbone: dict, device: torch.device, model_path: Path) -> PatchPredictor:
+def load_predictor(payload: dict, backbone: dict, device: torch.device, model_path: Path,
+                   predict: dict) -> PatchPredictor:
     """The trained network: backbone architecture from the config, the rest of the architecture
-    (HV-BiLSTM or none, classes) from model.pt's record, every weight from model.pt."""
+    (HV-BiLSTM or none, classes) from model.pt's record, every weight from model.pt. The patch
+    classifiers have no inference settings of their own in ``predict``."""
     arch = Architecture(**payload["arch"])
     # `random`: the architecture only; model.pt overwrites every tensor (strict below).
     net = build_backbone(backbone["name"], "random", backbone.get("checkpoint_key", "teacher"),
