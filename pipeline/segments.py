@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError
+from pipeline.geometry import unpack
 from pipeline.patch_sizes import fit_to_patch
 from pipeline.spectral import colour_knn_affinity, key_affinity, segment_patches, smallest_eigenpairs
 
@@ -119,39 +119,60 @@ def run_spectral_shard(features_path: Path, manifest_path: Path, out_path: Path,
 # ---------------------------------------------------------------------------------------------
 # Stage `segment_features`: the CLS feature of each non-background segment's crop (paper 000 Sec. 3.3)
 
+# Morphology on the patch grid with the 4-connected cross, the footprint Deep Spectral Methods'
+# boxes get (skimage's default); outside the grid counts as set, so the image edge erodes nothing.
+CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
-def segment_box(
-    mask: np.ndarray, scale: float, image_hw: tuple[int, int], erode: int, dilate: int
-) -> tuple[int, int, int, int] | None:
-    """Bounding box (y0, x0, y1, x1; end exclusive) on the original image of a binary mask given
-    on the resized image. Erosion drops thin bridges to neighbouring segments, dilation gives the
-    crop some context (Deep Spectral Methods' recipe); if erosion empties a small mask, the mask
-    is used as it is. None for an empty mask."""
-    kernel = np.ones((3, 3), np.uint8)
-    work = mask.astype(np.uint8)
-    if erode > 0:
-        eroded = cv2.erode(work, kernel, iterations=erode)
-        work = eroded if eroded.any() else work
+
+def erode_keeping_last(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``iterations`` erosions, stopping at the last non-empty one: a segment too small for the
+    full erosion keeps what its earlier erosions left instead of vanishing."""
+    for _ in range(iterations):
+        eroded = cv2.erode(mask, CROSS)
+        if not eroded.any():
+            break
+        mask = eroded
+    return mask
+
+
+def patch_box(mask: np.ndarray, erode: int, dilate: int) -> tuple[int, int, int, int] | None:
+    """Box (y0, x0, y1, x1; end exclusive) in patches of a segment given on the patch grid, after
+    ``erode`` erosions (they cut a bridge up to 2·erode patches wide to a neighbouring region)
+    and ``dilate`` dilations (context of ``dilate`` patches each side, within the grid), as Deep
+    Spectral Methods makes its crops. None for an empty mask."""
+    work = erode_keeping_last(mask.astype(np.uint8), erode)
     if dilate > 0:
-        work = cv2.dilate(work, kernel, iterations=dilate)
+        work = cv2.dilate(work, CROSS, iterations=dilate)
     ys, xs = np.nonzero(work)
     if ys.size == 0:
         return None
-    height, width = image_hw
-    y0 = min(height - 1, int(math.floor(ys.min() / scale)))
-    x0 = min(width - 1, int(math.floor(xs.min() / scale)))
-    y1 = max(y0 + 1, min(height, int(math.ceil((ys.max() + 1) / scale))))
-    x1 = max(x0 + 1, min(width, int(math.ceil((xs.max() + 1) / scale))))
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def grid_side_to_image(start: int, end: int, cells: int, patch: int, resized: int, original: int) -> tuple[int, int]:
+    """Patches [start, end) of a side of ``cells`` -> pixels [a, b) of the original image side.
+    The last patch owns the rest of the resized side (the sliver a crop fit removed; the padding
+    a pad fit added is not image), and the resized side maps back linearly, as in
+    ``pipeline.geometry.grid_to_image``; integer arithmetic, rounded outwards."""
+    lo = start * patch
+    hi = resized if end == cells else end * patch
+    a = lo * original // resized
+    b = -(-hi * original // resized)
+    return a, max(a + 1, min(original, b))
+
+
+def segment_box(
+    mask: np.ndarray, patch: int, resized_hw: tuple[int, int], image_hw: tuple[int, int], erode: int, dilate: int
+) -> tuple[int, int, int, int] | None:
+    """Crop box (y0, x0, y1, x1; end exclusive) on the original image of a segment given on the
+    patch grid: ``patch_box`` scaled by the patch size and mapped back to the image."""
+    box = patch_box(mask, erode, dilate)
+    if box is None:
+        return None
+    (gh, gw), (rh, rw), (height, width) = mask.shape, resized_hw, image_hw
+    y0, y1 = grid_side_to_image(box[0], box[2], gh, patch, rh, height)
+    x0, x1 = grid_side_to_image(box[1], box[3], gw, patch, rw, width)
     return y0, x0, y1, x1
-
-
-def segment_masks_on_resized(segments: torch.Tensor, patch: int, resized_hw: tuple[int, int]) -> dict[int, np.ndarray]:
-    """Per non-background segment id, its mask on the resized image (patches upsampled, the
-    padding beyond the resized image cut off; cropped borders simply have no patch)."""
-    seg = segments.numpy().repeat(patch, axis=0).repeat(patch, axis=1)
-    rh, rw = resized_hw
-    seg = seg[:rh, :rw]
-    return {int(s): seg == s for s in np.unique(seg) if s != 0}
 
 
 def crop_tensor(rgb: np.ndarray, box: tuple[int, int, int, int], size: int, mean, std) -> torch.Tensor:
@@ -199,11 +220,11 @@ def run_segment_features_shard(
             pending.clear()
 
     for image_id in tqdm(sorted(spectral), desc=f"crops {spectral_path.name}", unit="image"):
-        scale, rh, rw = (float(v) for v in geometry[image_id]["geometry"][:3].tolist())
+        _, resized_hw, _ = unpack(geometry[image_id]["geometry"])
         rgb = load_rgb(rows.loc[image_id, "image_path"])
-        masks = segment_masks_on_resized(spectral[image_id]["segments"], patch, (round(rh), round(rw)))
-        for segment_id, mask in masks.items():
-            box = segment_box(mask, scale, rgb.shape[:2], cfg["erode"], cfg["dilate"])
+        segments = spectral[image_id]["segments"].numpy()
+        for segment_id in (int(s) for s in np.unique(segments) if s != 0):
+            box = segment_box(segments == segment_id, patch, resized_hw, rgb.shape[:2], cfg["erode"], cfg["dilate"])
             if box is None:
                 continue
             pending.append(crop_tensor(rgb, box, crop_size, mean, std))

@@ -1,4 +1,5 @@
-"""Spectral segments on the demo dataset cover the GT objects; crop boxes map back to the image;
+"""Spectral segments on the demo dataset cover the GT objects; crop boxes are made on the patch grid
+(Deep Spectral Methods' erosion/dilation) and map back to the image;
 the sharded spectral stage is deterministic and handles degenerate input."""
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 from pipeline import shards
 from pipeline.datasets.demo import generate_demo
 from pipeline.errors import BadInputError
+from pipeline.features import image_geometry
 from pipeline.imageio import load_mask, load_rgb
-from pipeline.segments import group_by_grid, run_spectral_shard, segment_box, segment_masks_on_resized
+from pipeline.segments import group_by_grid, patch_box, run_spectral_shard, segment_box
 from pipeline.spectral import colour_patch_features, key_affinity, segment_patches, smallest_eigenpairs
 
 PATCH = 8
@@ -65,23 +68,78 @@ def test_segments_cover_the_demo_objects(demo):
     assert broken < 0.2
 
 
-def test_segment_box_maps_back_to_the_original_image():
-    mask = np.zeros((50, 80), bool)  # resized image (scale 0.5 of a 100x160 original)
-    mask[10:20, 30:40] = True
-    assert segment_box(mask, 0.5, (100, 160), erode=0, dilate=0) == (20, 60, 40, 80)
-    # erosion that empties a tiny mask falls back to the mask itself
-    tiny = np.zeros((50, 80), bool)
-    tiny[5, 5] = True
-    assert segment_box(tiny, 1.0, (50, 80), erode=2, dilate=0) == (5, 5, 6, 6)
-    assert segment_box(np.zeros((4, 4), bool), 1.0, (4, 4), 0, 0) is None
+def grid_mask(shape: tuple[int, int], *blocks: tuple[slice, slice]) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for block in blocks:
+        mask[block] = True
+    return mask
 
 
-def test_segment_masks_drop_padding_and_background():
-    segments = torch.tensor([[0, 1], [2, 2]])
-    masks = segment_masks_on_resized(segments, patch=4, resized_hw=(6, 7))
-    assert set(masks) == {1, 2}
-    assert masks[1].shape == (6, 7) and masks[1][:4, 4:].all() and masks[1].sum() == 12
-    assert masks[2][4:6].all() and masks[2].sum() == 14
+def test_a_bridge_to_the_border_is_cut_before_the_box():
+    # 5x5-patch object, joined to the left border by a one-patch-wide bridge along row 6
+    mask = grid_mask((12, 16), np.s_[4:9, 8:13], np.s_[6, 0:8])
+    # by hand, cross erosions: 1st -> rows 5-7 x cols 9-11 plus the bridge's stub (6, 8);
+    # 2nd -> (6, 9), (6, 10); 3 dilations -> rows 3-9, cols 6-13
+    assert patch_box(mask, erode=2, dilate=3) == (3, 6, 10, 14)
+    assert segment_box(mask, 8, (96, 128), (96, 128), erode=2, dilate=3) == (24, 48, 80, 112)
+    assert patch_box(mask, erode=0, dilate=0) == (4, 0, 9, 13)  # the bridge's box, without erosion
+
+
+def test_context_margin_is_dilate_patches_clipped_to_the_image():
+    inner = grid_mask((12, 16), np.s_[5:7, 6:9])
+    assert segment_box(inner, 16, (192, 256), (192, 256), erode=0, dilate=3) == (2 * 16, 3 * 16, 10 * 16, 12 * 16)
+    corner = grid_mask((12, 16), np.s_[0:2, 14:16])
+    assert segment_box(corner, 16, (192, 256), (192, 256), erode=0, dilate=3) == (0, 11 * 16, 5 * 16, 256)
+
+
+def test_erosion_keeps_the_last_non_empty_iteration():
+    rect = grid_mask((8, 10), np.s_[2:5, 3:7])  # 3x4: the 1st erosion leaves row 3, cols 4-5; the 2nd, nothing
+    assert patch_box(rect, erode=0, dilate=0) == (2, 3, 5, 7)
+    assert patch_box(rect, erode=1, dilate=0) == (3, 4, 4, 6)
+    assert patch_box(rect, erode=2, dilate=0) == (3, 4, 4, 6)
+    assert patch_box(rect, erode=5, dilate=0) == (3, 4, 4, 6)
+    # the image edge erodes nothing: a 2-patch band along the border survives one erosion
+    edge = grid_mask((8, 10), np.s_[0:2, :])
+    assert patch_box(edge, erode=1, dilate=0) == (0, 0, 1, 10)
+    assert patch_box(np.zeros((4, 4), bool), 2, 3) is None
+
+
+def scipy_patch_box(mask: np.ndarray, erode: int, dilate: int) -> tuple[int, int, int, int]:
+    """Deep Spectral Methods' recipe written with scipy.ndimage: cross footprint, the outside
+    counted as set, an erosion that empties the mask skipped."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    for _ in range(erode):
+        eroded = ndimage.binary_erosion(mask, cross, border_value=1)
+        mask = eroded if eroded.any() else mask
+    if dilate:
+        mask = ndimage.binary_dilation(mask, cross, iterations=dilate)
+    ys, xs = np.nonzero(mask)
+    return ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+
+
+def test_patch_box_agrees_with_scipy_on_random_segments():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        labels = rng.integers(0, 3, (4, 5)).repeat(3, 0).repeat(3, 1)[: rng.integers(6, 13), : rng.integers(6, 16)]
+        mask = labels == 1
+        if mask.any():
+            for erode, dilate in [(2, 3), (1, 0), (3, 5)]:
+                assert patch_box(mask, erode, dilate) == scipy_patch_box(mask, erode, dilate)
+
+
+@pytest.mark.parametrize("fit", ["pad", "crop"])
+def test_boxes_map_to_a_non_square_image_at_a_non_integer_scale(fit):
+    geometry = image_geometry(300, 500, max_size=224, patch=16, fit=fit)
+    assert geometry.scale == pytest.approx(0.448) and geometry.resized == (134, 224)
+    grid = geometry.grid  # pad: 9 x 14 (the last row half padding); crop: 8 x 14 (6 resized rows cut)
+    inner = grid_mask(grid, np.s_[2:5, 3:6])
+    # resized rows 32-80, cols 48-96 -> x 300/134 and 500/224, rounded outwards
+    assert segment_box(inner, 16, geometry.resized, (300, 500), 0, 0) == (71, 107, 180, 215)
+    # the last row and column own the rest of the resized image: padding is not image, and the
+    # rows a crop cut belong to the last patch row
+    last = grid_mask(grid, np.s_[grid[0] - 1 :, grid[1] - 1 :])
+    y0 = (grid[0] - 1) * 16 * 300 // 134
+    assert segment_box(last, 16, geometry.resized, (300, 500), 0, 0) == (y0, 13 * 16 * 500 // 224, 300, 500)
 
 
 def test_group_by_grid_never_mixes_grids():
