@@ -88,7 +88,7 @@ def trained(demo, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("recipe", ["v2", "v3plus", "comus"])
-@pytest.mark.parametrize("backbone", ["resnet18", "test_vit"])
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_logits_have_the_input_size_and_one_channel_per_class(backbone, recipe):
     model = build_model(TrainSettings.from_params(deeplab_params(recipe=recipe, backbone=backbone))).eval()
     with torch.no_grad():
