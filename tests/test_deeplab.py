@@ -1,7 +1,10 @@
-"""DeepLab verification: model shapes, weight files, training, exact resume after SIGKILL, predict.
+"""DeepLab verification: the recipes' networks (DeepLab-v2 ASPP-L with frozen BatchNorm, DeepLabv3,
+DeepLabV3+), parameter groups, initial weights, training, exact resume after SIGKILL, and the
+padded multi-scale + flip test.
 
 Training tests use timm's ``test_resnet`` (a ResNet with narrow layers, same strides as resnet18)
-on tiny demo crops, single-threaded, so the whole module runs in well under a minute on CPU.
+on tiny demo crops, single-threaded, from config.yaml's recipes with tiny overrides, so the whole
+module runs in about a minute on CPU.
 """
 
 from __future__ import annotations
@@ -19,18 +22,30 @@ import pandas as pd
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+import yaml
 from safetensors.torch import save_file
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.datasets import build_index, read_manifest
 from pipeline.datasets.demo import generate_demo
-from pipeline.deeplab.model import DeepLabV3Plus
-from pipeline.deeplab.predict import predict_deeplab
-from pipeline.deeplab.train import CHECKPOINT_NAME, train_deeplab
-from pipeline.errors import BadInputError, PipelineError, WeightsError
+from pipeline.deeplab.model import AsppV2, DeepLab
+from pipeline.deeplab.predict import PredictSettings, class_probabilities, pad_to_canvas, predict_deeplab
+from pipeline.deeplab.train import (
+    CHECKPOINT_NAME,
+    TrainSettings,
+    build_model,
+    make_optimizer,
+    parameter_groups,
+    resolve_recipe,
+    set_lr,
+    train_deeplab,
+)
+from pipeline.errors import BadInputError, ConfigError, PipelineError, WeightsError
 from pipeline.imageio import load_mask, write_label_png
 
 NUM_CLASSES = 5  # demo: background + 4 shapes
+CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())["deeplab"]
 THREADS = 1  # bit-exact comparisons across processes need the same (and a fixed) thread count
 
 
@@ -51,12 +66,11 @@ def demo(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def deeplab_params(**overrides) -> dict:
+    """config.yaml's ``deeplab`` section (its recipes, demo recipe v3plus) at test size."""
     section = {
-        "backbone": "test_resnet", "backbone_weights": "random", "iterations": 30,
-        "batch_size": 4, "crop_size": 40, "scale_range": [0.5, 1.5], "lr": 0.01,
-        "head_lr_multiplier": 10.0, "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9,
-        "checkpoint_every": 10, "log_every": 5, "num_workers": 0, "device": "cpu",
-        "test_size": None, "multiscale": False, "test_scales": [0.5, 0.75, 1.0, 1.25, 1.5],
+        **CONFIG, "backbone": "test_resnet", "init": "random", "iterations": 30, "batch_size": 4, "crop_size": 40,
+        "lr": 0.01, "head_lr_multiplier": 10.0, "checkpoint_every": 10, "log_every": 5, "num_workers": 0,
+        "device": "cpu",
     }
     section.update(overrides)
     return {"deeplab": section, "num_classes": NUM_CLASSES, "seed": 0}
@@ -73,9 +87,10 @@ def trained(demo, tmp_path_factory) -> Path:
 # --- model ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "test_vit"])
-def test_logits_have_the_input_size_and_one_channel_per_class(backbone):
-    model = DeepLabV3Plus(backbone, NUM_CLASSES).eval()
+@pytest.mark.parametrize("recipe", ["v2", "v3plus", "comus"])
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_logits_have_the_input_size_and_one_channel_per_class(backbone, recipe):
+    model = build_model(TrainSettings.from_params(deeplab_params(recipe=recipe, backbone=backbone))).eval()
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 50, 70))  # not a multiple of the stride or patch size
     assert logits.shape == (2, NUM_CLASSES, 50, 70)
@@ -84,14 +99,14 @@ def test_logits_have_the_input_size_and_one_channel_per_class(backbone):
 def test_a_timm_state_dict_loads_without_its_classifier(tmp_path):
     reference = timm.create_model("resnet18", pretrained=False)  # with its ImageNet `fc`
     save_file(reference.state_dict(), tmp_path / "resnet18.safetensors")
-    model = DeepLabV3Plus("resnet18", NUM_CLASSES, str(tmp_path / "resnet18.safetensors"))
+    model = DeepLab("resnet18", NUM_CLASSES, weights=str(tmp_path / "resnet18.safetensors"))
     assert torch.equal(model.backbone.body.state_dict()["conv1.weight"], reference.conv1.weight)
 
 
 def test_weights_of_another_architecture_are_refused_naming_the_file(tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "other_net.pth")
     with pytest.raises(WeightsError, match="other_net.pth"):
-        DeepLabV3Plus("resnet18", NUM_CLASSES, str(tmp_path / "other_net.pth"))
+        DeepLab("resnet18", NUM_CLASSES, weights=str(tmp_path / "other_net.pth"))
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -101,7 +116,8 @@ def test_loss_decreases_and_artifacts_are_written(trained):
     history = pd.read_csv(trained / "history.csv")
     assert list(history["iteration"]) == [5, 10, 15, 20, 25, 30]
     assert history["loss"].iloc[-2:].mean() < 0.7 * history["loss"].iloc[:2].mean()
-    assert json.loads((trained / "done.json").read_text())["iterations"] == 30
+    done = json.loads((trained / "done.json").read_text())
+    assert done["iterations"] == 30 and done["recipe"] == "v3plus" and done["network"].startswith("DeepLabV3+")
     assert set(load_checkpoint(trained / "model.pt")) == {"arch", "model"}
 
 
@@ -197,14 +213,14 @@ def test_predictions_cover_every_image_at_its_size(demo, trained, tmp_path):
     frame.to_csv(tmp_path / "manifest.csv", index=False)
     out = tmp_path / "pred"
     predict_deeplab(tmp_path / "manifest.csv", "val", trained / "model.pt", out,
-                    deeplab_params(multiscale=True, test_size=56), THREADS)
+                    deeplab_params(test_scales=[0.5, 1.0, 1.5], test_flip=True, pad_to=56), THREADS)
     val = frame[frame["split"] == "val"]
     for image_id, width, height in zip(val["image_id"], val["width"], val["height"]):
         mask = load_mask(out / f"{image_id}.png")
         assert mask.shape == (height, width) and int(mask.max()) < NUM_CLASSES
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
         f"{i}.png" for i in val["image_id"])
-    assert (out / ".done").is_file()
+    assert json.loads((out / ".done").read_text())["pad_to"] == 56
 
 
 def test_model_file_of_another_kind_is_refused(demo, tmp_path):
@@ -214,3 +230,196 @@ def test_model_file_of_another_kind_is_refused(demo, tmp_path):
         predict_deeplab(manifest, "val", tmp_path / "not_deeplab.pt", tmp_path / "pred",
                         deeplab_params(), THREADS)
     assert not list(tmp_path.rglob(".done"))
+
+
+# --- recipes ------------------------------------------------------------------------------------
+
+
+def test_a_recipe_without_overrides_has_its_papers_values():
+    cfg = {**CONFIG, "recipe": "v2", **{key: None for key in ("iterations", "batch_size", "crop_size", "lr")}}
+    values = resolve_recipe(cfg)
+    # papers 001/004: DeepLab-v2 R101 lr 2.5e-4, poly 0.9, batch 10, crop 321, 10k iterations, x10 head
+    assert (values["lr"], values["poly_power"], values["batch_size"], values["crop_size"], values["iterations"],
+            values["head_lr_multiplier"], values["aspp_rates"], values["freeze_bn"]) == (
+        2.5e-4, 0.9, 10, 321, 10000, 10.0, [6, 12, 18, 24], True)
+    comus = resolve_recipe({**cfg, "recipe": "comus"})  # paper 002 Table 11
+    assert (comus["optimizer"], comus["lr"], comus["batch_size"], comus["crop_size"], comus["scale_range"],
+            comus["epochs"], comus["iterations"]) == ("adam", 6e-5, 56, 512, [0.5, 2.0], 10, None)
+    v3plus = resolve_recipe({**cfg, "recipe": "v3plus"})  # paper 004: batch 32, 50 epochs, lr 0.007
+    assert (v3plus["batch_size"], v3plus["epochs"], v3plus["lr"]) == (32, 50, 0.007)
+
+
+def test_overrides_replace_the_recipe_and_iterations_replace_epochs():
+    cfg = {**CONFIG, "recipe": "v3plus", "iterations": 7, "lr": 0.5}
+    values = resolve_recipe(cfg)
+    assert (values["iterations"], values["epochs"], values["lr"], values["batch_size"]) == (7, None, 0.5, 6)
+    by_epochs = resolve_recipe({**cfg, "iterations": None, "epochs": 2})
+    assert (by_epochs["iterations"], by_epochs["epochs"]) == (None, 2)
+    with pytest.raises(ConfigError, match="both"):
+        resolve_recipe({**cfg, "epochs": 2})
+    with pytest.raises(ConfigError, match="deeplab.recipe: 'v9'"):
+        resolve_recipe({**cfg, "recipe": "v9"})
+
+
+def test_epochs_become_whole_batches_of_passes_over_the_images():
+    settings = TrainSettings.from_params(deeplab_params(iterations=None, epochs=50, batch_size=32))
+    assert settings.for_images(10).iterations == 16  # ceil(50 * 10 / 32)
+    assert settings.for_images(64).iterations == 100
+
+
+# --- DeepLab-v2 ----------------------------------------------------------------------------------
+
+
+def _v2(backbone: str = "resnet18") -> DeepLab:
+    return build_model(TrainSettings.from_params(deeplab_params(recipe="v2", backbone=backbone)))
+
+
+def test_v2_head_is_aspp_l_four_dilated_3x3_convs_summed():
+    model = _v2().eval()
+    head = model.head
+    assert isinstance(head, AsppV2) and len(head.branches) == 4
+    for conv, rate in zip(head.branches, (6, 12, 18, 24)):
+        assert (conv.kernel_size, conv.dilation, conv.padding) == ((3, 3), (rate, rate), (rate, rate))
+        assert (conv.in_channels, conv.out_channels) == (512, NUM_CLASSES) and conv.bias is not None
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        _, deep = model.backbone(x)
+        assert deep.shape[-2:] == (9, 9)  # output stride 8
+        by_hand = sum(F.conv2d(deep, c.weight, c.bias, padding=c.dilation, dilation=c.dilation) for c in head.branches)
+        torch.testing.assert_close(head(None, deep), by_hand)
+        assert model(x).shape == (1, NUM_CLASSES, 65, 65)
+
+
+def test_v2_on_resnet101_at_65_px():
+    model = _v2("resnet101").eval()
+    assert model.head.branches[0].in_channels == 2048
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65)).shape == (1, NUM_CLASSES, 65, 65)
+
+
+def _batchnorms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_v2_batchnorm_is_frozen_through_a_training_step():
+    torch.manual_seed(0)
+    model = _v2().train()
+    norms = _batchnorms(model)
+    assert norms and model.training and not any(bn.training for bn in norms)
+    assert not any(p.requires_grad for bn in norms for p in bn.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings.from_params(deeplab_params(recipe="v2", backbone="resnet18"))
+    optimizer = make_optimizer(model, settings)
+    set_lr(optimizer, 0.1)
+    loss = model(torch.randn(2, 3, 33, 33)).logsumexp(dim=1).mean()
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for bn in norms for p in bn.parameters())
+    after = model.state_dict()
+    bn_keys = [k for k in before if k.split(".")[-1] in {"running_mean", "running_var", "weight", "bias"}
+               and isinstance(model.get_submodule(k.rsplit(".", 1)[0]), torch.nn.BatchNorm2d)]
+    assert bn_keys and all(torch.equal(before[k], after[k]) for k in bn_keys)
+    assert not torch.equal(before["head.branches.0.weight"], after["head.branches.0.weight"])
+
+
+def test_v2_groups_head_at_10x_lr_and_no_weight_decay_on_biases_or_batchnorm():
+    model = _v2()
+    groups = parameter_groups(model, 10.0, 5e-4)
+    head = {id(p) for p in model.head.parameters()}
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert set(by_id) == {id(p) for p in model.parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert isinstance(model.get_submodule(name.rsplit(".", 1)[0]), torch.nn.BatchNorm2d)
+            continue
+        group = by_id[id(p)]
+        assert group["lr_multiplier"] == (10.0 if id(p) in head else 1.0), name
+        assert group["weight_decay"] == (0.0 if name.endswith(".bias") else 5e-4), name
+    optimizer = torch.optim.SGD(groups, lr=1.0)
+    set_lr(optimizer, 2.5e-4)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [2.5e-4, 2.5e-3]
+
+
+def test_trained_batchnorm_gets_no_weight_decay():
+    model = DeepLab("resnet18", NUM_CLASSES)  # V3+: BatchNorm trained
+    by_id = {id(p): g for g in parameter_groups(model, 1.0, 4e-5) for p in g["params"]}
+    norms = _batchnorms(model)
+    assert all(by_id[id(p)]["weight_decay"] == 0.0 for bn in norms for p in bn.parameters())
+    assert by_id[id(model.backbone.body.conv1.weight)]["weight_decay"] == 4e-5
+
+
+def test_v2_and_comus_train_and_say_which_recipe_ran(demo, tmp_path):
+    manifest, masks = demo
+    train_deeplab(manifest, masks, tmp_path / "v2", deeplab_params(recipe="v2", iterations=3, crop_size=33), THREADS)
+    done = json.loads((tmp_path / "v2" / "done.json").read_text())
+    assert done["recipe"] == "v2" and done["network"].startswith("DeepLab-v2 test_resnet (ASPP 6/12/18/24")
+    initial = build_model(TrainSettings.from_params(deeplab_params(recipe="v2")))
+    trained = load_checkpoint(tmp_path / "v2" / "model.pt")["model"]
+    stats = [k for k in trained if k.endswith("running_mean")]
+    assert stats and all(torch.equal(trained[k], initial.state_dict()[k]) for k in stats)  # frozen BN
+
+    params = deeplab_params(recipe="comus", iterations=None, epochs=2, lr=1e-3, crop_size=33)
+    train_deeplab(manifest, masks, tmp_path / "comus", params, THREADS)
+    done = json.loads((tmp_path / "comus" / "done.json").read_text())
+    assert done["recipe"] == "comus" and done["iterations"] == 3  # ceil(2 epochs * 6 images / batch 4)
+    assert done["settings"]["optimizer"] == "adam" and done["network"].startswith("DeepLabv3")
+
+
+# --- initial weights -------------------------------------------------------------------------------
+
+
+def test_dino_resnet50_file_missing_says_where_to_get_it(tmp_path):
+    params = deeplab_params(recipe="comus", backbone="resnet50", init="dino_resnet50",
+                            init_file=str(tmp_path / "dino_resnet50_pretrain.pth"))
+    with pytest.raises(WeightsError, match=r"facebookresearch/dino.*dino_resnet50_pretrain\.pth.*init: random"):
+        build_model(TrainSettings.from_params(params))
+    with pytest.raises(ConfigError, match="resnet50"):
+        build_model(TrainSettings.from_params({**params, "deeplab": {**params["deeplab"], "backbone": "resnet18"}}))
+
+
+def test_dino_resnet50_file_loads_into_the_backbone(tmp_path):
+    # The DINO release is a torchvision ResNet-50 state dict: same key names as timm's resnet50.
+    reference = timm.create_model("resnet50", pretrained=False)
+    torch.save(reference.state_dict(), tmp_path / "dino_resnet50_pretrain.pth")
+    params = deeplab_params(recipe="comus", backbone="resnet50", init="dino_resnet50",
+                            init_file=str(tmp_path / "dino_resnet50_pretrain.pth"))
+    model = build_model(TrainSettings.from_params(params))
+    assert torch.equal(model.backbone.body.state_dict()["layer4.2.conv3.weight"], reference.layer4[2].conv3.weight)
+
+
+def test_file_init_needs_its_file():
+    with pytest.raises(ConfigError, match="deeplab.init_file"):
+        build_model(TrainSettings.from_params(deeplab_params(init="file", init_file=None)))
+
+
+# --- test-time: pad, scales, flip ------------------------------------------------------------------
+
+
+def test_padding_fills_bottom_right_with_the_mean_and_never_shrinks():
+    image = torch.randn(1, 3, 20, 600)
+    padded = pad_to_canvas(image, 513)
+    assert padded.shape[-2:] == (513, 600)
+    assert torch.equal(padded[..., :20, :], image) and not padded[..., 20:, :].any()
+    assert pad_to_canvas(image, None) is image
+
+
+def test_multiscale_flip_prediction_equals_the_hand_averaged_views():
+    torch.manual_seed(0)
+    model = DeepLab("test_resnet", NUM_CLASSES).eval()
+    image = torch.randn(1, 3, 37, 45)
+    settings = PredictSettings(scales=(0.5, 0.75, 1.0, 1.5), flip=True, pad_to=48, num_workers=0, device="cpu")
+    canvas = torch.zeros(1, 3, 48, 48)
+    canvas[:, :, :37, :45] = image
+    views = []
+    with torch.no_grad():
+        for scale in settings.scales:
+            side = round(48 * scale)
+            scaled = F.interpolate(canvas, size=(side, side), mode="bilinear", align_corners=False)
+            mirrored = scaled[..., torch.arange(side - 1, -1, -1)]
+            for logits in (model(scaled), model(mirrored)[..., torch.arange(side - 1, -1, -1)]):
+                up = F.interpolate(logits, size=(48, 48), mode="bilinear", align_corners=False)
+                views.append(torch.softmax(up, dim=1)[0, :, :37, :45])
+    by_hand = torch.stack(views).mean(dim=0)
+    torch.testing.assert_close(class_probabilities(model, image, settings), by_hand)
+    one_view = PredictSettings(scales=(1.0,), flip=False, pad_to=None, num_workers=0, device="cpu")
+    assert not torch.allclose(class_probabilities(model, image, one_view), by_hand)

@@ -1,27 +1,41 @@
-"""DeepLabV3+ (Chen et al., ECCV 2018) on a timm backbone.
+"""The DeepLab networks of the verification recipes, on a timm backbone.
 
-Architecture (as in the paper, regular instead of depthwise-separable convolutions):
+Three heads, chosen by the recipe (config ``deeplab.recipes.<name>.head``):
 
-- encoder: the backbone's deepest map at output stride 16 (ResNets: ``features_only=True,
-  output_stride=16``, i.e. layer4 dilated) and its stride-4 map (ResNets: layer1);
-- ASPP on the deep map: a 1x1 branch, three 3x3 atrous branches (rates 6, 12, 18 at stride 16,
-  scaled when the deep map has another stride), image pooling; concatenated, projected to 256
-  channels, dropout 0.1 (the official TensorFlow code's keep_prob 0.9);
-- decoder: the low-level map projected to 48 channels, concatenated with the ASPP output
-  upsampled to its size, two 3x3 convolutions of 256 channels, a 1x1 classifier, and bilinear
-  upsampling to the input size.
+- ``v2``: DeepLab-v2 (Chen et al., TPAMI 2018), the network papers 001 and 004 verify with
+  ("DeepLabV2, ResNet-101"). The backbone runs at output stride 8 and its deepest map feeds
+  DeepLab-v2's ASPP: one 3x3 convolution *straight to the classes* per atrous rate, the
+  per-rate score maps summed. Rates 6/12/18/24 are the paper's "ASPP-L", the head of its
+  released ResNet-101 model. "LargeFOV" in the TPAMI paper is the single-branch VGG variant (one
+  3x3 conv at rate 12); the WSSS literature (e.g. paper 003's "DeepLab-LargeFOV") uses the name
+  loosely for this ResNet-101 model. ``aspp_rates: [12]`` gives the single-branch head.
+  No BatchNorm, dropout or decoder in the head; BatchNorm of the backbone is frozen (eval-mode
+  statistics, no gradients), as DeepLab-v2 trains with batch 10.
+- ``v3``: DeepLabv3 (Chen et al., 2017), COMUS's self-training network (paper 002 Table 11):
+  ASPP (a 1x1 branch, three 3x3 atrous branches, image pooling; concatenated, projected to 256,
+  dropout 0.5), a 3x3 conv of 256 and a 1x1 classifier: torchvision's ``DeepLabHead`` layout.
+- ``v3plus``: DeepLabV3+ (Chen et al., ECCV 2018), CSRM's second verification network:
+  ASPP as above with dropout 0.1 (the official TensorFlow code's keep_prob 0.9), then the
+  decoder: the stride-4 map projected to 48 channels, concatenated with the upsampled ASPP output,
+  two 3x3 convolutions of 256, a 1x1 classifier. Regular instead of depthwise-separable convs.
 
-ViT option (our simple choice; paper 000 verifies with CNNs only): a timm ViT gives patch
+All heads upsample their logits bilinearly to the input size.
+
+The CNN backbone is a timm model built ``features_only`` at the recipe's output stride (ResNets
+dilate their last stages). Atrous rates are given at that stride; a backbone whose deepest map
+has another stride (a ViT: its patch size) gets them scaled to the same field of view.
+
+ViT option (our simple choice; the papers verify with CNNs only): a timm ViT gives patch
 tokens reshaped to a map at stride = patch size. The *last* block's tokens are the deep map and
-the tokens of block ``depth // 4`` (1-based; the 3rd of 12) stand in for the low-level map, so
-both are at the patch stride and the decoder fuses an early and a late representation at the same
-resolution. Inputs are zero-padded (bottom/right) to a multiple of the patch size and the logits
-cropped back, so pixels stay aligned.
+the tokens of block ``depth // 4`` (1-based; the 3rd of 12) stand in for the low-level map of
+V3+, so its decoder fuses an early and a late representation at the same resolution. Inputs are
+zero-padded (bottom/right) to a multiple of the patch size and the logits cropped back.
 
-Backbone weights come from exactly one explicit place: ``random`` or a local timm state-dict file
-(``.pth`` / ``.safetensors``, read weights-only by :mod:`pipeline.backbone`); a file for another
-architecture is a :class:`WeightsError` naming it, never a partial load. A classifier head in the
-file (``fc.*``, ``head.*``) is dropped: DeepLab replaces it.
+Initial weights come from exactly one explicit place (config ``deeplab.init``): ``random``,
+``dino_resnet50`` (the self-supervised DINO ResNet-50 file, the label-free start COMUS uses), or
+``file`` (any local timm/torchvision state dict, e.g. supervised ImageNet weights for the *weak*
+presets). A file for another architecture is a :class:`WeightsError` naming it, never a partial
+load. A classifier head in the file (``fc.*``, ``head.*``) is dropped: DeepLab replaces it.
 """
 
 from __future__ import annotations
@@ -42,19 +56,25 @@ from pipeline.errors import ConfigError, PipelineError, WeightsError
 
 log = logging.getLogger(__name__)
 
-ASPP_RATES_AT_STRIDE_16 = (6, 12, 18)
+HEADS = ("v2", "v3", "v3plus")
+INITS = ("random", "dino_resnet50", "file")
 ASPP_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
 DECODER_CHANNELS = 256
-ASPP_DROPOUT = 0.1
+# ASPP dropout: 0.1 in the official DeepLabV3+ TensorFlow code (keep_prob 0.9), 0.5 in
+# torchvision's DeepLabv3 ASPP.
+ASPP_DROPOUT = {"v3": 0.5, "v3plus": 0.1}
+# DeepLab-v2's Caffe model initialises its ASPP classifiers from N(0, 0.01), biases 0.
+V2_INIT_STD = 0.01
 LOW_LEVEL_STRIDE = 4
-OUTPUT_STRIDE = 16
+
+DINO_RESNET50_URL = "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"
 
 # Classifier heads of ImageNet / self-supervised checkpoints: not part of the DeepLab encoder.
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "head_drop.")
 
 # pipeline.backbone names the feature stage's config keys in its messages; these are ours.
-_KEY_RENAMES = (("backbone.weights", "deeplab.backbone_weights"), ("backbone.name", "deeplab.backbone"),
+_KEY_RENAMES = (("backbone.weights", "deeplab.init_file"), ("backbone.name", "deeplab.backbone"),
                 ("backbone.checkpoint_key", "the DINO checkpoint key"))
 
 
@@ -65,23 +85,43 @@ def _renamed(exc: PipelineError) -> PipelineError:
     return type(exc)(message)
 
 
+def initial_weights(init: str, init_file: str | None, backbone: str) -> str:
+    """``random`` or the path of the weights file ``deeplab.init`` asks for (checked to exist)."""
+    if init not in INITS:
+        raise ConfigError(f"deeplab.init: {init!r} is not one of {', '.join(INITS)}")
+    if init == "random":
+        return "random"
+    if init == "dino_resnet50":
+        if get_arch_name(backbone) != "resnet50":
+            raise ConfigError(f"deeplab.init: dino_resnet50 initialises a resnet50, but deeplab.backbone is "
+                              f"{backbone!r}")
+        if not init_file or not Path(init_file).is_file():
+            raise WeightsError(
+                f"deeplab.init_file: {init_file} not found. deeplab.init: dino_resnet50 reads the self-supervised "
+                f"DINO ResNet-50 of facebookresearch/dino, release file dino_resnet50_pretrain.pth "
+                f"({DINO_RESNET50_URL}): download it to that path, or set deeplab.init: random (untrained start, "
+                f"as the demo does)"
+            )
+    if not init_file:
+        raise ConfigError(f"deeplab.init: {init} needs deeplab.init_file, the path of the weights file")
+    return str(init_file)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backbones: (low-level map, deep map) for an image batch
 
 
 class CnnFeatures(nn.Module):
-    """A timm CNN built ``features_only`` at output stride 16; low level = its stride-4 map."""
+    """A timm CNN built ``features_only`` at ``output_stride``; low level = its stride-4 map."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, output_stride: int) -> None:
         super().__init__()
         try:
-            self.body = timm.create_model(
-                name, pretrained=False, features_only=True, output_stride=OUTPUT_STRIDE
-            )
+            self.body = timm.create_model(name, pretrained=False, features_only=True, output_stride=output_stride)
         except (TypeError, RuntimeError, ValueError, AssertionError) as exc:
             raise ConfigError(
                 f"deeplab.backbone: {name!r} cannot be built as a feature extractor at output "
-                f"stride {OUTPUT_STRIDE} ({exc}); use a ResNet (resnet18/50/101) or a ViT"
+                f"stride {output_stride} ({exc}); use a ResNet (resnet18/50/101) or a ViT"
             ) from None
         reductions = self.body.feature_info.reduction()
         if LOW_LEVEL_STRIDE not in reductions:
@@ -89,7 +129,7 @@ class CnnFeatures(nn.Module):
         self.low_index = reductions.index(LOW_LEVEL_STRIDE)
         self.low_channels = self.body.feature_info.channels()[self.low_index]
         self.high_channels = self.body.feature_info.channels()[-1]
-        self.high_stride = min(reductions[-1], OUTPUT_STRIDE)
+        self.high_stride = min(reductions[-1], output_stride)
         cfg = self.body.pretrained_cfg
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
 
@@ -109,7 +149,7 @@ class CnnFeatures(nn.Module):
         problems = vit_backbone.describe_mismatch(state_dict, expected)
         if problems:
             raise WeightsError(
-                f"deeplab.backbone_weights: {path} does not fit {name!r} (weights for another "
+                f"deeplab.init_file: {path} does not fit {name!r} (weights for another "
                 f"architecture?): {'; '.join(problems)}"
             )
         self.body.load_state_dict(state_dict, strict=True)
@@ -155,19 +195,19 @@ def is_vit(name: str) -> bool:
     return get_arch_name(name) in timm.list_models(module="vision_transformer")
 
 
-def build_features(name: str, weights: str) -> CnnFeatures | VitFeatures:
+def build_features(name: str, weights: str, output_stride: int) -> CnnFeatures | VitFeatures:
     if not timm.is_model(name):
         raise ConfigError(f"deeplab.backbone: {name!r} is not a timm model")
     if is_vit(name):
         return VitFeatures(name, weights)
-    features = CnnFeatures(name)
+    features = CnnFeatures(name, output_stride)
     if weights != "random":
         features.load_weights(Path(weights), name)
     return features
 
 
 # ---------------------------------------------------------------------------------------------
-# DeepLabV3+ head
+# Heads
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel: int, dilation: int = 1) -> nn.Sequential:
@@ -179,9 +219,25 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel: int, dilation: int
     )
 
 
-def aspp_rates(stride: int) -> tuple[int, ...]:
-    """Rates 6/12/18 are for stride 16; the same field of view at another stride scales them."""
-    return tuple(max(1, round(rate * OUTPUT_STRIDE / stride)) for rate in ASPP_RATES_AT_STRIDE_16)
+def scaled_rates(rates: tuple[int, ...], output_stride: int, stride: int) -> tuple[int, ...]:
+    """Rates given at ``output_stride``, for a deep map at ``stride``: the same field of view."""
+    return tuple(max(1, round(rate * output_stride / stride)) for rate in rates)
+
+
+class AsppV2(nn.Module):
+    """DeepLab-v2's ASPP: per rate one 3x3 atrous conv to the classes; score maps summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, ...]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate) for rate in rates
+        )
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, std=V2_INIT_STD)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(high) for branch in self.branches]).sum(dim=0)
 
 
 class ImagePooling(nn.Module):
@@ -195,23 +251,41 @@ class ImagePooling(nn.Module):
 
 
 class ASPP(nn.Module):
-    def __init__(self, in_channels: int, rates: tuple[int, ...]) -> None:
+    """DeepLabv3's ASPP: 1x1, atrous 3x3 per rate, image pooling; concatenated and projected."""
+
+    def __init__(self, in_channels: int, rates: tuple[int, ...], dropout: float) -> None:
         super().__init__()
         branches = [conv_bn_relu(in_channels, ASPP_CHANNELS, 1)]
         branches += [conv_bn_relu(in_channels, ASPP_CHANNELS, 3, dilation=rate) for rate in rates]
         branches.append(ImagePooling(in_channels, ASPP_CHANNELS))
         self.branches = nn.ModuleList(branches)
         self.project = nn.Sequential(
-            conv_bn_relu(ASPP_CHANNELS * len(branches), ASPP_CHANNELS, 1), nn.Dropout(ASPP_DROPOUT)
+            conv_bn_relu(ASPP_CHANNELS * len(branches), ASPP_CHANNELS, 1), nn.Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
-class Decoder(nn.Module):
-    def __init__(self, low_channels: int, num_classes: int) -> None:
+class V3Head(nn.Module):
+    """DeepLabv3: ASPP, a 3x3 conv, the classifier (torchvision's ``DeepLabHead``)."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, ...]) -> None:
         super().__init__()
+        self.aspp = ASPP(in_channels, rates, ASPP_DROPOUT["v3"])
+        self.fuse = conv_bn_relu(ASPP_CHANNELS, ASPP_CHANNELS, 3)
+        self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fuse(self.aspp(high)))
+
+
+class V3PlusHead(nn.Module):
+    """DeepLabV3+: ASPP on the deep map, decoder fusing the low-level map."""
+
+    def __init__(self, in_channels: int, low_channels: int, num_classes: int, rates: tuple[int, ...]) -> None:
+        super().__init__()
+        self.aspp = ASPP(in_channels, rates, ASPP_DROPOUT["v3plus"])
         self.reduce_low = conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS, 1)
         self.fuse = nn.Sequential(
             conv_bn_relu(ASPP_CHANNELS + LOW_LEVEL_CHANNELS, DECODER_CHANNELS, 3),
@@ -219,9 +293,9 @@ class Decoder(nn.Module):
         )
         self.classifier = nn.Conv2d(DECODER_CHANNELS, num_classes, 1)
 
-    def forward(self, low: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         low = self.reduce_low(low)
-        context = F.interpolate(context, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        context = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(self.fuse(torch.cat([context, low], dim=1)))
 
 
@@ -237,33 +311,76 @@ def init_new_layers(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-class DeepLabV3Plus(nn.Module):
-    """Logits (B, num_classes, H, W) at the input size for a normalised image batch."""
+def build_head(head: str, features: CnnFeatures | VitFeatures, num_classes: int,
+               rates: tuple[int, ...]) -> nn.Module:
+    if head == "v2":
+        return AsppV2(features.high_channels, num_classes, rates)  # its own N(0, 0.01) init
+    if head == "v3":
+        module = V3Head(features.high_channels, num_classes, rates)
+    elif head == "v3plus":
+        module = V3PlusHead(features.high_channels, features.low_channels, num_classes, rates)
+    else:
+        raise ConfigError(f"deeplab head {head!r} is not one of {', '.join(HEADS)}")
+    init_new_layers(module)
+    return module
 
-    def __init__(self, backbone: str, num_classes: int, weights: str = "random") -> None:
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class DeepLab(nn.Module):
+    """Logits (B, num_classes, H, W) at the input size for a normalised image batch.
+
+    The defaults are DeepLabV3+ at output stride 16 (rates 6/12/18)."""
+
+    def __init__(self, backbone: str, num_classes: int, head: str = "v3plus", output_stride: int = 16,
+                 aspp_rates: tuple[int, ...] = (6, 12, 18), freeze_bn: bool = False,
+                 weights: str = "random") -> None:
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"DeepLab needs at least 2 classes (background + 1), got {num_classes}")
-        self.arch = {"backbone": backbone, "num_classes": int(num_classes)}
-        self.backbone = build_features(backbone, weights)
-        self.aspp = ASPP(self.backbone.high_channels, aspp_rates(self.backbone.high_stride))
-        self.decoder = Decoder(self.backbone.low_channels, num_classes)
-        init_new_layers(self.aspp)
-        init_new_layers(self.decoder)
+        aspp_rates = tuple(int(rate) for rate in aspp_rates)
+        self.arch = {"backbone": backbone, "num_classes": int(num_classes), "head": head,
+                     "output_stride": int(output_stride), "aspp_rates": list(aspp_rates),
+                     "freeze_bn": bool(freeze_bn)}
+        self.backbone = build_features(backbone, weights, output_stride)
+        rates = scaled_rates(aspp_rates, output_stride, self.backbone.high_stride)
+        self.head = build_head(head, self.backbone, num_classes, rates)
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.requires_grad_(False)
+            self.train(self.training)
+
+    def train(self, mode: bool = True) -> DeepLab:
+        """Frozen BatchNorm stays in eval mode (running statistics) while the rest trains."""
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     @property
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) of the backbone's pretraining (ImageNet for ResNets and DINO)."""
         return tuple(self.backbone.mean), tuple(self.backbone.std)
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The newly initialised layers (ASPP + decoder), which DeepLab trains at 10x the lr."""
-        return [*self.aspp.parameters(), *self.decoder.parameters()]
+    @property
+    def pools_over_the_batch(self) -> bool:
+        """Training BatchNorm of a 1x1 image-pooling map: needs 2+ images per batch."""
+        return self.arch["head"] != "v2" and not self.freeze_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         low, high = self.backbone(x)
-        logits = self.decoder(low, self.aspp(high))
+        logits = self.head(low, high)
         logits = F.interpolate(
             logits, size=self.backbone.aligned_size(height, width), mode="bilinear", align_corners=False
         )
@@ -273,19 +390,21 @@ class DeepLabV3Plus(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Trained model files: {"arch": {...}, "model": state_dict}
 
+_ARCH_KEYS = ("backbone", "num_classes", "head", "output_stride", "aspp_rates", "freeze_bn")
 
-def trained_payload(model: DeepLabV3Plus) -> dict:
+
+def trained_payload(model: DeepLab) -> dict:
     return {"arch": dict(model.arch), "model": model.state_dict()}
 
 
-def load_trained_deeplab(path: str | Path) -> DeepLabV3Plus:
+def load_trained_deeplab(path: str | Path) -> DeepLab:
     """The model saved by training (``model.pt``), rebuilt from its own architecture record."""
     path = Path(path)
     payload = load_checkpoint(path)
     kind = model_file_kind(payload)
     if not kind.startswith("a DeepLab model") or not {"backbone", "num_classes"} <= set(payload["arch"]):
         raise WeightsError(f"{path}: not a DeepLab model file: {kind}")
-    model = DeepLabV3Plus(payload["arch"]["backbone"], payload["arch"]["num_classes"])
+    model = DeepLab(**{key: payload["arch"][key] for key in _ARCH_KEYS if key in payload["arch"]})
     problems = vit_backbone.describe_mismatch(payload["model"], model.state_dict())
     if problems:
         raise WeightsError(f"{path}: does not fit its recorded architecture: {'; '.join(problems)}")

@@ -1,11 +1,14 @@
 """Predict masks with a trained DeepLab: one palette PNG per image of a split, then ``.done``.
 
-Test geometry follows the DeepLab recipe in PRIOR-ART (test size 513): each image is resized so its
-longer side is ``test_size`` (``null``: native size), the network runs on the whole image, and
-the softmax is upsampled to the image's own size before the argmax. With ``multiscale: true``
-the softmax is averaged over scales [0.5, 0.75, 1, 1.25, 1.5] of that size, each also flipped
-horizontally: this is the paper-faithful DeepLab test (PRIOR-ART, paper 004's base code); the
-default ``false`` (one scale, no flip) is ~10x cheaper and what the demo uses.
+Test geometry of the DeepLab codebases (PRIOR-ART: test 513, multi-scale [0.5, 0.75, 1, 1.25,
+1.5] + flip in ViT-PCM's and CSRM's DeepLab-v2 verification): the image keeps its own size and
+is padded bottom/right to ``pad_to`` x ``pad_to`` with the mean colour (0 after normalisation;
+an image larger than ``pad_to`` is not padded on that side), so every VOC image (at most
+500 px) is seen on the same 513 canvas the network trained around. The padded input is then
+scaled by each of ``test_scales`` (and, with ``test_flip``, also flipped horizontally); each
+view's logits are upsampled back to the padded size (and unflipped), turned into a softmax, and
+the softmaxes averaged; the average is cropped back to the image before the argmax. ``pad_to:
+null`` and ``test_scales: [1]`` without flip (the demo) run the network once on the image as is.
 
 Predicting the *train* split gives the masks of a next self-training round (COMUS, paper 002).
 """
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.datasets import read_manifest
-from pipeline.deeplab.model import DeepLabV3Plus, load_trained_deeplab
+from pipeline.deeplab.model import DeepLab, load_trained_deeplab
 from pipeline.deeplab.train import resolve_deeplab_device
 from pipeline.errors import BadInputError
 from pipeline.imageio import load_rgb, safe_child, write_label_png
@@ -38,21 +41,19 @@ DONE_MARKER = ".done"
 
 @dataclass(frozen=True)
 class PredictSettings:
-    test_size: int | None
     scales: tuple[float, ...]
     flip: bool
+    pad_to: int | None
     num_workers: int
     device: str
 
     @classmethod
     def from_params(cls, params: dict) -> PredictSettings:
         cfg = params["deeplab"]
-        multiscale = bool(cfg["multiscale"])
-        test_size = cfg["test_size"]
         return cls(
-            test_size=None if test_size is None else int(test_size),
-            scales=tuple(float(s) for s in cfg["test_scales"]) if multiscale else (1.0,),
-            flip=multiscale,
+            scales=tuple(float(s) for s in cfg["test_scales"]),
+            flip=bool(cfg["test_flip"]),
+            pad_to=None if cfg["pad_to"] is None else int(cfg["pad_to"]),
             num_workers=int(cfg["num_workers"]),
             device=str(cfg["device"]),
         )
@@ -76,10 +77,13 @@ class SplitImages(Dataset):
             return torch.zeros(0), str(exc)
 
 
-def scaled_size(height: int, width: int, test_size: int | None, scale: float) -> tuple[int, int]:
-    """Network input size: longer side at ``test_size`` (native if None), times ``scale``."""
-    base = 1.0 if test_size is None else test_size / max(height, width)
-    return max(1, round(height * base * scale)), max(1, round(width * base * scale))
+def pad_to_canvas(image: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``image`` (normalised, 1 x 3 x H x W) padded bottom/right with 0 (the mean colour) to at
+    least ``size`` x ``size``; unchanged for ``None``."""
+    if size is None:
+        return image
+    height, width = image.shape[-2:]
+    return F.pad(image, (0, max(size - width, 0), 0, max(size - height, 0)))
 
 
 def to_input(rgb: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -91,25 +95,27 @@ def to_input(rgb: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
 
 
 @torch.inference_mode()
-def class_probabilities(model: DeepLabV3Plus, image: torch.Tensor, settings: PredictSettings) -> torch.Tensor:
-    """Softmax (C x H x W) at the image's size, averaged over test scales and flips."""
+def class_probabilities(model: DeepLab, image: torch.Tensor, settings: PredictSettings) -> torch.Tensor:
+    """Softmax (C x H x W) at the image's size, averaged over test scales and flips of the padded image."""
     height, width = image.shape[-2:]
+    padded = pad_to_canvas(image, settings.pad_to)
+    canvas = padded.shape[-2:]
     total = None
     views = 0
     for scale in settings.scales:
-        scaled = F.interpolate(image, size=scaled_size(height, width, settings.test_size, scale),
-                               mode="bilinear", align_corners=False)
+        size = (max(1, round(canvas[0] * scale)), max(1, round(canvas[1] * scale)))
+        scaled = padded if size == tuple(canvas) else F.interpolate(padded, size=size, mode="bilinear",
+                                                                    align_corners=False)
         for flipped in (False, True) if settings.flip else (False,):
             batch = scaled.flip(-1) if flipped else scaled
             with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16,
                                 enabled=image.device.type == "cuda"):
                 logits = model(batch)
             logits = logits.flip(-1) if flipped else logits
-            probs = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
-                                  align_corners=False).softmax(dim=1)[0]
+            probs = F.interpolate(logits.float(), size=canvas, mode="bilinear", align_corners=False).softmax(dim=1)[0]
             total = probs if total is None else total + probs
             views += 1
-    return total / views
+    return (total / views)[:, :height, :width]
 
 
 def predict_deeplab(
@@ -129,7 +135,7 @@ def predict_deeplab(
                  {"split": split, "model": str(model_path)})
 
 
-def predict_rows(model: DeepLabV3Plus, rows: pd.DataFrame, out_dir: Path, settings: PredictSettings, desc: str,
+def predict_rows(model: DeepLab, rows: pd.DataFrame, out_dir: Path, settings: PredictSettings, desc: str,
                  record: dict) -> None:
     """Masks of the manifest ``rows`` into ``out_dir`` (complete, with ``.done`` + ``record``, or absent)."""
     device = resolve_deeplab_device(settings.device)
@@ -150,5 +156,5 @@ def predict_rows(model: DeepLabV3Plus, rows: pd.DataFrame, out_dir: Path, settin
             mask = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
             write_label_png(safe_child(tmp_dir, image_id), mask)
         write_json(tmp_dir / DONE_MARKER, {"images": len(rows), **record, "scales": list(settings.scales),
-                                           "flip": settings.flip})
+                                           "flip": settings.flip, "pad_to": settings.pad_to})
     log.info("wrote %d masks to %s", len(rows), out_dir)

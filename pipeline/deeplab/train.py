@@ -1,11 +1,21 @@
-"""Train DeepLabV3+ on the pseudo-masks of the train split (the WSSS verification step).
+"""Train a DeepLab on the pseudo-masks of the train split (the WSSS verification step).
 
-Recipe defaults follow the DeepLab-V2 verification of paper 004 (CSRM; also in PRIOR-ART): SGD,
-batch 10, crop 321 (VOC) / 481 (COCO), 10k / 20k iterations, lr 2.5e-4 / 2e-4, momentum 0.9,
-weight decay 5e-4, poly decay with power 0.9. The newly initialised ASPP + decoder train at 10x
-the backbone lr, the DeepLab convention (DeepLab-v2 does so for its classifier). Augmentation:
-random scale in [0.5, 1.5], horizontal flip, random crop; images are padded with the mean colour
-(0 after normalisation) and labels with 255 (ignored) when smaller than the crop.
+The recipe is chosen by config (``deeplab.recipe``; its values in ``deeplab.recipes.<name>``,
+each with its paper): ``v2`` (DeepLab-v2 as papers 001/004 verify: SGD lr 2.5e-4, poly 0.9,
+batch 10, crop 321, 10k iterations, x10 lr on the head, frozen BatchNorm), ``v3plus`` (CSRM's
+DeepLabV3+: batch 32, 50 epochs, lr 0.007) and ``comus`` (COMUS's DeepLabv3-ResNet50: Adam
+6e-5, batch 56, crop 512, 10 epochs). A not-null top-level ``deeplab`` key of the same name
+overrides the recipe's value (the demo's tiny run; the COCO presets' values).
+
+Parameter groups: the new head trains at ``head_lr_multiplier`` x the backbone lr; weight decay
+applies to convolution / linear weights only, not to normalisation layers or biases (DeepLab-v2's
+Caffe model: decay_mult 0 on biases, BatchNorm frozen; the TensorFlow DeepLab code regularises
+kernels only). Frozen BatchNorm parameters get no gradient and are in no group.
+
+Augmentation: random scale in ``scale_range``, horizontal flip, random crop; images are padded
+with the mean colour (0 after normalisation) and labels with 255 (ignored) when smaller than the
+crop. Training length is ``iterations``, or ``epochs`` passes over the train images rounded up
+to whole batches.
 
 Exact resumption. The stream of training samples is a pure function of (seed, sample number):
 sample k is image ``permutation(seed, epoch = k // n)[k % n]`` augmented with a generator seeded
@@ -28,7 +38,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -44,7 +54,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.datasets import read_manifest
 from pipeline.datasets.common import IGNORE_INDEX
-from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
+from pipeline.deeplab.model import DeepLab, initial_weights, is_norm, trained_payload
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError, PipelineError
 from pipeline.imageio import load_mask, load_rgb, mask_in_folders
@@ -56,48 +66,118 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_COLUMNS = ["iteration", "loss", "lr"]
 
 
+# The recipe's keys that a not-null top-level `deeplab` key of the same name overrides.
+OVERRIDABLE = ("iterations", "epochs", "batch_size", "crop_size", "scale_range", "lr", "head_lr_multiplier",
+               "momentum", "weight_decay", "poly_power")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def resolve_recipe(cfg: dict) -> dict:
+    """The values of recipe ``cfg["recipe"]`` with the not-null overrides of ``cfg`` applied.
+
+    An overriding ``iterations`` drops the recipe's ``epochs`` and vice versa: the length is one or
+    the other, never both."""
+    name = cfg["recipe"]
+    if name not in cfg["recipes"]:
+        raise ConfigError(f"deeplab.recipe: {name!r} is not one of deeplab.recipes ({', '.join(cfg['recipes'])})")
+    values = dict(cfg["recipes"][name])
+    overrides = {key: cfg[key] for key in OVERRIDABLE if cfg.get(key) is not None}
+    if {"iterations", "epochs"} <= set(overrides):
+        raise ConfigError("deeplab.iterations and deeplab.epochs are both set: the length is one or the other")
+    if "iterations" in overrides:
+        values["epochs"] = None
+    if "epochs" in overrides:
+        values["iterations"] = None
+    values.update(overrides)
+    if (values.get("iterations") is None) == (values.get("epochs") is None):
+        raise ConfigError(f"deeplab.recipes.{name}: set exactly one of iterations and epochs")
+    return values
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """The ``deeplab`` config values that shape training (and so the resulting weights)."""
 
+    recipe: str
+    head: str
     backbone: str
-    backbone_weights: str
+    init: str
+    init_file: str | None
+    output_stride: int
+    aspp_rates: tuple[int, ...]
+    freeze_bn: bool
+    optimizer: str
     num_classes: int
     seed: int
-    iterations: int
+    iterations: int | None
+    epochs: float | None
     batch_size: int
     crop_size: int
     scale_range: tuple[float, float]
     lr: float
     head_lr_multiplier: float
-    momentum: float
+    momentum: float | None
     weight_decay: float
     poly_power: float
 
     @classmethod
     def from_params(cls, params: dict) -> TrainSettings:
         cfg = params["deeplab"]
-        low, high = (float(v) for v in cfg["scale_range"])
+        values = resolve_recipe(cfg)
+        low, high = (float(v) for v in values["scale_range"])
         if not 0 < low <= high:
             raise ConfigError(f"deeplab.scale_range: need 0 < low <= high, got {[low, high]}")
-        if int(cfg["batch_size"]) < 2:
-            # Image pooling normalises a 1x1 map over the batch: BatchNorm needs 2 samples.
-            raise ConfigError(f"deeplab.batch_size: must be >= 2, got {cfg['batch_size']}")
+        if values["optimizer"] not in OPTIMIZERS:
+            raise ConfigError(f"deeplab.recipes.{cfg['recipe']}.optimizer: {values['optimizer']!r} is not one of "
+                              f"{', '.join(OPTIMIZERS)}")
+        if values["optimizer"] == "sgd" and values.get("momentum") is None:
+            raise ConfigError(f"deeplab.recipes.{cfg['recipe']}.momentum: SGD needs a momentum")
         return cls(
+            recipe=str(cfg["recipe"]),
+            head=str(values["head"]),
             backbone=str(cfg["backbone"]),
-            backbone_weights=str(cfg["backbone_weights"]),
+            init=str(cfg["init"]),
+            init_file=None if cfg["init_file"] is None else str(cfg["init_file"]),
+            output_stride=int(values["output_stride"]),
+            aspp_rates=tuple(int(r) for r in values["aspp_rates"]),
+            freeze_bn=bool(values["freeze_bn"]),
+            optimizer=str(values["optimizer"]),
             num_classes=int(params["num_classes"]),
             seed=int(params["seed"]),
-            iterations=int(cfg["iterations"]),
-            batch_size=int(cfg["batch_size"]),
-            crop_size=int(cfg["crop_size"]),
+            iterations=None if values["iterations"] is None else int(values["iterations"]),
+            epochs=None if values["epochs"] is None else float(values["epochs"]),
+            batch_size=int(values["batch_size"]),
+            crop_size=int(values["crop_size"]),
             scale_range=(low, high),
-            lr=float(cfg["lr"]),
-            head_lr_multiplier=float(cfg["head_lr_multiplier"]),
-            momentum=float(cfg["momentum"]),
-            weight_decay=float(cfg["weight_decay"]),
-            poly_power=float(cfg["poly_power"]),
+            lr=float(values["lr"]),
+            head_lr_multiplier=float(values["head_lr_multiplier"]),
+            momentum=None if values.get("momentum") is None else float(values["momentum"]),
+            weight_decay=float(values["weight_decay"]),
+            poly_power=float(values["poly_power"]),
         )
+
+    def for_images(self, count: int) -> TrainSettings:
+        """With ``iterations`` fixed: ``epochs`` passes over ``count`` images, whole batches."""
+        if self.iterations is not None:
+            return self
+        return replace(self, iterations=max(1, math.ceil(self.epochs * count / self.batch_size)))
+
+    def network(self) -> str:
+        """What the report shows: network, backbone and start, e.g. "DeepLab-v2 resnet101 (init: file)"."""
+        names = {"v2": "DeepLab-v2", "v3": "DeepLabv3", "v3plus": "DeepLabV3+"}
+        rates = "/".join(str(r) for r in self.aspp_rates)
+        frozen = ", frozen BN" if self.freeze_bn else ""
+        return (f"{names.get(self.head, self.head)} {self.backbone} (ASPP {rates}, output stride {self.output_stride}"
+                f"{frozen}; init: {self.init})")
+
+
+def build_model(s: TrainSettings) -> DeepLab:
+    model = DeepLab(s.backbone, s.num_classes, s.head, s.output_stride, s.aspp_rates, s.freeze_bn,
+                    initial_weights(s.init, s.init_file, s.backbone))
+    if model.pools_over_the_batch and s.batch_size < 2:
+        # Image pooling normalises a 1x1 map over the batch: training BatchNorm needs 2 samples.
+        raise ConfigError(f"deeplab.batch_size: must be >= 2 for recipe {s.recipe!r}, got {s.batch_size}")
+    return model
 
 
 @dataclass(frozen=True)
@@ -247,16 +327,29 @@ def poly_lr(base_lr: float, iteration: int, iterations: int, power: float) -> fl
     return base_lr * (1.0 - iteration / iterations) ** power
 
 
-def make_optimizer(model: DeepLabV3Plus, s: TrainSettings) -> torch.optim.SGD:
-    """SGD with two groups: the backbone at lr, the new head at lr x head_lr_multiplier."""
-    head = model.head_parameters()
-    head_ids = {id(p) for p in head}
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
-    groups = [
-        {"params": backbone, "lr_multiplier": 1.0},
-        {"params": head, "lr_multiplier": s.head_lr_multiplier},
-    ]
-    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+def parameter_groups(model: DeepLab, head_lr_multiplier: float, weight_decay: float) -> list[dict]:
+    """Trainable parameters in up to four groups: (backbone x1 | head x head_lr_multiplier) x
+    (decayed weights | normalisation parameters and biases, without weight decay)."""
+    head = {id(p) for p in model.head.parameters()}
+    no_decay = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for in_head, multiplier in ((False, 1.0), (True, head_lr_multiplier)):
+        for decayed in (True, False):
+            params = [p for p in trainable if (id(p) in head) == in_head and (id(p) not in no_decay) == decayed]
+            if params:
+                groups.append({"params": params, "lr_multiplier": multiplier,
+                               "weight_decay": weight_decay if decayed else 0.0})
+    return groups
+
+
+def make_optimizer(model: DeepLab, s: TrainSettings) -> torch.optim.Optimizer:
+    """SGD (momentum) or Adam (PyTorch defaults, COMUS Table 11) over :func:`parameter_groups`."""
+    groups = parameter_groups(model, s.head_lr_multiplier, s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=s.lr)
+    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -353,10 +446,11 @@ def train_deeplab(
     out_dir = Path(out_dir)
     torch.set_num_threads(max(1, threads))
     images = train_images(manifest_path, masks_dir)
+    settings = settings.for_images(len(images))
     device = resolve_deeplab_device(run.device)
 
     torch.manual_seed(settings.seed)
-    model = DeepLabV3Plus(settings.backbone, settings.num_classes, settings.backbone_weights).to(device)
+    model = build_model(settings).to(device)
     optimizer = make_optimizer(model, settings)
     fingerprint = settings_fingerprint(settings, images)
     progress = resume(out_dir / CHECKPOINT_NAME, fingerprint, model, optimizer)
@@ -364,8 +458,8 @@ def train_deeplab(
     mean, std = model.normalisation
     loader = make_loader(PseudoMaskSamples(images, settings, mean, std), progress.iteration,
                          settings, run.num_workers, device.type == "cuda")
-    log.info("training DeepLabV3+ (%s, %d classes) on %d images, iterations %d..%d, device %s",
-             settings.backbone, settings.num_classes, len(images), progress.iteration,
+    log.info("training %s, recipe %s, %d classes, on %d images, iterations %d..%d, device %s",
+             settings.network(), settings.recipe, settings.num_classes, len(images), progress.iteration,
              settings.iterations, device)
     run_iterations(model, optimizer, loader, progress, settings, run, out_dir, fingerprint)
 
@@ -373,13 +467,15 @@ def train_deeplab(
     model_path = out_dir / "model.pt"
     save_checkpoint(model_path, trained_payload(model.cpu()))
     final_loss = progress.history[-1]["loss"] if progress.history else None
-    write_json(out_dir / "done.json", {"iterations": settings.iterations, "images": len(images),
+    # `recipe` and `network` say which DeepLab verification ran (the report shows them).
+    write_json(out_dir / "done.json", {"recipe": settings.recipe, "network": settings.network(),
+                                       "iterations": settings.iterations, "images": len(images),
                                        "final_loss": final_loss, "settings": asdict(settings)})
     log.info("DeepLab model written to %s", model_path)
 
 
 def run_iterations(
-    model: DeepLabV3Plus, optimizer: torch.optim.Optimizer, loader: DataLoader, progress: Progress,
+    model: DeepLab, optimizer: torch.optim.Optimizer, loader: DataLoader, progress: Progress,
     settings: TrainSettings, run: RunSettings, out_dir: Path, fingerprint: str,
 ) -> None:
     """Train from ``progress.iteration`` to the end, checkpointing on the way."""
@@ -410,7 +506,7 @@ def run_iterations(
     bar.close()
 
 
-def train_step(model: DeepLabV3Plus, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+def train_step(model: DeepLab, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
                target: torch.Tensor, lr: float) -> float:
     set_lr(optimizer, lr)
     with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16,

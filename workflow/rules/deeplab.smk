@@ -1,5 +1,18 @@
-# DeepLab verification (paper 000 App. Table 11): DeepLabV3+ trained on the train split's
-# CRF-refined pseudo-masks, then evaluated on val like every other stage.
+# DeepLab verification (paper 000 App. Table 11): the DeepLab of `deeplab.recipe` (v2, v3plus,
+# comus) trained on the train split's CRF-refined pseudo-masks, then evaluated on val like every
+# other stage. done.json names the recipe and network that ran (`recipe`, `network`).
+
+# Keys that only steer prediction (training ignores them) and the one that only says which splits
+# are predicted (no prediction changes with it).
+DEEPLAB_TEST_KEYS = ("predict_splits", "pad_to", "test_scales", "test_flip")
+
+
+def deeplab_train_section():
+    """The `deeplab` keys training reads: the chosen recipe's block only, so that editing another
+    recipe does not retrain."""
+    cfg = without(section("deeplab"), DEEPLAB_TEST_KEYS)
+    recipe = cfg["recipe"]
+    return {**cfg, "recipes": {recipe: cfg["recipes"][recipe]} if recipe in cfg["recipes"] else {}}
 
 
 rule train_deeplab:
@@ -11,7 +24,7 @@ rule train_deeplab:
         settings=settings_file(
             "train_deeplab",
             # keys that only steer prediction do not retrain
-            {"deeplab": without(section("deeplab"), DEEPLAB_PREDICT_KEYS), "seed": config["seed"]},
+            {"deeplab": deeplab_train_section(), "seed": config["seed"]},
             runtime_keys("deeplab"),
         ),
     output:
@@ -45,7 +58,9 @@ rule predict_deeplab:
         manifest=results("dataset/manifest.csv"),
         model=results("deeplab/model.pt"),
         settings=settings_file(
-            "predict_deeplab", {"deeplab": without(section("deeplab"), DEEPLAB_SPLITS_KEY)}, runtime_keys("deeplab")
+            "predict_deeplab",
+            {"deeplab": {key: config["deeplab"][key] for key in DEEPLAB_TEST_KEYS if key != "predict_splits"}},
+            runtime_keys("deeplab"),
         ),
     output:
         masks=directory(results("deeplab/masks/{split}")),
