@@ -15,7 +15,7 @@ be divisible by patch size (14)"). The listed backbones have patches of 16 (DINO
   ET crop larger than the global view (as configured or once both are rounded);
 - taken as they are: ``features.max_size`` and ``predict.max_size`` bound the longer side and
   ``fit`` then crops or pads each side to the patch (refused only below one patch), and the
-  DeepLab ViT pads its input to the patch, so ``deeplab.crop_size`` / ``test_size`` need nothing.
+  DeepLab ViT pads its input to the patch, so ``deeplab.crop_size`` / ``pad_to`` need nothing.
 
 The workflow checks a config before any job runs (:func:`check_patch_sizes`), reading the patch
 size from the timm name (``patch14``) or ``backbone.model_kwargs.patch_size`` without building the

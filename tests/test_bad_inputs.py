@@ -427,11 +427,11 @@ def test_pc2m_model_of_another_backbone(tmp_path, demo_features):
 
 
 def test_truncated_deeplab_model_for_predict(tmp_path, demo_features):
-    from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
+    from pipeline.deeplab.model import DeepLab, trained_payload
 
     manifest, _ = demo_features
     buffer = io.BytesIO()
-    torch.save(trained_payload(DeepLabV3Plus("resnet18", 3)), buffer)
+    torch.save(trained_payload(DeepLab("resnet18", 3)), buffer)
     model = truncated_copy(buffer.getvalue(), tmp_path / "model.pt")
     masks = tmp_path / "masks"
     masks.mkdir()

@@ -231,7 +231,7 @@ def _tiny_manifest(tmp_path: Path) -> Path:
 
 def test_model_file_of_another_stage_says_what_it_is(tmp_path):
     from pipeline.backbone import build_backbone
-    from pipeline.deeplab.model import DeepLabV3Plus, trained_payload
+    from pipeline.deeplab.model import DeepLab, trained_payload
     from pipeline.methods.pc2m.model import Architecture, build_network, model_payload
 
     manifest = _tiny_manifest(tmp_path)
@@ -243,7 +243,7 @@ def test_model_file_of_another_stage_says_what_it_is(tmp_path):
     assert "a PC2M model" in assert_one_line_error(result, pc2m)
 
     deeplab = tmp_path / "deeplab.pt"
-    torch.save(trained_payload(DeepLabV3Plus("resnet18", 3)), deeplab)
+    torch.save(trained_payload(DeepLab("resnet18", 3)), deeplab)
     params = json.dumps({"backbone": TINY_BACKBONE, "predict": {**CONFIG["predict"], "num_workers": 0},
                          "mode": "weak"})
     result = cli("predict", "--manifest", manifest, "--shard", "0", "--model", deeplab, "--out-probs",
@@ -252,7 +252,7 @@ def test_model_file_of_another_stage_says_what_it_is(tmp_path):
 
 
 @pytest.mark.parametrize("stage,params,key", [
-    ("predict-deeplab", {"deeplab": {"multiscale": False}}, "deeplab.test_size"),
+    ("predict-deeplab", {"deeplab": {"test_flip": False}}, "deeplab.test_scales"),
     ("predict", {"backbone": TINY_BACKBONE, "mode": "weak", "predict": {"max_size": 64}}, "predict.flip"),
     ("predict", {"mode": "weak", "predict": {**CONFIG["predict"], "num_workers": 0}}, "backbone"),
 ])

@@ -138,12 +138,6 @@ def without(mapping, keys):
     return {key: value for key, value in mapping.items() if key not in keys}
 
 
-# DeepLab keys that only steer prediction (training ignores them), and the one that only says which
-# splits are predicted (no prediction changes with it).
-DEEPLAB_PREDICT_KEYS = ("predict_splits", "test_size", "multiscale", "test_scales")
-DEEPLAB_SPLITS_KEY = ("predict_splits",)
-
-
 def runtime_keys(*names):
     return {name: split_section(name, config[name])[1] for name in names}
 
