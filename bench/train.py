@@ -1,4 +1,4 @@
-"""PC2M / ViT-PCM training throughput (images/s) with a breakdown of one step, random weights.
+"""PC2M / ViT-PCM / RCM+MAM training throughput (images/s) with a breakdown of one step, random weights.
 
 PC2M per step: data (waiting for the DataLoader: decode, resize, two views, jitter), forward (both
 views), Sinkhorn (the two transport plans, inside the loss), loss + backward + Adam step.
@@ -6,10 +6,14 @@ ViT-PCM (``--method vitpcm``) per step: data (main view and ET tile), forward (t
 inference pass, the main branch and the mosaics, with the ET target and the loss), backward +
 Adam step. Runs the fine-tune phase (last 5 blocks + norm + head train), as every epoch after
 the first.
+RCM+MAM (``--method rcm_mam``, ``--models resnet38`` or a timm ResNet) per step: data (192 px crops),
+forward (F and G at scales 0.5 / 1 / 2 with RCM and MAM, as every epoch from the 7th), backward +
+SGD step + the EMA update of G.
 
     python bench/train.py                                   # ViT-S/16 and ViT-B/16 at 384, CPU
     python bench/train.py --method vitpcm --batch-size 16   # ViT-PCM: 4 mosaics per step
     python bench/train.py --device cuda --batch-size 32 --iterations 20
+    python bench/train.py --method rcm_mam --models resnet38 --batch-size 2
 
 On CUDA each model runs twice in the same process: with the training stage's GPU settings
 (pinned DataLoader memory, fused Adam) and as the reference, the bench before them (pageable
@@ -39,6 +43,12 @@ from pipeline.devices import mixed_precision, resolve_device
 from pipeline.methods.pc2m.model import Architecture, build_network, set_trainable
 from pipeline.methods.pc2m.ot import batch_class_marginal, multi_hot_frequencies, sinkhorn
 from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings
+from pipeline.methods.rcm_mam.data import CropViewDataset, CropViews, imagenet_normalisation
+from pipeline.methods.rcm_mam.losses import PrototypeMemory
+from pipeline.methods.rcm_mam.method import build_trunk
+from pipeline.methods.rcm_mam.model import CAMNet, ema_update, support_copy
+from pipeline.methods.rcm_mam.optim import param_groups
+from pipeline.methods.rcm_mam.step import RCMMAMSettings, training_step
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.step import vitpcm_step
 from pipeline.methods.vitpcm.views import MosaicViewDataset, MosaicViews
@@ -53,11 +63,11 @@ NUM_CLASSES = 21  # VOC
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {list(MODELS)} or timm names")
-    parser.add_argument("--method", choices=["pc2m", "vitpcm"], default="pc2m")
+    parser.add_argument("--method", choices=["pc2m", "vitpcm", "rcm_mam"], default="pc2m")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--global-size", type=int, default=384)
-    parser.add_argument("--local-size", type=int, default=192, help="PC2M's local view")
+    parser.add_argument("--local-size", type=int, default=192, help="PC2M's local view; RCM+MAM's crop")
     parser.add_argument("--iterations", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -86,26 +96,57 @@ class Timer:
         self.totals[key] = self.totals.get(key, 0.0) + seconds
 
 
+def rcm_mam_setup(name: str, args: argparse.Namespace, images: list[LabelledImage], timer: Timer,
+                  device: torch.device) -> tuple[torch.nn.Module, torch.utils.data.Dataset, StepLosses,
+                                                 torch.optim.Optimizer, Callable[[], None]]:
+    """RCM+MAM's networks, crops, step (``rcm_mam.step.training_step`` after the MAM switch) and
+    its SGD, as the training stage (``pipeline/methods/rcm_mam/method.py``) builds them."""
+    settings = RCMMAMSettings(mam_start_epoch=0)
+    model = CAMNet(build_trunk(name, "random", 8), NUM_CLASSES - 1, settings.feature_dim)
+    support = support_copy(model)
+    memory = PrototypeMemory(NUM_CLASSES, settings.feature_dim)
+    views = CropViews(args.local_size, (0.5, 1.3), True, True)
+    dataset = CropViewDataset(images, NUM_CLASSES, views, *imagenet_normalisation(), seed=0)
+    optimizer = torch.optim.SGD(param_groups(model, 0.01), lr=0.01)
+    support.to(device)
+
+    def step_losses(batch: dict) -> tuple[torch.Tensor, float]:
+        began = time.perf_counter()
+        with mixed_precision(device):
+            total, _ = training_step(model, support, batch["image"].to(device), batch["target"][:, 1:].to(device),
+                                     0, memory, settings)
+        timer.sync()
+        timer.add("forward", time.perf_counter() - began)
+        return total, time.perf_counter()
+
+    return model, dataset, step_losses, optimizer, lambda: ema_update(support, model, settings.ema_momentum)
+
+
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, images: list[LabelledImage],
                 stage_settings: bool = True) -> dict:
     torch.manual_seed(0)
-    backbone = build_backbone(name, "random")
-    patch = patch_size(backbone)
     timer = Timer(device)
+    fast = stage_settings and device.type == "cuda"  # as the training stage (pipeline/methods/pc2m/method.py)
+    after_step: Callable[[], None] = lambda: None  # noqa: E731 - nothing after the step but for RCM+MAM
+    if args.method == "rcm_mam":
+        model, dataset, step_losses, optimizer, after_step = rcm_mam_setup(name, args, images, timer, device)
+    else:
+        backbone = build_backbone(name, "random")
+        patch = patch_size(backbone)
     if args.method == "vitpcm":
         vitpcm = ViTPCMSettings()
         model = build_network(backbone, Architecture("vitpcm", NUM_CLASSES, vitpcm.lstm_hidden), vitpcm.dropout)
         views = MosaicViews(args.global_size, patch, vitpcm.crop_size, vitpcm.crop_probability, True, True)
         dataset = MosaicViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
         step_losses = vitpcm_losses(model, vitpcm, (views.tile_size // patch,) * 2, timer, device)
-    else:
+    elif args.method == "pc2m":
         model = build_network(backbone, Architecture("pc2m", NUM_CLASSES, 0))
         views = ViewSettings(args.global_size, args.local_size, (0.8, 1.0), (0.3, 0.6), 10.0, True, True)
         dataset = TwoViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
         step_losses = pc2m_losses(model, (args.local_size // patch,) * 2, timer, device)
     model.to(device).train()
-    fast = stage_settings and device.type == "cuda"  # as the training stage (pipeline/methods/pc2m/method.py)
-    optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
+    if args.method != "rcm_mam":
+        optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
     steps = args.iterations + 1
     batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(steps)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=fast)
@@ -122,6 +163,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        after_step()
         timer.sync()
         timer.add(LAST_PART[args.method], time.perf_counter() - began)
     if args.method == "pc2m":
@@ -136,7 +178,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
 
 
 # The part of a step timed from the loss function's returned start to after the Adam step.
-LAST_PART = {"pc2m": "loss+backward+step", "vitpcm": "backward+step"}
+LAST_PART = {"pc2m": "loss+backward+step", "vitpcm": "backward+step", "rcm_mam": "backward+step"}
 # A method's step up to its loss: the loss, and the time at which the last part began.
 StepLosses = Callable[[dict], tuple[torch.Tensor, float]]
 
@@ -197,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         images = synthetic_images(Path(folder), args.batch_size * (args.iterations + 1))
         rows = []
-        for model in args.models:
+        models = args.models if args.method != "rcm_mam" or args.models != list(MODELS) else ["resnet38"]
+        for model in models:
             rows.append(bench_model(MODELS.get(model, model), args, device, images))
             rows[-1]["vs reference"] = 1.0
             if device.type == "cuda":
@@ -205,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows[-2]["vs reference"] = rows[-2]["images/s"] / rows[-1]["images/s"]
                 rows[-1]["vs reference"] = 1.0
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process (cumulative)"
-    if args.method == "vitpcm":
+    if args.method == "rcm_mam":
+        what, keys = f"RCM+MAM, crops {args.local_size}, scales 0.5/1/2", ["data", "forward", "backward+step"]
+    elif args.method == "vitpcm":
         what, keys = f"ViT-PCM, main view {args.global_size}", ["data", "forward", "backward+step"]
     else:
         what, keys = f"PC2M, views {args.global_size}/{args.local_size}", ["data", "forward", "sinkhorn",
