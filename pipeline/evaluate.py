@@ -150,12 +150,15 @@ def summarise(acc: Accumulated, mode: str, matching: str, discovered_iou: float)
         mapping, used = metrics.match_clusters(acc.confusion, matching)
         in_class_space = metrics.remap_confusion(acc.confusion, mapping)
     iou = metrics.per_class_iou(in_class_space)
+    precision, recall = metrics.per_class_precision_recall(in_class_space)
     counts = metrics.discovery_counts(iou, discovered_iou)
     return {
         "images": acc.images,
         "matching": used,
         "miou": metrics.mean_iou(iou),
         "pixel_accuracy": metrics.pixel_accuracy(in_class_space),
+        "precision": metrics.mean_over_classes(precision),
+        "recall": metrics.mean_over_classes(recall),
         "miou_shape": acc.shape_sum / acc.shape_images if acc.shape_images else math.nan,
         "miou_shape_images": acc.shape_images,
         "iou": iou.tolist(),

@@ -115,10 +115,29 @@ def per_class_iou(confusion: np.ndarray) -> np.ndarray:
     return np.divide(true_positive, union, out=np.full(num_classes, np.nan), where=union > 0)
 
 
+def per_class_precision_recall(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision TP / (TP + FP) and recall TP / (TP + FN) of each GT class, from a confusion in
+    class space (rows predicted, columns GT; paper 003 Tables 2 and 5 report their means over the
+    classes). NaN where a class is never predicted (precision) or absent from the GT (recall)."""
+    num_classes = confusion.shape[1]
+    confusion = confusion.astype(np.float64)
+    true_positive = np.diag(confusion[:num_classes])
+    predicted = confusion[:num_classes].sum(axis=1)
+    actual = confusion.sum(axis=0)
+    precision = np.divide(true_positive, predicted, out=np.full(num_classes, np.nan), where=predicted > 0)
+    recall = np.divide(true_positive, actual, out=np.full(num_classes, np.nan), where=actual > 0)
+    return precision, recall
+
+
+def mean_over_classes(values: np.ndarray) -> float:
+    """Mean over the classes whose value is defined (NaN when there is none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
 def mean_iou(iou: np.ndarray) -> float:
     """Mean over the classes with a defined IoU (NaN when there is none)."""
-    finite = iou[np.isfinite(iou)]
-    return float(finite.mean()) if finite.size else math.nan
+    return mean_over_classes(iou)
 
 
 def pixel_accuracy(confusion: np.ndarray) -> float:

@@ -60,7 +60,9 @@ CLUSTER_COLUMNS = ["id", "name", "images", "image_share", "pixel_share"]
 STAGE_ORDER = ("model", "crf", "deeplab")
 SPLIT_ORDER = ("train", "val")
 # Summary rows after the per-class rows: label -> key of the evaluation JSON.
-METRIC_ROWS = {"mIoU": "miou", "pixel accuracy": "pixel_accuracy", "mIoU_shape": "miou_shape"}
+# precision / recall: means over the classes (paper 003 Tables 2 and 5 judge CAMs by them).
+METRIC_ROWS = {"mIoU": "miou", "pixel accuracy": "pixel_accuracy", "precision": "precision", "recall": "recall",
+               "mIoU_shape": "miou_shape"}
 # Paper 000's Table 11 shows the 21 VOC classes by name; beyond that a legend is unreadable.
 MAX_LEGEND_CLASSES = 21
 

@@ -263,3 +263,14 @@ def test_evaluate_masks_finds_predictions_across_several_folders(tiny_dataset):
     summary = evaluate_masks([root / "shard0", root / "shard1"], root / "manifest.csv",
                              root / "classes.json", "val", "weak", root / "s.json", root / "s.csv")
     assert summary["images"] == 3 and summary["miou"] == pytest.approx(1.0)
+
+
+def test_precision_and_recall_per_class_by_hand():
+    # rows predicted, columns GT: class 0 predicted 5 times (4 right), class 1 predicted 3 times
+    # (2 right), class 2 never predicted but present once in the GT
+    confusion = np.array([[4, 1, 0], [1, 2, 0], [0, 0, 0], [0, 0, 1]])  # last row: an unmatched id
+    precision, recall = metrics.per_class_precision_recall(confusion)
+    np.testing.assert_allclose(precision[:2], [4 / 5, 2 / 3])
+    assert np.isnan(precision[2])
+    np.testing.assert_allclose(recall, [4 / 5, 2 / 3, 0 / 1])
+    assert metrics.mean_over_classes(precision) == pytest.approx((4 / 5 + 2 / 3) / 2)

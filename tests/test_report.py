@@ -17,7 +17,14 @@ from pipeline.datasets import MANIFEST_COLUMNS, read_manifest
 from pipeline.errors import BadInputError
 from pipeline.evaluate import evaluate_masks
 from pipeline.imageio import write_label_png
-from pipeline.report import build_report, eval_jsons_in, paper_name, qualitative_figure, qualitative_images
+from pipeline.report import (
+    METRIC_ROWS,
+    build_report,
+    eval_jsons_in,
+    paper_name,
+    qualitative_figure,
+    qualitative_images,
+)
 
 NAMES = ["background", "cat", "dog"]
 TRAIN_IDS = ["t0", "t1"]
@@ -105,11 +112,11 @@ def test_tables_hold_each_evaluation_in_percent_with_one_decimal(tree):
     markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
     assert list(summary.columns) == ["class_id", "class", "BPM (train)", "BPM+CRF (train)", "PC2M (val)",
                                      "PC2M+CRF (val)"]
-    assert list(summary["class"]) == NAMES + ["mIoU", "pixel accuracy", "mIoU_shape"]
+    assert list(summary["class"]) == NAMES + ["mIoU", "pixel accuracy", "precision", "recall", "mIoU_shape"]
     table = markdown[markdown.index("| class_id"):].splitlines()
     for stage, split, column in (("model", "train", "BPM (train)"), ("crf", "val", "PC2M+CRF (val)")):
         result = json.loads((tree["results"] / "eval" / f"{stage}-{split}.json").read_text())
-        expected = result["iou"] + [result["miou"], result["pixel_accuracy"], result["miou_shape"]]
+        expected = result["iou"] + [result[key] for key in METRIC_ROWS.values()]
         position = list(summary.columns).index(column)
         for row, value in enumerate(expected):
             cell = table[2 + row].strip("|").split("|")[position].strip()
