@@ -17,14 +17,7 @@ from pipeline.datasets import MANIFEST_COLUMNS, read_manifest
 from pipeline.errors import BadInputError
 from pipeline.evaluate import evaluate_masks
 from pipeline.imageio import write_label_png
-from pipeline.report import (
-    METRIC_ROWS,
-    build_report,
-    eval_jsons_in,
-    paper_name,
-    qualitative_figure,
-    qualitative_images,
-)
+from pipeline.report import METRIC_ROWS, build_report, eval_jsons_in, paper_name, qualitative_figure, qualitative_images
 
 NAMES = ["background", "cat", "dog"]
 TRAIN_IDS = ["t0", "t1"]
