@@ -156,6 +156,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                   _params(args.params), args.threads, labels_path=Path(args.labels) if args.labels else None)
 
 
+def _cmd_cam_scales(args: argparse.Namespace) -> None:
+    from pipeline.methods.rcm_mam.scale_table import cam_scale_table
+
+    cam_scale_table(Path(args.manifest), Path(args.model), _params(args.params), args.split, Path(args.out_csv),
+                    args.threads)
+
+
 def _cmd_crf(args: argparse.Namespace) -> None:
     from pipeline.crf import crf_shard
 
@@ -195,6 +202,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
         {stage: {split: [Path(d) for d in dirs] for split, dirs in by_split.items()}
          for stage, by_split in params.get("stage_mask_dirs", [])},
         Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
+        cam_scales_csv=Path(args.cam_scales) if args.cam_scales else None,
     )
 
 
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("predict", help="PC2M class-probability maps and masks of one shard")
+    p = sub.add_parser("predict", help="class-probability maps and masks of one shard (any method's model.pt)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--model", required=True)
@@ -295,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", required=True, action="append", help='JSON: {"backbone", "predict", "mode"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("cam-scales", help="RCM+MAM: CAM mIoU, precision, recall per inference scale (weak mode)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("--params", required=True, action="append", help='JSON: {"backbone", "predict"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_cam_scales)
 
     p = sub.add_parser("crf", help="dense-CRF refinement of one shard of probability maps")
     p.add_argument("--probs", required=True)
@@ -353,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--classes", required=True)
     p.add_argument("--history", required=True, help="model/history.csv")
+    p.add_argument("--cam-scales", help="reports/cam_scales.csv (RCM+MAM, weak mode): a table per inference scale")
     p.add_argument("--done", required=True, help="model/done.json (the method and its classes; alpha.csv beside "
                    "history.csv is plotted when the method wrote one)")
     p.add_argument("--pseudo-labels", help="reports/pseudo_labels.csv (unsupervised mode)")

@@ -543,13 +543,15 @@ def build_report(
     out_dir: Path,
     params: Mapping | None = None,
     pseudo_labels_csv: Path | None = None,
+    cam_scales_csv: Path | None = None,
 ) -> pd.DataFrame:
     """Write summary.csv, summary.md, per_class_iou.png, alpha.png, training.png,
     qualitative.png, clusters.csv and gallery.png into ``out_dir``; return the summary table
     (no score columns when nothing was evaluated). ``stage_mask_dirs``: stage -> split -> its
     mask folders (one per shard), the stages in the figures' column order. ``params``: ``mode``,
     ``qualitative_images`` (default 4), ``gallery_images`` (default 4). ``pseudo_labels_csv``:
-    the pseudo-label report (unsupervised mode), summarised under the table."""
+    the pseudo-label report (unsupervised mode), summarised under the table. ``cam_scales_csv``:
+    the CAMs' scores per inference scale (RCM+MAM, paper 003 Table 5), tabled under it."""
     params = dict(params or {})
     count = _positive(params, "qualitative_images", DEFAULT_QUALITATIVE_IMAGES)
     per_id = _positive(params, "gallery_images", DEFAULT_GALLERY_IMAGES)
@@ -578,6 +580,8 @@ def build_report(
     notes = unsupervised_notes(evals) if mode == "unsupervised" and evals else []
     if pseudo_labels_csv is not None and Path(pseudo_labels_csv).is_file():
         notes += pseudo_label_lines(Path(pseudo_labels_csv))
+    if cam_scales_csv is not None:
+        notes += cam_scale_lines(Path(cam_scales_csv))
     with atomic_path(out_dir / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     write_text(out_dir / "summary.md", summary_markdown(
@@ -599,6 +603,17 @@ def build_report(
              ", ".join(f"{item.column}: mIoU {_fmt(item.result['miou'])}" for item in evals) or "no ground truth",
              len(found.image_ids), stage, out_dir)
     return frame
+
+
+def cam_scale_lines(path: Path) -> list[str]:
+    """The CAMs per inference scale (paper 003 Tables 2 and 5) as a Markdown table, in %."""
+    table = pd.read_csv(path)
+    lines = ["CAMs per inference scale on the train images with GT (paper 003 Tables 2 and 5; each "
+             "scale with its flip, msinf = all fused, as the masks above):", "",
+             "| scale | images | mIoU | precision | recall |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.scale} | {r.images} | {_fmt(r.miou)} | {_fmt(r.precision)} | {_fmt(r.recall)} |"
+              for r in table.itertuples()]
+    return [*lines, ""]
 
 
 def _positive(params: Mapping, key: str, default: int) -> int:

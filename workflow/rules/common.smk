@@ -335,6 +335,12 @@ def eval_targets():
     ]
 
 
+def cam_scale_inputs():
+    """The CAM table per inference scale: RCM+MAM in weak mode with GT masks on train."""
+    wanted = config["train"]["method"] == "rcm_mam" and config["mode"] == "weak"
+    return [results("reports/cam_scales.csv")] if wanted and TRAIN_SPLIT in splits_with_gt() else []
+
+
 def model_classes(input):
     """Classes a trained segmentation model predicts: the dataset's (weak) or clusters + 1."""
     if config["mode"] == "unsupervised":

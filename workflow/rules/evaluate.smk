@@ -59,6 +59,7 @@ rule report:
         done=results("model/done.json"),
         masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
         pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
+        cam_scales=lambda w: cam_scale_inputs(),
         settings=settings_file("report", {"mode": config["mode"], "qualitative_images": 4, "gallery_images": 4}),
     output:
         summary=report(results("reports/summary.csv"), caption="../report/summary.rst", category="Results"),
@@ -83,7 +84,9 @@ rule report:
         ),
         out_dir=lambda w, output: str(Path(output.summary).parent),
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
+        cam_scales=lambda w, input: f"--cam-scales {shlex.quote(input.cam_scales[0])}" if input.cam_scales else "",
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
-        " --history {input.history:q} --done {input.done:q} {params.pseudo} --out-dir {params.out_dir:q}"
+        " --history {input.history:q} --done {input.done:q} {params.pseudo} {params.cam_scales}"
+        " --out-dir {params.out_dir:q}"
         " --params {input.settings:q} --params {params.facts:q} > {log:q} 2>&1"

@@ -72,3 +72,32 @@ rule predict_model:
         " {params.labels} --out-probs {output.probs:q} --out-masks {output.masks:q}"
         " --params {input.settings:q} --params {params.runtime:q}"
         " --threads {threads} > {log:q} 2>&1"
+
+
+rule cam_scales:
+    # RCM+MAM's CAMs per inference scale on the train images with GT (paper 003 Tables 2 and 5).
+    input:
+        manifest=results("dataset/manifest.csv"),
+        model=results("model/model.pt"),
+        settings=settings_file(
+            "cam_scales",
+            {"backbone": config["backbone"], "predict": section("predict")},
+            runtime_keys("predict"),
+        ),
+    output:
+        table=results("reports/cam_scales.csv"),
+    log:
+        results("logs/cam_scales.log"),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=GPUS_PER_JOB,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    params:
+        runtime=runtime_file("cam_scales"),
+    shell:
+        "python -m pipeline cam-scales --manifest {input.manifest:q} --model {input.model:q} --split train"
+        " --out-csv {output.table:q} --params {input.settings:q} --params {params.runtime:q}"
+        " --threads {threads} > {log:q} 2>&1"
