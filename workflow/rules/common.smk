@@ -175,6 +175,15 @@ def runtime_file(rule):
 # and the splits each is evaluated on where they have ground truth (paper 000 Tables 3-4, 11).
 MASK_STAGES = {"pc2m": "pc2m/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
 EVALUATED = {"pc2m": ("train", "val"), "crf": ("train", "val"), "deeplab": ("val",)}
+# --- AffinityNet random walk (workflow/rules/affinity.smk) ---------------------------------------
+# When enabled, its masks are one more stage, between the predictions and the CRF, and the CRF
+# (hence DeepLab) refines the walked probabilities instead of the predicted ones.
+AFFINITY_ENABLED = config["affinity"]["enabled"]
+if AFFINITY_ENABLED:
+    MASK_STAGES = {"pc2m": MASK_STAGES["pc2m"], "affinity": "affinity/masks", **MASK_STAGES}
+    EVALUATED = {"pc2m": EVALUATED["pc2m"], "affinity": ("train", "val"), **EVALUATED}
+CRF_PROBS = "affinity/probs" if AFFINITY_ENABLED else "pc2m/probs"
+# --- end AffinityNet -------------------------------------------------------------------------------
 TRAIN_SPLIT = "train"
 
 
