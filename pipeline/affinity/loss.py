@@ -23,4 +23,5 @@ def affinity_loss(affinity: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Te
     fg = -(fg_pos * log_same).sum() / (fg_pos.sum() + EPS)
     negative = -(neg * log_diff).sum() / (neg.sum() + EPS)
     loss = bg / 4 + fg / 4 + negative / 2
-    return loss, {"bg_loss": float(bg), "fg_loss": float(fg), "neg_loss": float(negative)}
+    parts = {"bg_loss": bg.item(), "fg_loss": fg.item(), "neg_loss": negative.item()}
+    return loss, parts

@@ -121,7 +121,7 @@ def train_images(manifest_path: Path, probs_shards: Sequence[Path]) -> list[Trai
 
 def jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Colour jitter in a random order with factors drawn from ``rng`` (not torch's global RNG)."""
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a writable copy
     ops = {
         "brightness": lambda x, f: TF.adjust_brightness(x, f),
         "contrast": lambda x, f: TF.adjust_contrast(x, f),
