@@ -4,6 +4,8 @@ walk against hand computations, the network's shapes, and the demo DAG with the 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from pipeline.affinity.labels import (
 from pipeline.affinity.loss import EPS, affinity_loss
 from pipeline.affinity.model import EMBED_CHANNELS, AffinityNet, pair_affinities
 from pipeline.affinity.random_walk import affinity_matrix, random_walk, refine_scores, transition_matrix
-from workflow_runs import job_counts, snakemake, tiny_config, write_config
+from workflow_runs import snakemake, tiny_config, write_config
 
 # ---------------------------------------------------------------------------------------------
 # Labels
@@ -191,8 +193,9 @@ def test_demo_dag_with_affinity_runs_to_the_report(tmp_path):
     })
     run = snakemake("--configfile", str(write_config(tmp_path / "tiny.yaml", config)), cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:]
-    counts = job_counts(run.stdout)
-    assert counts["train_affinity"] == 1 and counts["refine_affinity"] == 2 and counts["report"] == 1
+    # jobs run (the plan's first table holds no shard job: it is printed before the index exists)
+    finished = Counter(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", run.stdout))
+    assert finished["train_affinity"] == 1 and finished["refine_affinity"] == 2 and finished["report"] == 1
     results = tmp_path / "results"
     masks = sorted(results.glob("affinity/masks/shard-*/*.png"))
     assert len(masks) == 12  # 8 train + 4 val images
@@ -202,3 +205,26 @@ def test_demo_dag_with_affinity_runs_to_the_report(tmp_path):
         assert (results / f"eval/affinity-{split}.json").is_file()
     summary = (results / "reports/summary.md").read_text()
     assert "BPM+RW (train)" in summary and "PC2M+RW (val)" in summary
+
+
+def test_walk_geometry_bounds_the_longer_side_and_pads_to_the_stride():
+    from pipeline.affinity.predict import walk_geometry
+    from pipeline.geometry import grid_to_image
+
+    # 100 x 70 at most 64: scale 0.64 -> 64 x 44.8 -> 64 x 45, padded to 64 x 48
+    geometry = walk_geometry(100, 70, 64)
+    np.testing.assert_allclose(geometry.numpy(), [0.64, 64, 45, 64, 48])
+    np.testing.assert_allclose(walk_geometry(40, 30, 512).numpy(), [1.0, 40, 30, 40, 32])
+    # the stride-8 grid comes back to the image's size
+    assert grid_to_image(torch.rand(3, 8, 6), geometry, (100, 70)).shape == (3, 100, 70)
+
+
+def test_random_crop_pads_labels_with_ignore():
+    from pipeline.affinity.train import random_crop
+
+    rgb, labels = np.ones((4, 6, 3), np.float32), np.zeros((4, 6), np.uint8)
+    crop_rgb, crop_labels = random_crop(rgb, labels, 8, np.random.default_rng(0))
+    assert crop_rgb.shape == (8, 8, 3) and crop_labels.shape == (8, 8)
+    # 4 x 6 real pixels (flipped or not), the rest ignored and zero (the mean colour)
+    assert (crop_labels == 0).sum() == 24 and (crop_labels == IGNORE).sum() == 40
+    assert crop_rgb.sum() == 24 * 3
