@@ -7,16 +7,12 @@
 AFFINITY_WALK_KEYS = ("alpha_walk", "beta", "log_t", "max_size")
 
 
-def affinity_weights():
-    weights = config["affinity"]["backbone_weights"]
-    return [] if weights == "random" else [weights]
-
-
 rule train_affinity:
     input:
         manifest=results("dataset/manifest.csv"),
         probs=lambda w: sharded("pc2m/probs"),
-        weights=affinity_weights(),
+        # a weights file is an input: replacing it retrains
+        weights=[w for w in [config["affinity"]["backbone_weights"]] if w != "random"],
         settings=settings_file(
             "train_affinity",
             {

@@ -5,7 +5,7 @@
 rule dense_crf:
     input:
         # the walked probabilities when affinity.enabled (CRF_PROBS, common.smk)
-        probs=results(CRF_PROBS + "/shard-{shard}.safetensors"),
+        probs=results(f"{CRF_PROBS}/shard-{{shard}}.safetensors"),
         manifest=shard_list,
         settings=settings_file("dense_crf", config["crf"]),
     output:
