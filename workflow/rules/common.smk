@@ -10,7 +10,14 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import check_config, check_gpu_request, load_schema, results_folder, validate_config
+from pipeline.config import (
+    check_config,
+    check_gpu_request,
+    command_line_types,
+    load_schema,
+    results_folder,
+    validate_config,
+)
 from pipeline.errors import ConfigError
 from pipeline.patch_sizes import check_patch_sizes
 from pipeline.stage_settings import (
@@ -24,7 +31,10 @@ from pipeline.stage_settings import (
 )
 
 try:
-    validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+    _SCHEMA = load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+    # nested --config values arrive as strings (`--config affinity='{enabled: true}'`)
+    config.update(command_line_types(config, _SCHEMA))
+    validate_config(config, _SCHEMA)
     check_patch_sizes(config)
     check_config(config)
 except ConfigError as exc:
