@@ -188,10 +188,12 @@ def test_network_embeds_at_stride_8_and_affinities_are_exp_minus_mean_l1():
 
 @pytest.mark.slow
 def test_demo_dag_with_affinity_runs_to_the_report(tmp_path):
+    # switched on from the command line, as the README says (the tiny run's sizes in the file)
     config = tiny_config(tmp_path / "results", affinity={
-        "enabled": True, "epochs": 1, "batch_size": 2, "crop_size": 32, "num_workers": 0, "max_size": 64,
+        "epochs": 1, "batch_size": 2, "crop_size": 32, "num_workers": 0, "max_size": 64,
     })
-    run = snakemake("--configfile", str(write_config(tmp_path / "tiny.yaml", config)), cwd=tmp_path)
+    run = snakemake("--configfile", str(write_config(tmp_path / "tiny.yaml", config)),
+                    "--config", "affinity={enabled: true}", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:]
     # jobs run (the plan's first table holds no shard job: it is printed before the index exists)
     finished = Counter(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", run.stdout))
@@ -228,3 +230,31 @@ def test_random_crop_pads_labels_with_ignore():
     # 4 x 6 real pixels (flipped or not), the rest ignored and zero (the mean colour)
     assert (crop_labels == 0).sum() == 24 and (crop_labels == IGNORE).sum() == 40
     assert crop_rgb.sum() == 24 * 3
+
+
+def test_training_samples_have_fixed_shapes_and_carry_a_bad_image_as_an_error(tmp_path):
+    from PIL import Image
+
+    from pipeline.affinity.train import AffinitySamples, TrainImage, TrainSettings
+
+    Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    # probabilities on a 5 x 4 grid of 8 px patches: class 1 sure on the left half, background right
+    probs = torch.zeros(2, 5, 4)
+    probs[1, :, :2], probs[0, :, 2:] = 1.0, 1.0
+    geometry = torch.tensor([1.0, 40, 30, 40, 32])
+    images = [TrainImage("a", str(tmp_path / "a.png"), 40, 30, probs.half(), geometry),
+              TrainImage("b", str(tmp_path / "missing.png"), 40, 30, probs.half(), geometry)]
+    settings = TrainSettings(backbone="resnet18", backbone_weights="random", radius=5, alpha_fg=4, alpha_bg=32,
+                             epochs=1, batch_size=2, crop_size=48, lr=0.07, head_lr_multiplier=10, momentum=0,
+                             weight_decay=5e-4, poly_power=0.9, num_workers=0, device="cpu")
+    samples = AffinitySamples(images, settings, seed=0, length=4, mean=(0.5,) * 3, std=(0.25,) * 3)
+    items = [samples[k] for k in range(4)]
+    good = [item for item in items if not item[-1]]
+    bad = [item for item in items if item[-1]]
+    assert good and bad and "missing.png" in bad[0][-1]
+    for image, bg, fg, neg, _ in items:
+        assert image.shape == (3, 48, 48) and bg.shape == fg.shape == neg.shape == (34, 6, 6)
+    _, bg, fg, neg, _ = good[0]
+    # both classes are confident somewhere: pairs of each kind, each pair in at most one group
+    assert bg.sum() > 0 and fg.sum() > 0 and neg.sum() > 0
+    assert float((bg + fg + neg).max()) == 1.0
