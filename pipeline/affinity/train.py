@@ -124,12 +124,8 @@ def train_images(manifest_path: Path, probs_shards: Sequence[Path]) -> list[Trai
 def jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Colour jitter in a random order with factors drawn from ``rng`` (not torch's global RNG)."""
     image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # a writable copy
-    ops = {
-        "brightness": lambda x, f: TF.adjust_brightness(x, f),
-        "contrast": lambda x, f: TF.adjust_contrast(x, f),
-        "saturation": lambda x, f: TF.adjust_saturation(x, f),
-        "hue": lambda x, f: TF.adjust_hue(x, f),
-    }
+    ops = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+           "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
     for name in rng.permutation(list(ops)):
         spread = JITTER[name]
         factor = rng.uniform(-spread, spread) if name == "hue" else rng.uniform(1 - spread, 1 + spread)
