@@ -51,6 +51,34 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key {where}: {error.message}"
 
 
+def command_line_types(value: Any, schema: dict) -> Any:
+    """``value`` with string leaves typed as the schema says. Snakemake reads a nested ``--config``
+    value (``--config affinity='{enabled: true, epochs: 1}'``) with YAML's BaseLoader, which
+    makes every leaf a string; a leaf whose schema type is boolean, integer, number or null and
+    whose text reads as one becomes that value (anything else stays, and validation names it)."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        return {key: command_line_types(item, properties.get(key, {})) for key, item in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [command_line_types(item, schema["items"]) for item in value]
+    if not isinstance(value, str):
+        return value
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    text = value.strip()
+    if "boolean" in types and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "null" in types and text in ("null", "~"):
+        return None
+    for name, kind in (("integer", int), ("number", float)):
+        if name in types:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return value
+
+
 def validate_config(config: dict[str, Any], schema: dict) -> None:
     """Raise :class:`ConfigError` for the first problem (deepest path first), naming the key."""
     validator = jsonschema.Draft202012Validator(schema)

@@ -57,7 +57,7 @@ MAX_GALLERY_IDS = 40
 NON_LOSS_COLUMNS = {"epoch", "unfrozen_blocks", "lr", "epsilon", "seconds"}
 CLUSTER_COLUMNS = ["id", "name", "images", "image_share", "pixel_share"]
 # Column order of the paper's tables: train (Table 3) before val (Table 4), pipeline order within.
-STAGE_ORDER = ("model", "crf", "deeplab")
+STAGE_ORDER = ("model", "affinity", "crf", "deeplab")  # affinity: the optional random walk
 SPLIT_ORDER = ("train", "val")
 # Summary rows after the per-class rows: label -> key of the evaluation JSON.
 # precision / recall: means over the classes (paper 003 Tables 2 and 5 judge CAMs by them).
@@ -96,7 +96,7 @@ def paper_name(stage: str, split: str, method: str = "pc2m") -> str:
     Pseudo-Masks (BPM, paper 000 Table 3, the ViT-PCM nomenclature); otherwise the method's
     predictions (PC2M, Table 4; RCM+MAM, ...)."""
     base = "BPM" if split == "train" and method in BPM_METHODS else method_name(method)
-    names = {"model": base, "crf": f"{base}+CRF", "deeplab": "DeepLab"}
+    names = {"model": base, "affinity": f"{base}+RW", "crf": f"{base}+CRF", "deeplab": "DeepLab"}
     return names.get(stage, stage)
 
 
@@ -250,7 +250,8 @@ def summary_markdown(frame: pd.DataFrame | None, header: list[str], notes: list[
     """The report's text: header, the scores table (when anything was scored), what was found."""
     scores = [] if frame is None else [
         "Scores in % (one decimal); rows as in paper 000 Table 11, columns as in Tables 3 (train) "
-        "and 4 (val): BPM = PC2M's pseudo-masks on train, +CRF = refined by the dense CRF. "
+        "and 4 (val): BPM = PC2M's pseudo-masks on train, +CRF = refined by the dense CRF "
+        "(+RW: AffinityNet's random walk, which the CRF then starts from). "
         "'–': undefined (class absent from GT and prediction).",
         "",
         *notes,

@@ -32,6 +32,7 @@ SPEED_ONLY = {
     "train": ("num_workers", "keep_checkpoints", "device"),
     "predict": ("batch_size", "num_workers", "device"),
     "deeplab": ("log_every", "checkpoint_every", "num_workers", "device"),
+    "affinity": ("num_workers", "device"),  # AffinityNet random walk
 }
 
 LOCK_NAME = ".snakemake-run.lock"

@@ -67,3 +67,19 @@ def test_wrong_type_or_value_is_named(default_config, schema, path, value, named
     with pytest.raises(ConfigError) as info:
         validate_config(default_config, schema)
     assert f"config key {named}:" in str(info.value)
+
+
+def test_nested_command_line_values_get_the_schemas_types(repo, default_config):
+    # what Snakemake makes of `--config affinity='{enabled: true, epochs: 3, lr: 1e-2}'` (YAML BaseLoader)
+    from pipeline.config import command_line_types
+
+    schema = load_schema(repo / "workflow" / "schemas" / "config.schema.yaml")
+    default_config["affinity"].update(enabled="true", epochs="3", lr="1e-2", device="cpu")
+    default_config["folder_typo"] = "1"
+    typed = command_line_types(default_config, schema)
+    assert typed["affinity"]["enabled"] is True and typed["affinity"]["epochs"] == 3
+    assert typed["affinity"]["lr"] == pytest.approx(0.01) and typed["affinity"]["device"] == "cpu"
+    assert typed["folder_typo"] == "1"  # unknown keys stay as they are (validation names them)
+    default_config["affinity"]["epochs"] = "three"
+    with pytest.raises(ConfigError, match="affinity.epochs"):
+        validate_config(command_line_types(default_config, schema), schema)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import check_config, check_gpu_request, load_schema, results_folder, validate_config
+from pipeline.config import (
+    check_config,
+    check_gpu_request,
+    command_line_types,
+    load_schema,
+    results_folder,
+    validate_config,
+)
 from pipeline.errors import ConfigError
 from pipeline.patch_sizes import check_patch_sizes
 from pipeline.stage_settings import (
@@ -24,7 +31,10 @@ from pipeline.stage_settings import (
 )
 
 try:
-    validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+    _SCHEMA = load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+    # nested --config values arrive as strings (`--config affinity='{enabled: true}'`)
+    config.update(command_line_types(config, _SCHEMA))
+    validate_config(config, _SCHEMA)
     check_patch_sizes(config)
     check_config(config)
 except ConfigError as exc:
@@ -169,6 +179,15 @@ def runtime_file(rule):
 # and the splits each is evaluated on where they have ground truth (paper 000 Tables 3-4, 11).
 MASK_STAGES = {"model": "model/masks", "crf": "crf/masks", "deeplab": "deeplab/masks"}
 EVALUATED = {"model": ("train", "val"), "crf": ("train", "val"), "deeplab": ("val",)}
+# --- AffinityNet random walk (workflow/rules/affinity.smk) ---------------------------------------
+# When enabled, its masks are one more stage, between the predictions and the CRF, and the CRF
+# (hence DeepLab) refines the walked probabilities instead of the predicted ones.
+AFFINITY_ENABLED = config["affinity"]["enabled"]
+if AFFINITY_ENABLED:
+    MASK_STAGES = {"model": MASK_STAGES["model"], "affinity": "affinity/masks", **MASK_STAGES}
+    EVALUATED = {"model": EVALUATED["model"], "affinity": ("train", "val"), **EVALUATED}
+CRF_PROBS = "affinity/probs" if AFFINITY_ENABLED else "model/probs"
+# --- end AffinityNet -------------------------------------------------------------------------------
 TRAIN_SPLIT = "train"
 
 

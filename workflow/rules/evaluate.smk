@@ -4,7 +4,8 @@
 
 rule dense_crf:
     input:
-        probs=results("model/probs/shard-{shard}.safetensors"),
+        # the walked probabilities when affinity.enabled (CRF_PROBS, common.smk)
+        probs=results(f"{CRF_PROBS}/shard-{{shard}}.safetensors"),
         manifest=shard_list,
         settings=settings_file("dense_crf", config["crf"]),
     output:
