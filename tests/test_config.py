@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from pipeline.config import load_schema, validate_config
+from pipeline.config import check_config, load_schema, validate_config
 from pipeline.errors import ConfigError
 
 
@@ -26,7 +28,7 @@ def test_default_config_is_valid(default_config, schema):
     validate_config(default_config, schema)
 
 
-@pytest.mark.parametrize("preset", ["voc-weak", "voc-unsupervised", "coco-weak", "coco-unsupervised"])
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[1] / "presets").glob("*.yaml")))
 def test_presets_are_valid(repo, default_config, schema, preset):
     with open(repo / "presets" / f"{preset}.yaml", encoding="utf-8") as fh:
         override = yaml.safe_load(fh)
@@ -34,6 +36,21 @@ def test_presets_are_valid(repo, default_config, schema, preset):
     validate_config(merged, schema)
     assert merged["dataset"]["kind"] in preset
     assert merged["mode"] == ("weak" if "weak" in preset else "unsupervised")
+    check_config(merged)
+
+
+def test_the_rcm_mam_preset_has_the_papers_values(repo, default_config):
+    override = yaml.safe_load((repo / "presets" / "voc-weak-rcm.yaml").read_text(encoding="utf-8"))
+    merged = _merge(default_config, override)
+    train, rcm = merged["train"], merged["train"]["rcm_mam"]
+    # paper 003 Sec. 4.2 and App. B-C
+    assert (train["method"], train["epochs"], train["batch_size"]) == ("rcm_mam", 20, 16)
+    assert (rcm["backbone"], rcm["crop_size"], rcm["resize_range"], rcm["lr"], rcm["lr_power"]) == (
+        "resnet38", 192, [0.5, 1.3], 0.01, 0.9)
+    assert (rcm["threshold"], rcm["temperature"], rcm["ema_momentum"], rcm["feature_dim"]) == (0.2, 0.5, 0.997, 256)
+    assert rcm["scales"] == [0.5, 1.0, 2.0] and rcm["mam_start_epoch"] == 6
+    assert merged["predict"]["rcm_mam"]["scales"] == [0.5, 1.0, 1.5, 2.0] and merged["predict"]["flip"]
+    assert merged["affinity"]["enabled"]  # Sec. 4.3: the random walk before DeepLab
 
 
 def test_unknown_top_level_key_is_named(default_config, schema):
