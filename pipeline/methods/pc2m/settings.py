@@ -21,6 +21,7 @@ from pipeline.methods.vitpcm.views import MosaicViews
 from pipeline.patch_sizes import fit_view_sizes
 
 PATCH_METHODS = ("pc2m", "vitpcm")
+OTHER_METHODS = ("rcm_mam",)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class TrainSettings:
     @classmethod
     def from_params(cls, train: dict) -> TrainSettings:
         require_fields(cls, train, "train")
-        values = dict(train)
+        # Other methods' own sub-sections (train.rcm_mam, ...) are theirs; ViT-PCM's is kept here.
+        values = {k: v for k, v in train.items() if k not in OTHER_METHODS}
         values["global_scale"] = tuple(float(v) for v in values["global_scale"])
         values["local_scale"] = tuple(float(v) for v in values["local_scale"])
         values["vitpcm"] = ViTPCMSettings(**(values.get("vitpcm") or {}))
