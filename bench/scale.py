@@ -289,27 +289,28 @@ def cmd_dryrun(args: argparse.Namespace) -> None:
 # Part b: dataset-level stages, one child process per measurement
 
 
-def blob_features(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
-    """n points around k random centres, noise comparable to the centres' spread (overlapping
-    clusters, as real crop features are), float32."""
+def blob_features(n: int, dim: int, k: int, seed: int = 0, noise: float = 3.0) -> np.ndarray:
+    """n points around k random N(0, 1) centres plus N(0, noise²) noise, float32. In high dimension
+    noise 0.7 or 1.5 still leaves the kNN graph one component per centre; 3 overlaps them (one
+    connected graph, as real crop features give)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((k, dim), dtype=np.float32)
     labels = rng.integers(k, size=n)
     x = centres[labels]
-    x += 0.7 * rng.standard_normal((n, dim), dtype=np.float32)
+    x += noise * rng.standard_normal((n, dim), dtype=np.float32)
     return x
 
 
-def measure_clustering(method: str, n: int, dim: int) -> float:
+def measure_clustering(method: str, n: int, dim: int, noise: float, threads: int) -> float:
     from threadpoolctl import threadpool_limits
 
     from pipeline.pseudo_labels import cluster_crops
 
     defaults = yaml.safe_load((REPO / "config.yaml").read_text())["pseudo_labels"]
     params = {**defaults, "method": method, "num_clusters": COCO_CLASSES}
-    features = blob_features(n, dim, COCO_CLASSES)
+    features = blob_features(n, dim, COCO_CLASSES, noise=noise)
     start = time.perf_counter()
-    with threadpool_limits(limits=2):
+    with threadpool_limits(limits=threads):
         cluster_crops(features, params, seed=0)
     return time.perf_counter() - start
 
@@ -414,7 +415,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     work = Path(args.work)
     if args.stage in ("kmeans", "spectral"):
-        seconds = measure_clustering(args.stage, args.n, args.dim)
+        seconds = measure_clustering(args.stage, args.n, args.dim, args.noise, args.threads)
     elif args.stage in ("index-headers", "index-verify"):
         seconds = measure_index(args.n, args.stage == "index-verify", work)
     elif args.stage == "eval":
@@ -460,7 +461,8 @@ def cmd_data(args: argparse.Namespace) -> None:
                     cells.append(f"{n} / not run")
                     continue
                 load = load1()
-                cmd = [sys.executable, __file__, "_measure", stage, str(n), "--dim", str(dim), "--work", str(root)]
+                cmd = [sys.executable, __file__, "_measure", stage, str(n), "--dim", str(dim), "--work", str(root),
+                       "--noise", str(args.noise), "--threads", str(args.threads)]
                 rc, wall, out = run_group(cmd, REPO, timeout=args.timeout_min * 60)
                 if rc != 0:
                     why = "timed out" if rc is None else f"failed (rc {rc})"
@@ -481,6 +483,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     text = ("### Dataset-level stages at COCO size (synthetic inputs, one child process each)\n\n"
+            f"Clustering data noise {args.noise}, {args.threads} thread(s).\n\n"
             + "\n".join(lines) + f"\n\n{machine_line()} Peak MB: the child's ru_maxrss (inputs included).\n")
     print_and_append(text, args.out)
 
@@ -505,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", nargs="+", default=["index", "kmeans", "spectral", "eval", "report"],
                    choices=["index", "kmeans", "spectral", "eval", "report"])
     p.add_argument("--timeout-min", type=float, default=30.0, help="per measurement; larger sizes are then skipped")
+    p.add_argument("--noise", type=float, default=3.0, help="clustering data: noise / centre spread")
+    p.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads of the clustering (the rule's)")
     p.add_argument("--keep", type=Path, default=None, help="work folder (generated files are reused)")
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_data)
@@ -513,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("n", type=int)
     p.add_argument("--dim", type=int, default=0)
     p.add_argument("--work", required=True)
+    p.add_argument("--noise", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_measure)
     args = parser.parse_args(argv)
     args.func(args)
