@@ -242,15 +242,23 @@ def tiny_jpeg(path: Path, width: int = 64, height: int = 48) -> None:
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path, quality=90)
 
 
+# Hard links per copy of the source file (file systems cap links per inode, ext4 at 65,000).
+LINKS_PER_COPY = 50_000
+
+
 def linked_folder(root: Path, n: int, source: Path, pattern: str, subdir: str = "") -> None:
-    """``n`` hard links to ``source`` under root/subdir, 1000 per sub-folder (as datasets do)."""
+    """``n`` hard links to copies of ``source`` under root/subdir, 1000 per sub-folder (as
+    datasets do)."""
     for i in range(n):
         folder = root / subdir / f"{i // 1000:04d}"
         if i % 1000 == 0:
             folder.mkdir(parents=True, exist_ok=True)
         target = folder / (pattern % i)
         if not target.exists():
-            os.link(source, target)
+            copy = source.with_name(f"{source.stem}-{i // LINKS_PER_COPY}{source.suffix}")
+            if not copy.exists():
+                shutil.copyfile(source, copy)
+            os.link(copy, target)
 
 
 def cmd_dryrun(args: argparse.Namespace) -> None:
@@ -318,7 +326,7 @@ def measure_clustering(method: str, n: int, dim: int, noise: float, threads: int
 def measure_index(n: int, verify: bool, work: Path) -> float:
     from pipeline.datasets import build_index
 
-    images = work / "index-images"
+    images = work / f"index-images-{n}"  # exactly n images
     source = work / "one.jpg"
     if not source.exists():
         tiny_jpeg(source)
