@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -183,6 +184,21 @@ def run_dag(size: int, work: Path, timeout_min: float) -> dict:
             "dag_before": dag_before, "dag_after": dag_after, "rules": benchmark_rows(work / "results")}
 
 
+def shards_of(size: int) -> int:
+    return math.ceil(size / DAG_CONFIG["dataset"]["images_per_shard"])
+
+
+def rule_complete(jobs: int, size: int, runs: list[dict], rule: str) -> bool:
+    """Whether a stopped run did all of ``rule``'s jobs: as many as a finished run's, scaled by
+    the shard count for per-shard rules (a dataset-level rule has one job at every size)."""
+    for run in sorted(runs, key=lambda run: -run["size"]):  # the most shards tells per-shard rules apart
+        entry = run["rules"].get(rule)
+        if run["finished"] and entry is not None:
+            per_shard = entry["jobs"] == shards_of(run["size"]) and entry["jobs"] > 1
+            return jobs == (shards_of(size) if per_shard else entry["jobs"])
+    return False
+
+
 def dag_table(runs: list[dict]) -> str:
     rules = sorted({rule for run in runs for rule in run["rules"]})
     head = ["rule"] + [f"{r['size']} img: jobs / s / peak MB" for r in runs] + ["exponent (time)"]
@@ -195,7 +211,7 @@ def dag_table(runs: list[dict]) -> str:
                 cells.append("not reached")
                 continue
             cells.append(f"{entry['jobs']} / {fmt_s(entry['s'])} / {entry['max_rss']:.0f}")
-            if run["finished"]:
+            if run["finished"] or rule_complete(entry["jobs"], run["size"], runs, rule):
                 sizes.append(run["size"])
                 times.append(entry["s"])
         cells.append(fmt_exp(exponent(sizes, times)))
@@ -226,6 +242,8 @@ def cmd_dag(args: argparse.Namespace) -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+    runs = sorted(runs + [run for path in args.merge for run in json.loads(path.read_text())],
+                  key=lambda run: run["size"])
     text = (f"### Whole DAG (demo 64x48 px, 2-block ViT, reduced training, `--cores 2`)\n\n"
             f"{dag_table(runs)}\n\n{machine_line()}\nConfig over config.yaml: "
             f"`{json.dumps(DAG_CONFIG, separators=(',', ':'))}`\n")
@@ -255,7 +273,8 @@ def linked_folder(root: Path, n: int, source: Path, pattern: str, subdir: str = 
             folder.mkdir(parents=True, exist_ok=True)
         target = folder / (pattern % i)
         if not target.exists():
-            copy = source.with_name(f"{source.stem}-{i // LINKS_PER_COPY}{source.suffix}")
+            # Copies beside root (not inside: they would be indexed), one set per folder.
+            copy = root.parent / f"{root.name}-{source.stem}-{i // LINKS_PER_COPY}{source.suffix}"
             if not copy.exists():
                 shutil.copyfile(source, copy)
             os.link(copy, target)
@@ -501,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="part", required=True)
     p = sub.add_parser("dag", help="part a: the whole DAG through snakemake")
     p.add_argument("--sizes", type=int, nargs="+", default=[752, 3008, VOC_TRAIN + VOC_VAL])
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="dag-runs.json files of earlier runs to put in the same table")
     p.add_argument("--timeout-min", type=float, default=25.0, help="stop a size after this long")
     p.add_argument("--keep", type=Path, default=None)
     p.add_argument("--out", default=None, help="append the Markdown to this file")
