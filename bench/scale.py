@@ -455,7 +455,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
 
 
-def data_measurements(stages: list[str]) -> list[tuple[str, str, int, int]]:
+def data_measurements(stages: list[str], dims: list[int]) -> list[tuple[str, str, int, int]]:
     """(row label, stage, full size, dim) for the requested stages."""
     rows = []
     for stage in stages:
@@ -463,7 +463,7 @@ def data_measurements(stages: list[str]) -> list[tuple[str, str, int, int]]:
             rows += [("index, headers only", "index-headers", COCO_TRAIN + COCO_VAL, 0),
                      ("index, fully decoded", "index-verify", COCO_TRAIN + COCO_VAL, 0)]
         elif stage in ("kmeans", "spectral"):
-            rows += [(f"{stage}, {dim}-d", stage, COCO_CROPS, dim) for dim in (384, 768)]
+            rows += [(f"{stage}, {dim}-d", stage, COCO_CROPS, dim) for dim in dims]
         elif stage == "eval":
             rows.append(("streaming evaluation (val masks)", "eval", COCO_VAL, 0))
         elif stage == "report":
@@ -479,7 +479,7 @@ def cmd_data(args: argparse.Namespace) -> None:
              + " | exponent time | exponent memory |",
              "|" + "---|" * (len(fractions) + 3)]
     try:
-        for label, stage, full, dim in data_measurements(args.stages):
+        for label, stage, full, dim in data_measurements(args.stages, args.dims):
             cells, sizes, times, mems = [label], [], [], []
             stopped = False
             for fraction in fractions:
@@ -538,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["index", "kmeans", "spectral", "eval", "report"])
     p.add_argument("--timeout-min", type=float, default=30.0, help="per measurement; larger sizes are then skipped")
     p.add_argument("--noise", type=float, default=3.0, help="clustering data: noise / centre spread")
+    p.add_argument("--dims", type=int, nargs="+", default=[384, 768], help="clustering feature sizes")
     p.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads of the clustering (the rule's)")
     p.add_argument("--keep", type=Path, default=None, help="work folder (generated files are reused)")
     p.add_argument("--out", default=None)
