@@ -282,6 +282,7 @@ def linked_folder(root: Path, n: int, source: Path, pattern: str, subdir: str = 
 
 def cmd_dryrun(args: argparse.Namespace) -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="scale-dryrun-"))
+    root.mkdir(parents=True, exist_ok=True)
     try:
         source = root / "one.jpg"
         tiny_jpeg(source)
