@@ -3,9 +3,8 @@
 Pure functions on in-memory arrays:
 
 - ``kmeans_faiss``: what paper 000 uses ("k-means clustering on all the crops in D with k = |C|").
-  Lloyd over *all* points (faiss' own k-means trains on a 256·k subsample and always runs every
-  iteration), faiss for the assignments, initialised with our own seeded k-means++ centres
-  (faiss' default random init lands in worse minima), stopping at the fixed point, best of
+  faiss over *all* points (faiss otherwise trains on a 256·k subsample), initialised with our own
+  seeded k-means++ centres (faiss' default random init lands in worse minima), best of
   ``n_redo`` restarts by inertia. Same input + seed + thread count -> identical labels.
 - ``spectral_clustering``: COMUS's alternative, sklearn's SpectralClustering spelled out
   (kNN affinity -> spectral embedding -> k-means in the embedding) so that the distance of each
@@ -129,54 +128,6 @@ def _use_gpu(use_gpu: bool | None) -> bool:
     return bool(available) if use_gpu is None else bool(use_gpu)
 
 
-def _flat_index(d: int, gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatL2(d)
-    return faiss.index_cpu_to_all_gpus(index) if gpu else index
-
-
-def _assign(index: faiss.Index, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(squared distance to the nearest centroid, its index) of every row, through faiss."""
-    index.reset()
-    index.add(centroids)
-    sq_distances, labels = index.search(x, 1)
-    return sq_distances[:, 0], labels[:, 0].astype(np.int64)
-
-
-def _centroid_means(x: np.ndarray, labels: np.ndarray, sq_distances: np.ndarray, k: int) -> np.ndarray:
-    """Mean of each cluster's members (Lloyd's update). An empty cluster takes the point furthest
-    from its centroid (scikit-learn's relocation), so k stays k; deterministic."""
-    n = len(x)
-    members = sparse.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
-    counts = np.bincount(labels, minlength=k)
-    centroids = np.asarray(members @ x, dtype=np.float32)
-    filled = counts > 0
-    centroids[filled] /= counts[filled, None]
-    empty = np.flatnonzero(~filled)
-    if empty.size:
-        furthest = np.argsort(-sq_distances, kind="stable")[: empty.size]
-        centroids[empty] = x[furthest]
-    return np.ascontiguousarray(centroids)
-
-
-def lloyd(x: np.ndarray, init: np.ndarray, n_iter: int, gpu: bool) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """Lloyd's k-means from ``init`` (k×d): at most ``n_iter`` updates, stopping early at the fixed
-    point (assignments unchanged, so further iterations would change nothing: the result is the
-    one ``n_iter`` iterations give). Assignments through faiss (BLAS, or the GPU).
-
-    Returns (labels n int64, centroids k×d float32, inertia, updates done)."""
-    index = _flat_index(x.shape[1], gpu)
-    centroids = init
-    labels = None
-    for done in range(n_iter):
-        sq_distances, assigned = _assign(index, x, centroids)
-        if labels is not None and np.array_equal(assigned, labels):
-            return labels, centroids, float(sq_distances.sum(dtype=np.float64)), done
-        labels = assigned
-        centroids = _centroid_means(x, labels, sq_distances, len(init))
-    sq_distances, labels = _assign(index, x, centroids)
-    return labels, centroids, float(sq_distances.sum(dtype=np.float64)), n_iter
-
-
 def kmeans_faiss(
     x: np.ndarray,
     k: int,
@@ -189,21 +140,32 @@ def kmeans_faiss(
 
     Returns (labels n int64 in 0..k-1, centroids k×d float32, inertia = sum of squared distances
     to the assigned centroid). Each of the ``n_redo`` restarts starts from its own k-means++ centres
-    drawn from ``np.random.default_rng(seed)`` and runs :func:`lloyd` for at most ``n_iter``
-    iterations; the lowest inertia wins.
+    drawn from ``np.random.default_rng(seed)``; the lowest inertia wins.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_features(x, k)
     if n_iter < 1 or n_redo < 1:
         raise ConfigError(f"k-means iterations ({n_iter}) and restarts ({n_redo}) must be >= 1")
+    n, d = x.shape
     gpu = _use_gpu(use_gpu)
     rng = np.random.default_rng(seed)
     best: tuple[np.ndarray, np.ndarray, float] | None = None
     for restart in range(n_redo):
-        labels, centroids, inertia, done = lloyd(x, kmeans_plus_plus(x, k, rng), n_iter, gpu)
-        log.debug("k-means restart %d/%d: inertia %.6g after %d iterations", restart + 1, n_redo, inertia, done)
+        init = kmeans_plus_plus(x, k, rng)
+        kmeans = faiss.Kmeans(
+            d, k, niter=n_iter, nredo=1, seed=seed + restart, verbose=False, gpu=gpu,
+            # Train on every point: faiss would otherwise subsample to 256·k points.
+            max_points_per_centroid=max(n, 256),
+            # Few points per centroid is fine here (small datasets); skip faiss' warning.
+            min_points_per_centroid=1,
+        )
+        kmeans.train(x, init_centroids=init)
+        centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+        sq_distances, labels = kmeans.index.search(x, 1)
+        inertia = float(sq_distances.sum(dtype=np.float64))
+        log.debug("k-means restart %d/%d: inertia %.6g", restart + 1, n_redo, inertia)
         if best is None or inertia < best[2]:
-            best = (labels, centroids, inertia)
+            best = (labels[:, 0].astype(np.int64), centroids, inertia)
     assert best is not None
     return best
 
