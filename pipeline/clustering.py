@@ -9,8 +9,9 @@ Pure functions on in-memory arrays:
 - ``spectral_clustering``: COMUS's alternative, sklearn's SpectralClustering spelled out
   (kNN affinity -> spectral embedding -> k-means in the embedding) so that the distance of each
   point to its cluster centre *in the embedding* is available for filtering; with the same
-  n_neighbors, k and seed it gives SpectralClustering's labels. Unlike COMUS's code, n_neighbors
-  really reaches the affinity.
+  n_neighbors, k and seed it gives SpectralClustering's partition (tested). Unlike COMUS's code,
+  n_neighbors really reaches the affinity. Kept sparse for COCO's 250k crops: faiss kNN graph,
+  block eigensolver (LOBPCG) on the normalised affinity (no LU factorisation), k-means on n × k.
 - ``filter_closest``: COMUS's filtering, keep the given fraction of each cluster closest to its
   centre.
 
@@ -22,24 +23,35 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import faiss
 import numpy as np
 from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import lobpcg
 from sklearn.cluster import KMeans
-from sklearn.manifold import spectral_embedding
-from sklearn.neighbors import kneighbors_graph
 
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 
+# Rows per block of distances_to_centroids (bounds its float64 temporaries to ~100 MB at 768-d).
+_DISTANCE_BLOCK_ROWS = 8192
 # How many offending ids an error message lists before it says "...".
 _MAX_NAMED = 10
 # COMUS's k-means in the spectral embedding: sklearn SpectralClustering's n_init (paper 002, Table 9
 # leaves it at its default; Table 10 shows 10-60 make no difference).
 SPECTRAL_KMEANS_INIT = 10
+# kNN graph of spectral clustering (our choice, no paper): exact search up to this many points,
+# faiss IVF above (exact search grows as n²); IVF lists probed per query.
+EXACT_KNN_MAX_POINTS = 20_000
+KNN_NPROBE = 32
+# LOBPCG residual tolerance and iteration cap of the embedding's eigenvectors (our choice:
+# scikit-learn's 'amg' path leaves tol to LOBPCG; k-means on the embedding needs no more).
+SPECTRAL_EIGEN_TOL = 1e-5
+SPECTRAL_EIGEN_MAXITER = 500
 
 
 def check_features(x: np.ndarray, k: int, row_names: Sequence[str] | None = None) -> None:
@@ -159,16 +171,85 @@ def kmeans_faiss(
 
 
 def distances_to_centroids(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Euclidean distance (float64) of each row to the centroid of its cluster."""
-    diff = x.astype(np.float64) - centroids.astype(np.float64)[labels]
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    """Euclidean distance (float64) of each row to the centroid of its cluster. Computed in blocks
+    of rows: two n×d float64 temporaries would be 3 GB at COCO's 250k × 768."""
+    centroids = centroids.astype(np.float64)
+    out = np.empty(len(x), dtype=np.float64)
+    for start in range(0, len(x), _DISTANCE_BLOCK_ROWS):
+        block = slice(start, start + _DISTANCE_BLOCK_ROWS)
+        diff = x[block].astype(np.float64) - centroids[labels[block]]
+        out[block] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return out
+
+
+def knn_indices(x: np.ndarray, n_neighbors: int) -> np.ndarray:
+    """n × n_neighbors indices of each row's nearest rows (itself included), squared L2.
+
+    Exact (faiss flat search, the neighbours scikit-learn's brute force finds) up to
+    ``EXACT_KNN_MAX_POINTS`` points; above, faiss IVF-Flat: ``4·sqrt(n)`` lists, ``KNN_NPROBE``
+    probed. Exact search costs n²·d (≈ 100 TFLOP at 250k × 768, hours on 2 cores); IVF costs about
+    n·d·(lists + nprobe·n/lists), and the affinity is a coarse graph anyway. Deterministic:
+    faiss trains the coarse quantiser on a seeded sample."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n <= EXACT_KNN_MAX_POINTS:
+        index = faiss.IndexFlatL2(d)
+    else:
+        n_lists = int(4 * math.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, n_lists)
+        index.train(x)
+        index.nprobe = KNN_NPROBE
+    index.add(x)
+    _, neighbours = index.search(x, n_neighbors)
+    # IVF can return fewer than n_neighbors (-1) when the probed lists are small: self fills in.
+    missing = neighbours < 0
+    if missing.any():
+        neighbours[missing] = np.broadcast_to(np.arange(n)[:, None], neighbours.shape)[missing]
+    return neighbours
 
 
 def knn_affinity(x: np.ndarray, n_neighbors: int) -> sparse.csr_matrix:
-    """Symmetrised kNN connectivity, exactly what SpectralClustering(affinity='nearest_neighbors')
-    builds: each point links itself and its n_neighbors-1 nearest others, then 0.5·(A + Aᵀ)."""
-    connectivity = kneighbors_graph(x, n_neighbors=n_neighbors, include_self=True)
+    """Symmetrised kNN connectivity, what SpectralClustering(affinity='nearest_neighbors')
+    builds: each point links itself and its n_neighbors-1 nearest others, then 0.5·(A + Aᵀ).
+    Sparse (≤ 2·n·n_neighbors entries), from :func:`knn_indices`."""
+    n = len(x)
+    neighbours = knn_indices(x, n_neighbors)
+    rows = np.repeat(np.arange(n), neighbours.shape[1])
+    connectivity = sparse.csr_matrix(
+        (np.ones(rows.size, dtype=np.float64), (rows, neighbours.ravel())), shape=(n, n)
+    )
+    # Duplicates (a point listed twice when IVF filled in self) summed: back to 0/1.
+    connectivity.data[:] = 1.0
     return sparse.csr_matrix(0.5 * (connectivity + connectivity.T))
+
+
+def spectral_embedding_sparse(affinity: sparse.csr_matrix, n_components: int, seed: int) -> np.ndarray:
+    """n × n_components spectral embedding of a symmetric sparse affinity, as scikit-learn's
+    ``spectral_embedding(norm_laplacian=True, drop_first=False)`` defines it: the eigenvectors u of
+    the smallest eigenvalues of the normalised Laplacian L = I - D^{-1/2} A D^{-1/2}, returned as
+    D^{-1/2} u with scikit-learn's sign convention (largest |entry| positive).
+
+    They are the *largest* eigenvectors of S = D^{-1/2} A D^{-1/2}, found by LOBPCG with sparse
+    products only. scikit-learn's ARPACK path factorises L instead (shift-invert, sparse LU),
+    whose fill-in on a kNN graph of high-dimensional points grows towards n² memory; and a
+    single-vector Lanczos (ARPACK without shift-invert) misses repeated eigenvalues, which a graph
+    with several connected components has, while a block method finds them.
+    """
+    n = affinity.shape[0]
+    degree = np.asarray(affinity.sum(axis=1)).ravel()
+    inv_sqrt = 1.0 / np.sqrt(np.maximum(degree, np.finfo(np.float64).tiny))
+    scaled = (sparse.diags(inv_sqrt) @ affinity @ sparse.diags(inv_sqrt)).tocsr()
+    start = np.random.default_rng(seed).standard_normal((n, n_components))
+    # D^{1/2}·1 is S's top eigenvector (eigenvalue 1) on a connected graph: start from it.
+    start[:, 0] = np.sqrt(degree)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, vectors = lobpcg(scaled, start, largest=True, tol=SPECTRAL_EIGEN_TOL, maxiter=SPECTRAL_EIGEN_MAXITER)
+    for warning in caught:
+        log.warning("spectral embedding (LOBPCG): %s", warning.message)
+    embedding = vectors * inv_sqrt[:, None]
+    signs = np.sign(embedding[np.argmax(np.abs(embedding), axis=0), np.arange(embedding.shape[1])])
+    return embedding * np.where(signs == 0, 1.0, signs)
 
 
 def spectral_clustering(
@@ -179,7 +260,9 @@ def spectral_clustering(
 
     Returns (labels n int64 in 0..k-1, distances n float64): the distance of each point to its
     cluster's centre in the spectral embedding, which is where COMUS measures uncertainty.
-    n_neighbors larger than the number of points is lowered to it (with a warning).
+    n_neighbors larger than the number of points is lowered to it (with a warning). Memory and
+    time stay near-linear in n: sparse kNN graph (:func:`knn_affinity`), sparse block eigensolver
+    (:func:`spectral_embedding_sparse`), k-means on n × k.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_features(x, k)
@@ -189,8 +272,11 @@ def spectral_clustering(
         log.warning("n_neighbors=%d but only %d crops: using %d", n_neighbors, len(x), len(x))
         n_neighbors = len(x)
     affinity = knn_affinity(x, n_neighbors)
-    # drop_first=False and the seeded ARPACK start vector: as SpectralClustering does it.
-    embedding = spectral_embedding(affinity, n_components=k, random_state=seed, drop_first=False)
+    n_parts, _ = connected_components(affinity, directed=False)
+    if n_parts > 1:
+        log.warning("the kNN graph has %d connected components: spectral embedding may not work as expected",
+                    n_parts)
+    embedding = spectral_embedding_sparse(affinity, k, seed)
     kmeans = KMeans(n_clusters=k, n_init=SPECTRAL_KMEANS_INIT, random_state=seed).fit(embedding)
     labels = kmeans.labels_.astype(np.int64)
     return labels, distances_to_centroids(embedding, labels, kmeans.cluster_centers_)

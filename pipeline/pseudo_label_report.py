@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
@@ -215,21 +216,21 @@ def report_pseudo_labels(pseudo_dir: Path, manifest_path: Path, classes_path: Pa
 
 
 def accumulate_confusion(maps_path: Path, rows: pd.DataFrame, num_clusters: int, num_classes: int) -> np.ndarray:
-    """Streaming (k+2) × C confusion of the upsampled pseudo maps against the GT masks."""
-    ids = rows["image_id"].tolist()
-    maps = shards.read_images(maps_path, images=set(ids))
+    """Streaming (k+2) × C confusion of the upsampled pseudo maps against the GT masks: one
+    image's map is read at a time (safetensors reads a tensor on demand), so memory does not grow
+    with the number of images (COCO: 82k maps)."""
+    shards.read_meta(maps_path)  # a missing or corrupt file: a BadInputError naming it
     confusion = np.zeros((num_clusters + 2, num_classes), dtype=np.int64)
-    for image_id, image_path, mask_path in tqdm(zip(ids, rows["image_path"], rows["mask_path"]), total=len(ids),
-                                                desc="score maps", unit="img", file=sys.stderr):
-        if image_id not in maps or "pseudo_map" not in maps[image_id]:
-            raise BadInputError(f"{maps_path}: no pseudo map for train image {image_id!r}")
-        gt = load_mask(mask_path, image_path)
-        geometry = maps[image_id].get("geometry")
-        pred = upsample_nearest(
-            maps[image_id]["pseudo_map"].numpy(), *gt.shape,
-            geometry=None if geometry is None else geometry.tolist(),
-        )
-        add_pseudo_map(confusion, pred, gt, image_id)
+    with safe_open(str(maps_path), framework="np") as fh:
+        stored = set(fh.keys())
+        for image_id, image_path, mask_path in tqdm(zip(rows["image_id"], rows["image_path"], rows["mask_path"]),
+                                                    total=len(rows), desc="score maps", unit="img", file=sys.stderr):
+            if f"{image_id}/pseudo_map" not in stored:
+                raise BadInputError(f"{maps_path}: no pseudo map for train image {image_id!r}")
+            gt = load_mask(mask_path, image_path)
+            geometry = fh.get_tensor(f"{image_id}/geometry").tolist() if f"{image_id}/geometry" in stored else None
+            pred = upsample_nearest(fh.get_tensor(f"{image_id}/pseudo_map"), *gt.shape, geometry=geometry)
+            add_pseudo_map(confusion, pred, gt, image_id)
     return confusion
 
 

@@ -7,6 +7,7 @@ import pytest
 from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.datasets import make_blobs, make_circles
 from sklearn.metrics import adjusted_rand_score
+from sklearn.neighbors import kneighbors_graph
 from threadpoolctl import threadpool_limits
 
 import pipeline.clustering as clustering
@@ -107,22 +108,86 @@ def test_spectral_clustering_equals_sklearn_spectral_clustering():
     assert adjusted_rand_score(truth, ours) == 1.0
 
 
+def test_spectral_clustering_matches_sklearn_on_overlapping_blobs():
+    # Overlapping clusters (truth ARI ~0.9): one connected graph, the general case of real features.
+    x, truth = make_blobs(2000, n_features=32, centers=10, cluster_std=9.0, center_box=(-10, 10), random_state=1)
+    x = l2_normalise(x.astype(np.float32))
+    ours, _ = spectral_clustering(x, 10, seed=0, n_neighbors=30)
+    theirs = SpectralClustering(
+        n_clusters=10, affinity="nearest_neighbors", n_neighbors=30, random_state=0,
+    ).fit_predict(x)
+    assert adjusted_rand_score(truth, theirs) < 0.95  # not a trivial problem
+    assert adjusted_rand_score(theirs, ours) >= 0.95
+
+
+def test_spectral_embedding_is_the_laplacians_bottom_eigenspace():
+    # Independent computation: dense eigh of L = I - D^-1/2 A D^-1/2. The embedding D^-1/2 u must
+    # span D^-1/2 times the eigenspace of L's k smallest eigenvalues.
+    x, _ = make_blobs(400, n_features=8, centers=5, cluster_std=4.0, center_box=(-5, 5), random_state=3)
+    affinity = knn_affinity(x.astype(np.float32), 12)
+    embedding = clustering.spectral_embedding_sparse(affinity, 5, seed=0)
+    dense = affinity.toarray()
+    inv_sqrt = 1 / np.sqrt(dense.sum(axis=1))
+    laplacian = np.eye(len(dense)) - inv_sqrt[:, None] * dense * inv_sqrt[None, :]
+    values, vectors = np.linalg.eigh(laplacian)
+    assert values[5] - values[4] > 1e-3  # a gap: the eigenspace is well defined
+    u = embedding / inv_sqrt[:, None]  # back to L's eigenvectors
+    u /= np.linalg.norm(u, axis=0)
+    reference = vectors[:, :5]
+    # projection of u onto the reference eigenspace keeps all of it
+    assert np.allclose(np.linalg.norm(reference.T @ u, axis=0), 1.0, atol=1e-4)
+    # scikit-learn's sign convention: the largest |entry| of each vector is positive
+    assert np.all(embedding[np.argmax(np.abs(embedding), axis=0), np.arange(5)] > 0)
+
+
+def test_spectral_embedding_finds_repeated_eigenvalues_of_separate_components():
+    # k disconnected components: eigenvalue 0 of L with multiplicity k, which a single-vector
+    # Lanczos misses; each embedding column must then be constant on each component.
+    x, truth = separated_blobs(n=500, k=6, dim=16, seed=4)
+    affinity = knn_affinity(x, 10)
+    embedding = clustering.spectral_embedding_sparse(affinity, 6, seed=0)
+    centres = np.stack([embedding[truth == c].mean(axis=0) for c in range(6)])
+    assert np.linalg.matrix_rank(centres, tol=1e-6) == 6
+    for c in range(6):
+        assert np.allclose(embedding[truth == c], centres[c], atol=1e-5)
+
+
+def test_approximate_knn_graph_keeps_the_partition(monkeypatch):
+    # Above EXACT_KNN_MAX_POINTS the graph comes from faiss IVF: nearly the exact neighbours, and
+    # the same clusters.
+    x, truth = make_blobs(3000, n_features=32, centers=8, cluster_std=6.0, center_box=(-10, 10), random_state=5)
+    x = l2_normalise(x.astype(np.float32))
+    exact = clustering.knn_indices(x, 30)
+    monkeypatch.setattr(clustering, "EXACT_KNN_MAX_POINTS", 1000)
+    approximate = clustering.knn_indices(x, 30)
+    recall = np.mean([len(set(a) & set(e)) / 30 for a, e in zip(approximate, exact)])
+    assert recall > 0.9
+    assert np.all(approximate[:, 0] == np.arange(len(x)))  # self is each point's nearest
+    labels, _ = spectral_clustering(x, 8, seed=0, n_neighbors=30)
+    monkeypatch.setattr(clustering, "EXACT_KNN_MAX_POINTS", 10**9)
+    reference, _ = spectral_clustering(x, 8, seed=0, n_neighbors=30)
+    assert adjusted_rand_score(reference, labels) >= 0.95
+
+
 def test_spectral_clustering_passes_n_neighbors_on(monkeypatch):
     # COMUS's code never passed n_neighbors to the affinity; ours must.
     seen = []
-    real = clustering.kneighbors_graph
+    real = clustering.knn_indices
 
-    def spy(x, n_neighbors, **kwargs):
+    def spy(x, n_neighbors):
         seen.append(n_neighbors)
-        return real(x, n_neighbors=n_neighbors, **kwargs)
+        return real(x, n_neighbors)
 
-    monkeypatch.setattr(clustering, "kneighbors_graph", spy)
+    monkeypatch.setattr(clustering, "knn_indices", spy)
     x, _ = separated_blobs(n=200, k=3, dim=8)
     spectral_clustering(x, 3, seed=0, n_neighbors=23)
     assert seen == [23]
     # the symmetrised graph links each point to at least its n_neighbors nearest (itself included)
+    # and equals scikit-learn's kneighbors_graph construction
     affinity = knn_affinity(x, 23)
     assert np.diff(affinity.indptr).min() >= 23
+    connectivity = kneighbors_graph(x, n_neighbors=23, include_self=True)
+    assert np.allclose(affinity.toarray(), (0.5 * (connectivity + connectivity.T)).toarray())
 
 
 def test_filter_keeps_the_closest_fraction_of_each_cluster():
