@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ot as pot
 import pandas as pd
 import pytest
 import torch
@@ -108,7 +109,6 @@ def test_sinkhorn_matches_pot_with_cost_minus_log_p():
     """POT solves min <Q, M> - reg H(Q) with kernel exp(-M/reg): M = -log P, reg = eps gives the
     kernel P^(1/eps) of Sec. 3.2; POT iterates v = b / K'u, u = a / Kv like ours, so even the
     3-iteration plans agree."""
-    pot = pytest.importorskip("ot")
     for seed, epsilon, iterations in ((1, 0.5, 3), (2, 0.9, 3), (3, 0.3, 100)):
         log_probs = random_log_probs(64, 5, seed)
         alpha = torch.softmax(torch.randn(5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), 0)
