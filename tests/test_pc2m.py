@@ -45,8 +45,9 @@ def train_settings(**overrides) -> dict:
         method="pc2m", epochs=3, warmup_epochs=1, unfreeze_blocks=5, batch_size=4, lr=1e-3,
         lr_after_warmup_factor=0.1, global_size=48, local_size=24, global_scale=[0.8, 1.0],
         local_scale=[0.3, 0.6], max_rotation=10.0, flip=True, jitter=True, gamma=0.02,
-        epsilon_start=0.1, epsilon_end=0.9, epsilon_rate=0.05, sinkhorn_iterations=3,
-        use_ot=True, use_match=True, keep_checkpoints=1, num_workers=0, device="cpu",
+        epsilon_start=0.1, epsilon_end=0.9, epsilon_rate=0.05, epsilon_schedule="reach_at_40",
+        sinkhorn_iterations=3, use_ot=True, use_match=True, match_weight=0.5, alpha_init="dataset_frequencies",
+        keep_checkpoints=1, num_workers=0, device="cpu",
     )
     settings.update(overrides)
     return settings

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from pipeline.errors import ConfigError
 from pipeline.methods.pc2m import ot
 from pipeline.methods.pc2m.losses import LossSettings, pc2m_loss
 from pipeline.methods.pc2m.method import PC2MRun
@@ -115,27 +116,29 @@ def hand_loss(logits_g, logits_l, targets, alpha, epsilon, weight=0.5, pairing="
     return mce + weight * (ce_g_to_l / count + ce_l_to_g / count)
 
 
-@pytest.mark.parametrize("epsilon", [0.1, 0.5])
-def test_pc2m_loss_equals_the_hand_computation(epsilon):
+@pytest.mark.parametrize("epsilon,weight", [(0.1, 0.5), (0.5, 0.5), (0.5, 1.0)])
+def test_pc2m_loss_equals_the_hand_computation(epsilon, weight):
+    """``train.match_weight`` 0.5 (Algorithm 1, the default) and 1 (eq. 2)."""
     logits_g, logits_l, targets, alpha = hand_example()
     expected_g = logits_g.clone().requires_grad_(True)
     expected_l = logits_l.clone().requires_grad_(True)
-    expected = hand_loss(expected_g, expected_l, targets, alpha, epsilon)
+    expected = hand_loss(expected_g, expected_l, targets, alpha, epsilon, weight)
     expected.backward()
 
     ours_g = logits_g.clone().requires_grad_(True)
     ours_l = logits_l.clone().requires_grad_(True)
     terms = pc2m_loss(PatchPredictions(torch.log_softmax(ours_g, 1)), PatchPredictions(torch.log_softmax(ours_l, 1)),
-                      hand_alignment(), targets, torch.from_numpy(alpha), epsilon, LossSettings(True, True, 3))
+                      hand_alignment(), targets, torch.from_numpy(alpha), epsilon,
+                      LossSettings(True, True, 3, weight))
     terms.total.backward()
     # The plans are computed in float32 (ot.sinkhorn), hence the tolerance.
     assert float(terms.total.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     # Gradients equal those of the hand formula with the plans held constant (stop-gradient).
     torch.testing.assert_close(ours_g.grad, expected_g.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours_l.grad, expected_l.grad, rtol=1e-4, atol=1e-6)
-    # The test has teeth: a swapped pairing, a missing resampling or a weight of 1 all move the value.
-    for wrong in (dict(pairing="self"), dict(resampled=False), dict(weight=1.0)):
-        other = hand_loss(logits_g, logits_l, targets, alpha, epsilon, **wrong)
+    # The test has teeth: a swapped pairing, a missing resampling or the other weight move the value.
+    for wrong in (dict(pairing="self"), dict(resampled=False), dict(weight=1.5 - weight)):
+        other = hand_loss(logits_g, logits_l, targets, alpha, epsilon, **{"weight": weight, **wrong})
         assert abs(float(other.detach()) - float(expected.detach())) > 1e-2, wrong
 
 
@@ -248,6 +251,46 @@ def test_config_holds_the_papers_schedule_values():
     assert (train["epsilon_start"], train["epsilon_end"], train["epsilon_rate"]) == (0.1, 0.9, 0.05)  # App. B
     assert train["sinkhorn_iterations"] == 3  # App. B
     assert train["gamma"] == 0.02  # Sec. 4.3
+    # The readings chosen (config.yaml comments, docs/FIDELITY.md).
+    assert train["epsilon_schedule"] == "reach_at_40"
+    assert train["match_weight"] == 0.5  # Algorithm 1
+    assert train["alpha_init"] == "dataset_frequencies"  # Sec. 3.2 text
+
+
+@pytest.mark.parametrize("key,value", [("epsilon_schedule", "linear"), ("alpha_init", "zeros")])
+def test_unknown_readings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        TrainSettings.from_params({**config_train(), key: value})
+
+
+def test_reach_at_40_epsilon_reading_meets_the_papers_numbers():
+    """App. B: starts at 0.1, grows exponentially for 40 epochs to 0.9, at "0.05 rate"."""
+    eps = [ot.epsilon_at(m, 0.1, 0.9, 0.05, "reach_at_40") for m in range(50)]
+    assert eps[0] == pytest.approx(0.1)
+    assert eps[40] == pytest.approx(0.9) and eps[39] < 0.9 and eps[45] == 0.9
+    growth = [math.log(b / a) for a, b in zip(eps[:40], eps[1:41])]
+    assert growth == pytest.approx([math.log(9) / 40] * 40)
+    assert round(growth[0], 2) == pytest.approx(0.05, abs=0.006)  # 0.055: "0.05" to one figure
+    # The setting follows train.epochs only for `scaled`.
+    settings = TrainSettings.from_params({**config_train(), "epochs": 10})
+    assert settings.epsilon(9) == pytest.approx(0.1 * 9 ** (9 / 40))
+
+
+@pytest.mark.parametrize("epochs", [10, 45])
+def test_scaled_epsilon_reading_meets_the_end_at_the_last_epoch(epochs):
+    settings = TrainSettings.from_params({**config_train(), "epochs": epochs, "epsilon_schedule": "scaled"})
+    eps = [settings.epsilon(m) for m in range(epochs)]
+    assert eps[0] == pytest.approx(0.1) and eps[-1] == pytest.approx(0.9)
+    assert eps[-2] < 0.9
+    assert eps[epochs // 2] == pytest.approx(0.1 * 9 ** ((epochs // 2) / (epochs - 1)))
+
+
+def test_alpha_tilde_initialisations():
+    """nu_D (Sec. 3.2: background in every image) or 1/|C| (Algorithm 1: ones(C)/C)."""
+    nu_d = ot.class_frequencies([[1], [1, 2], [2, 2]], 4)
+    torch.testing.assert_close(ot.initial_class_areas("dataset_frequencies", nu_d),
+                               torch.tensor([3.0, 2.0, 2.0, 0.0], dtype=torch.float64) / 7)
+    torch.testing.assert_close(ot.initial_class_areas("uniform", nu_d), torch.full((4,), 0.25, dtype=torch.float64))
 
 
 def test_exponential_epsilon_reading_by_hand():
@@ -268,3 +311,18 @@ def test_alpha_tilde_ema_by_hand():
     second = ot.ema_update(first, q, 0.02)
     expected_second = [0.98 * e + 0.02 * t for e, t in zip(expected_first, (0.5, 0.25, 0.25))]
     torch.testing.assert_close(second, torch.tensor(expected_second, dtype=torch.float64))
+
+
+def test_alpha_init_reaches_the_run(tmp_path):
+    """train.alpha_init sets the first row of alpha.csv (alpha-tilde_0) of a real one-epoch run."""
+    import pandas as pd
+
+    from pipeline.training.trainer import train
+    from test_pc2m import BACKBONE, NUM_CLASSES, make_demo, train_settings
+
+    index = make_demo(tmp_path, 8, 2, 64, 48)
+    params = {"backbone": BACKBONE, "train": train_settings(epochs=1, alpha_init="uniform"), "mode": "weak",
+              "seed": 0}
+    train(index / "manifest.csv", index / "classes.json", None, tmp_path / "out", params, 1)
+    alpha = pd.read_csv(tmp_path / "out" / "alpha.csv").drop(columns="epoch").to_numpy()
+    np.testing.assert_allclose(alpha[0], np.full(NUM_CLASSES, 1 / NUM_CLASSES), rtol=1e-6)
