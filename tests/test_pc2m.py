@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ot as pot
 import pandas as pd
 import pytest
 import torch
@@ -44,8 +45,9 @@ def train_settings(**overrides) -> dict:
         method="pc2m", epochs=3, warmup_epochs=1, unfreeze_blocks=5, batch_size=4, lr=1e-3,
         lr_after_warmup_factor=0.1, global_size=48, local_size=24, global_scale=[0.8, 1.0],
         local_scale=[0.3, 0.6], max_rotation=10.0, flip=True, jitter=True, gamma=0.02,
-        epsilon_start=0.1, epsilon_end=0.9, epsilon_rate=0.05, sinkhorn_iterations=3,
-        use_ot=True, use_match=True, keep_checkpoints=1, num_workers=0, device="cpu",
+        epsilon_start=0.1, epsilon_end=0.9, epsilon_rate=0.05, epsilon_schedule="reach_at_40",
+        sinkhorn_iterations=3, use_ot=True, use_match=True, match_weight=0.5, alpha_init="dataset_frequencies",
+        keep_checkpoints=1, num_workers=0, device="cpu",
     )
     settings.update(overrides)
     return settings
@@ -108,7 +110,6 @@ def test_sinkhorn_matches_pot_with_cost_minus_log_p():
     """POT solves min <Q, M> - reg H(Q) with kernel exp(-M/reg): M = -log P, reg = eps gives the
     kernel P^(1/eps) of Sec. 3.2; POT iterates v = b / K'u, u = a / Kv like ours, so even the
     3-iteration plans agree."""
-    pot = pytest.importorskip("ot")
     for seed, epsilon, iterations in ((1, 0.5, 3), (2, 0.9, 3), (3, 0.3, 100)):
         log_probs = random_log_probs(64, 5, seed)
         alpha = torch.softmax(torch.randn(5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), 0)

@@ -1,8 +1,9 @@
 """The PC2M objective (paper 000 Sec. 3.1, Algorithm 1):
 
-    L = L_MCE + CE(Q^g, P^l) / 2 + CE(Q^l, P^g) / 2
+    L = L_MCE + w * (CE(Q^g, P^l) + CE(Q^l, P^g))
 
-with Q^t the optimal-transport plan of branch t (``ot.sinkhorn``) and the global branch's maps
+with w = 1/2 in Algorithm 1 and w = 1 in eq. 2 (``train.match_weight``, default 1/2),
+Q^t the optimal-transport plan of branch t (``ot.sinkhorn``) and the global branch's maps
 resampled at the local patches (``views.resample``) so both terms compare the same regions; local
 patches not seen by the global view are left out. The entropy terms H(Q) of eq. 2 carry no
 gradient (stop-gradient) and are left out, as in Algorithm 1.
@@ -26,11 +27,16 @@ from pipeline.training.distributed import LOCAL, Reducer
 _PROB_FLOOR = 1e-8
 
 
+# Algorithm 1's weight of the match terms (eq. 2 reads 1); the config's train.match_weight.
+ALGORITHM_1_MATCH_WEIGHT = 0.5
+
+
 @dataclass(frozen=True)
 class LossSettings:
     use_ot: bool
     use_match: bool
     sinkhorn_iterations: int
+    match_weight: float = ALGORITHM_1_MATCH_WEIGHT
 
 
 @dataclass
@@ -93,15 +99,15 @@ def pc2m_loss(
     if settings.use_match:
         q_global_at_local = resample(q_global, alignment)
         p_global_at_local = resample(global_pred.probs, alignment).clamp_min(_PROB_FLOOR).log()
-        match = (
+        match = settings.match_weight * (
             masked_cross_entropy(q_global_at_local, local_pred.log_probs, alignment.valid, reduce)
             + masked_cross_entropy(q_local, p_global_at_local, alignment.valid, reduce)
-        ) / 2
+        )
     else:
         everywhere_g = torch.ones_like(global_pred.log_probs[:, 0], dtype=torch.bool)
         everywhere_l = torch.ones_like(local_pred.log_probs[:, 0], dtype=torch.bool)
-        match = (
+        match = settings.match_weight * (
             masked_cross_entropy(q_global, global_pred.log_probs, everywhere_g, reduce)
             + masked_cross_entropy(q_local, local_pred.log_probs, everywhere_l, reduce)
-        ) / 2
+        )
     return LossTerms(total=mce + match, mce=mce, match=match)

@@ -35,8 +35,8 @@ from pipeline.methods.pc2m.ot import (
     batch_class_marginal,
     class_frequencies,
     ema_update,
-    epsilon_at,
     image_class_areas,
+    initial_class_areas,
     js_divergence,
     multi_hot_frequencies,
 )
@@ -104,7 +104,8 @@ class PatchClassifierRun(MethodRun):
         self.patch = patch_size(backbone)
         self.settings = settings.fitted_to_patch(self.patch)
         self.dataset = self.build_dataset()
-        self.alpha_tilde = self.nu_dataset.clone()  # alpha-tilde_0 = nu_D (Sec. 3.2)
+        # alpha-tilde_0: nu_D (Sec. 3.2) or uniform (Algorithm 1), train.alpha_init.
+        self.alpha_tilde = initial_class_areas(self.settings.alpha_init, self.nu_dataset)
         self.alphas: list[list[float]] = [self.alpha_tilde.tolist()]
         self.area_sum = torch.zeros(num_classes, dtype=torch.float64)
         self.images_seen = 0.0
@@ -135,7 +136,7 @@ class PatchClassifierRun(MethodRun):
 
     def epsilon(self, epoch: int) -> float:
         """The Sinkhorn epsilon of ``epoch`` (App. B); NaN for a method without transport."""
-        return epsilon_at(epoch, self.settings.epsilon_start, self.settings.epsilon_end, self.settings.epsilon_rate)
+        return self.settings.epsilon(epoch)
 
     def record_areas(self, probs: torch.Tensor) -> None:
         """Accumulate q (eq. 6) of the full-image branch's detached probabilities."""

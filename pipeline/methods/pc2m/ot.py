@@ -4,7 +4,8 @@ Every equation of the area balancing has one function here:
 
 - eq. 3 with S = -log P  -> ``sinkhorn`` (Gibbs kernel P^(1/eps), marginals (1/N, alpha));
 - eq. 5                  -> ``batch_class_marginal`` (alpha from alpha-tilde, nu_b, nu_D);
-- eqs. 6-7               -> ``image_class_areas`` (q) and ``ema_update`` (alpha-tilde);
+- eqs. 6-7               -> ``image_class_areas`` (q) and ``ema_update`` (alpha-tilde), from
+                            ``initial_class_areas`` (alpha-tilde_0);
 - App. B (eps schedule)  -> ``epsilon_at``.
 
 All sums over patches go through a ``Reducer`` so that data-parallel processes compute the plan
@@ -120,16 +121,46 @@ def ema_update(alpha_tilde: torch.Tensor, mean_area: torch.Tensor, gamma: float)
     return (1.0 - gamma) * alpha_tilde + gamma * mean_area / mean_area.sum()
 
 
-def epsilon_at(epoch: int, start: float, end: float, rate: float) -> float:
-    """Entropy weight eps of epoch ``epoch`` (0-based), App. B.
+# App. B's readings of the eps schedule (train.epsilon_schedule) and its "for 40 epochs".
+EPSILON_SCHEDULES = ("exponential", "reach_at_40", "scaled")
+APP_B_RAMP_EPOCHS = 40
+# alpha-tilde_0 (train.alpha_init): nu_D (Sec. 3.2 text, App. A eq. after 10) or 1/|C| (Algorithm 1).
+ALPHA_INITS = ("dataset_frequencies", "uniform")
+
+
+def epsilon_at(epoch: int, start: float, end: float, rate: float, schedule: str = "exponential",
+               epochs: int | None = None) -> float:
+    """Entropy weight eps of epoch ``epoch`` (0-based) of ``epochs``, App. B.
 
     "eps = 0.1 ... we increase the value of eps with an exponential growth of 0.05 rate for 40
-    epochs until reaching the final value of eps = 0.9". No reading satisfies all three numbers
-    (0.1 e^(0.05*40) = 0.74, and 0.1 * 1.05^40 = 0.70). We keep the formula's numbers, start,
-    rate and final value: eps_m = min(end, start * e^(rate * m)), which reaches 0.9 at epoch 44,
-    i.e. within the 45 VOC epochs of Sec. 4.2 ("40 epochs" read as approximate).
+    epochs until reaching the final value of eps = 0.9". No reading satisfies all four numbers
+    exactly (0.1 e^(0.05*40) = 0.74, and 0.1 * 1.05^40 = 0.70):
+
+    - ``exponential``: eps_m = min(end, start * e^(rate * m)); keeps start, rate and end, reaches
+      0.9 at epoch 44 (within VOC's 45 epochs, "40" read as approximate);
+    - ``reach_at_40``: eps_m = min(end, start * (end/start)^(m/40)); keeps start, end and the 40
+      epochs, its rate ln(9)/40 = 0.055 being the stated 0.05 to its one significant figure;
+    - ``scaled``: the same growth stretched to meet ``end`` at the last epoch (epochs - 1).
     """
-    return min(end, start * math.exp(rate * epoch))
+    if schedule == "exponential":
+        return min(end, start * math.exp(rate * epoch))
+    if schedule == "reach_at_40":
+        ramp = APP_B_RAMP_EPOCHS
+    elif schedule == "scaled" and epochs is not None:
+        ramp = max(epochs - 1, 1)
+    else:
+        raise ValueError(f"epsilon schedule {schedule!r} (epochs {epochs}): one of {EPSILON_SCHEDULES}, "
+                         "'scaled' with the number of epochs")
+    return min(end, start * (end / start) ** (epoch / ramp))
+
+
+def initial_class_areas(kind: str, nu_dataset: torch.Tensor) -> torch.Tensor:
+    """alpha-tilde_0: the dataset's class frequencies nu_D (Sec. 3.2) or uniform (Algorithm 1)."""
+    if kind == "dataset_frequencies":
+        return nu_dataset.clone()
+    if kind == "uniform":
+        return torch.full_like(nu_dataset, 1.0 / nu_dataset.numel())
+    raise ValueError(f"unknown alpha-tilde initialisation {kind!r}; one of {ALPHA_INITS}")
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from pipeline.config import require_fields
 from pipeline.errors import ConfigError
 from pipeline.methods.pc2m.losses import LossSettings
 from pipeline.methods.pc2m.model import Architecture
+from pipeline.methods.pc2m.ot import ALPHA_INITS, EPSILON_SCHEDULES, epsilon_at
 from pipeline.methods.pc2m.views import ViewSettings
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.views import MosaicViews
@@ -44,9 +45,12 @@ class TrainSettings:
     epsilon_start: float
     epsilon_end: float
     epsilon_rate: float
+    epsilon_schedule: str
     sinkhorn_iterations: int
     use_ot: bool
     use_match: bool
+    match_weight: float
+    alpha_init: str
     keep_checkpoints: int
     num_workers: int
     device: str
@@ -74,6 +78,11 @@ class TrainSettings:
                 raise ConfigError(f"train.{key}: {[low, high]} must satisfy 0 < min <= max <= 1")
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"train.gamma: {self.gamma} must be in [0, 1]")
+        if self.epsilon_schedule not in EPSILON_SCHEDULES:
+            raise ConfigError(f"train.epsilon_schedule: {self.epsilon_schedule!r} is not one of "
+                              f"{', '.join(EPSILON_SCHEDULES)}")
+        if self.alpha_init not in ALPHA_INITS:
+            raise ConfigError(f"train.alpha_init: {self.alpha_init!r} is not one of {', '.join(ALPHA_INITS)}")
         if not 0 < self.epsilon_start <= self.epsilon_end:
             raise ConfigError("train.epsilon_start must be > 0 and <= train.epsilon_end")
         if self.epochs < 1 or self.batch_size < 1:
@@ -97,7 +106,12 @@ class TrainSettings:
                            self.flip, self.jitter)
 
     def losses(self) -> LossSettings:
-        return LossSettings(self.use_ot, self.use_match, self.sinkhorn_iterations)
+        return LossSettings(self.use_ot, self.use_match, self.sinkhorn_iterations, self.match_weight)
+
+    def epsilon(self, epoch: int) -> float:
+        """The Sinkhorn epsilon of ``epoch`` under ``epsilon_schedule`` (App. B)."""
+        return epsilon_at(epoch, self.epsilon_start, self.epsilon_end, self.epsilon_rate, self.epsilon_schedule,
+                          self.epochs)
 
     def architecture(self, num_classes: int, backbone: str) -> Architecture:
         with_lstm = self.method == "vitpcm" and self.vitpcm.use_hv_bilstm
