@@ -96,13 +96,14 @@ def run(name: str, args: list[str]) -> tuple[str, float]:
 
 
 def previous_sections(path: Path) -> dict[str, str]:
-    """The ``## <benchmark>`` sections of an earlier RESULTS.md, by benchmark name."""
+    """The ``## <name>`` sections of an earlier RESULTS.md, by name: the benchmarks' and the
+    sections written by hand or by a long benchmark run apart (``## scale``: bench/scale.py)."""
     if not path.is_file():
         return {}
     sections: dict[str, str] = {}
     name = None
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.startswith("## ") and line[3:].strip() in BENCHMARKS:
+        if line.startswith("## "):
             name = line[3:].strip()
             sections[name] = ""
         if name is not None:
@@ -118,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = args.only or list(BENCHMARKS)
-    # With --only, the other benchmarks' sections of the existing file are kept as they are.
-    sections = previous_sections(Path(args.out)) if args.only else {}
+    # The sections not run now (other benchmarks with --only; bench/scale.py's, which takes hours)
+    # are kept as they are.
+    sections = previous_sections(Path(args.out))
     for name in names:
         what, cpu_args, gpu_args = BENCHMARKS[name]
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "the machine's load.\n"
     )
     ordered = [sections[name] for name in BENCHMARKS if name in sections]
+    ordered += [text for name, text in sections.items() if name not in BENCHMARKS]
     write_text(args.out, header + "\n" + "\n".join(ordered))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
