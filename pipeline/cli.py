@@ -218,7 +218,6 @@ def _cmd_apply(args: argparse.Namespace) -> None:
               deeplab_model=Path(args.deeplab_model) if args.deeplab_model else None, shard=args.shard)
 
 
-# --- AffinityNet random-walk refinement (pipeline/affinity) ---------------------------------
 def _cmd_train_affinity(args: argparse.Namespace) -> None:
     from pipeline.affinity.train import train_affinity
 
@@ -233,25 +232,6 @@ def _cmd_refine_affinity(args: argparse.Namespace) -> None:
                  Path(args.out_masks), _params(args.params), args.threads)
 
 
-def _add_affinity_parsers(sub) -> None:
-    p = sub.add_parser("train-affinity", help="train AffinityNet on the train split's confident regions")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--probs", nargs="+", required=True, help="probability shards (.safetensors) of the train images")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--params", required=True, action="append", help='JSON: {"affinity": {...}, "seed": int}')
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_cmd_train_affinity)
-
-    p = sub.add_parser("refine-affinity", help="random-walk refinement of one shard of probability maps")
-    p.add_argument("--probs", required=True, help="probability shard (.safetensors)")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--model", required=True, help="affinity/model.pt")
-    p.add_argument("--out-probs", required=True)
-    p.add_argument("--out-masks", required=True)
-    p.add_argument("--params", required=True, action="append", help='JSON: {"affinity": {...}}')
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_cmd_refine_affinity)
-# --- end AffinityNet ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,7 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
                    '"stage_mask_dirs": [[stage, {split: [folder, ...]}], ...]}')
     p.set_defaults(func=_cmd_report)
 
-    _add_affinity_parsers(sub)  # AffinityNet random walk (pipeline/affinity)
+    # AffinityNet random walk (pipeline/affinity)
+    p = sub.add_parser("train-affinity", help="train AffinityNet on the train split's confident regions")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--probs", nargs="+", required=True, help="probability shards (.safetensors) of the train images")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--params", required=True, action="append", help='JSON: {"affinity": {...}, "seed": int}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_train_affinity)
+
+    p = sub.add_parser("refine-affinity", help="random-walk refinement of one shard of probability maps")
+    p.add_argument("--probs", required=True, help="probability shard (.safetensors)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--model", required=True, help="affinity/model.pt")
+    p.add_argument("--out-probs", required=True)
+    p.add_argument("--out-masks", required=True)
+    p.add_argument("--params", required=True, action="append", help='JSON: {"affinity": {...}}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_refine_affinity)
     return parser
 
 

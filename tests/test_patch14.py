@@ -53,7 +53,7 @@ def cli_run(tmp_path_factory) -> tuple[Path, dict, dict[str, str]]:
         logs[method] = cli("train", "--manifest", manifest, "--classes", classes, "--out-dir", work / method,
                            "--params", json.dumps({"backbone": backbone, "train": train, "mode": mode, "seed": seed})
                            ).stderr
-    cli("predict", "--manifest", manifest, "--shard", 0, "--model", work / "model" / "model.pt",
+    cli("predict", "--manifest", manifest, "--shard", 0, "--model", work / "pc2m" / "model.pt",
         "--out-probs", work / "probs.safetensors", "--out-masks", work / "masks",
         "--params", json.dumps({"backbone": backbone, "predict": config["predict"], "mode": mode}))
     return work, config, logs

@@ -75,11 +75,3 @@ rule refine_affinity:
         "python -m pipeline refine-affinity --probs {input.probs:q} --manifest {input.manifest:q}"
         " --model {input.model:q} --out-probs {output.probs:q} --out-masks {output.masks:q}"
         " --params {input.settings:q} --params {params.runtime:q} --threads {threads} > {log:q} 2>&1"
-
-
-# `snakemake --cores all random_walk`: the walked masks of every shard (and what they need).
-rule random_walk:
-    input:
-        results("dataset/manifest.csv"),
-        lambda w: sharded("affinity/probs") + sharded_dirs("affinity/masks"),
-    localrule: True

@@ -402,3 +402,16 @@ def predicted_classes(input):
 def final_targets(wildcards):
     """What `snakemake` builds by default: the last stage of the mode's DAG built so far."""
     return [results("reports/summary.md")]
+
+
+# DeepLab (deeplab.smk): keys that only steer prediction (training ignores them) and the one that only says which splits
+# are predicted (no prediction changes with it).
+DEEPLAB_TEST_KEYS = ("predict_splits", "pad_to", "test_scales", "test_flip")
+
+
+def deeplab_train_section():
+    """The `deeplab` keys training reads: the chosen recipe's block only, so that editing another
+    recipe does not retrain."""
+    cfg = without(section("deeplab"), DEEPLAB_TEST_KEYS)
+    recipe = cfg["recipe"]
+    return {**cfg, "recipes": {recipe: cfg["recipes"][recipe]} if recipe in cfg["recipes"] else {}}

@@ -2,18 +2,6 @@
 # comus) trained on the train split's CRF-refined pseudo-masks, then evaluated on val like every
 # other stage. done.json names the recipe and network that ran (`recipe`, `network`).
 
-# Keys that only steer prediction (training ignores them) and the one that only says which splits
-# are predicted (no prediction changes with it).
-DEEPLAB_TEST_KEYS = ("predict_splits", "pad_to", "test_scales", "test_flip")
-
-
-def deeplab_train_section():
-    """The `deeplab` keys training reads: the chosen recipe's block only, so that editing another
-    recipe does not retrain."""
-    cfg = without(section("deeplab"), DEEPLAB_TEST_KEYS)
-    recipe = cfg["recipe"]
-    return {**cfg, "recipes": {recipe: cfg["recipes"][recipe]} if recipe in cfg["recipes"] else {}}
-
 
 rule train_deeplab:
     input:

@@ -58,3 +58,11 @@ rule evaluate:
         results("dataset/manifest.csv"),
         lambda w: eval_targets(),
     localrule: True
+
+
+# `snakemake --cores all random_walk`: the walked masks of every shard (and what they need).
+rule random_walk:
+    input:
+        results("dataset/manifest.csv"),
+        lambda w: sharded("affinity/probs") + sharded_dirs("affinity/masks"),
+    localrule: True
