@@ -203,6 +203,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
          for stage, by_split in params.get("stage_mask_dirs", [])},
         Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
         cam_scales_csv=Path(args.cam_scales) if args.cam_scales else None,
+        deeplab_done=Path(args.deeplab_done) if args.deeplab_done else None,
     )
 
 
@@ -386,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--classes", required=True)
     p.add_argument("--history", required=True, help="model/history.csv")
+    p.add_argument("--deeplab-done", help="deeplab/done.json: the report says which DeepLab recipe ran")
     p.add_argument("--cam-scales", help="reports/cam_scales.csv (RCM+MAM, weak mode): a table per inference scale")
     p.add_argument("--done", required=True, help="model/done.json (the method and its classes; alpha.csv beside "
                    "history.csv is plotted when the method wrote one)")

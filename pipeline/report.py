@@ -545,6 +545,7 @@ def build_report(
     params: Mapping | None = None,
     pseudo_labels_csv: Path | None = None,
     cam_scales_csv: Path | None = None,
+    deeplab_done: Path | None = None,
 ) -> pd.DataFrame:
     """Write summary.csv, summary.md, per_class_iou.png, alpha.png, training.png,
     qualitative.png, clusters.csv and gallery.png into ``out_dir``; return the summary table
@@ -552,7 +553,8 @@ def build_report(
     mask folders (one per shard), the stages in the figures' column order. ``params``: ``mode``,
     ``qualitative_images`` (default 4), ``gallery_images`` (default 4). ``pseudo_labels_csv``:
     the pseudo-label report (unsupervised mode), summarised under the table. ``cam_scales_csv``:
-    the CAMs' scores per inference scale (RCM+MAM, paper 003 Table 5), tabled under it."""
+    the CAMs' scores per inference scale (RCM+MAM, paper 003 Table 5), tabled under it.
+    ``deeplab_done``: the DeepLab stage's done.json, whose recipe and network the header names."""
     params = dict(params or {})
     count = _positive(params, "qualitative_images", DEFAULT_QUALITATIVE_IMAGES)
     per_id = _positive(params, "gallery_images", DEFAULT_GALLERY_IMAGES)
@@ -585,9 +587,10 @@ def build_report(
         notes += cam_scale_lines(Path(cam_scales_csv))
     with atomic_path(out_dir / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    write_text(out_dir / "summary.md", summary_markdown(
-        frame if evals else None, header_lines(classes, manifest, mode, evals, method), notes,
-        found_lines(clusters, stage, mode)))
+    header = header_lines(classes, manifest, mode, evals, method)
+    header[-1:-1] = deeplab_lines(deeplab_done)  # among the header's items, before its blank line
+    write_text(out_dir / "summary.md", summary_markdown(frame if evals else None, header, notes,
+                                                        found_lines(clusters, stage, mode)))
 
     save_figure(per_class_iou_figure(frame, names) if evals else no_scores_figure(), out_dir / "per_class_iou.png")
     save_figure(alpha_figure(alpha, history, predicted_names) if alpha is not None
@@ -604,6 +607,16 @@ def build_report(
              ", ".join(f"{item.column}: mIoU {_fmt(item.result['miou'])}" for item in evals) or "no ground truth",
              len(found.image_ids), stage, out_dir)
     return frame
+
+
+def deeplab_lines(done_json: Path | None) -> list[str]:
+    """Which DeepLab verification ran (``deeplab.recipe``: the papers' recipes differ)."""
+    if done_json is None or not Path(done_json).is_file():
+        return []
+    done = _read_json(Path(done_json))
+    if "recipe" not in done:
+        return []
+    return [f"- DeepLab verification: recipe `{done['recipe']}`, {done.get('network', 'network not recorded')}."]
 
 
 def cam_scale_lines(path: Path) -> list[str]:

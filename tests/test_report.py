@@ -267,6 +267,14 @@ def test_paper_names():
     assert paper_name("model", "val", "vitpcm") == "ViT-PCM"
 
 
+def test_report_says_which_deeplab_recipe_ran(tree, tmp_path):
+    done = tmp_path / "deeplab-done.json"
+    write_json(done, {"recipe": "v2", "network": "DeepLab-v2 resnet101 (ASPP 6/12/18/24)"})
+    run_report(tree, deeplab_done=done)
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert "- DeepLab verification: recipe `v2`, DeepLab-v2 resnet101 (ASPP 6/12/18/24)." in markdown
+
+
 def test_report_names_the_method_and_plots_no_areas_for_a_method_without_them(tree):
     write_json(tree["results"] / "model" / "done.json", {"method": "rcm_mam", "num_classes": len(NAMES)})
     summary = run_report(tree)

@@ -58,6 +58,7 @@ rule report:
         classes=results("dataset/classes.json"),
         history=results("model/history.csv"),
         done=results("model/done.json"),
+        deeplab_done=results("deeplab/done.json"),
         masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
         pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
         cam_scales=lambda w: cam_scale_inputs(),
@@ -88,6 +89,7 @@ rule report:
         cam_scales=lambda w, input: f"--cam-scales {shlex.quote(input.cam_scales[0])}" if input.cam_scales else "",
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
-        " --history {input.history:q} --done {input.done:q} {params.pseudo} {params.cam_scales}"
+        " --history {input.history:q} --done {input.done:q} --deeplab-done {input.deeplab_done:q}"
+        " {params.pseudo} {params.cam_scales}"
         " --out-dir {params.out_dir:q}"
         " --params {input.settings:q} --params {params.facts:q} > {log:q} 2>&1"
