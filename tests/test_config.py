@@ -100,3 +100,22 @@ def test_nested_command_line_values_get_the_schemas_types(repo, default_config):
     default_config["affinity"]["epochs"] = "three"
     with pytest.raises(ConfigError, match="affinity.epochs"):
         validate_config(command_line_types(default_config, schema), schema)
+
+
+@pytest.mark.parametrize("ablation", ["vit-s16", "no-ot", "no-match"])
+def test_table_1_ablation_overlays_are_valid_on_the_weak_preset(repo, default_config, schema, ablation):
+    layers = [repo / "presets" / "voc-weak.yaml", repo / "presets" / "ablations" / "vit-s16.yaml",
+              repo / "presets" / "ablations" / f"{ablation}.yaml"]
+    merged = default_config
+    for layer in layers:
+        merged = _merge(merged, yaml.safe_load(layer.read_text(encoding="utf-8")))
+    validate_config(merged, schema)
+    check_config(merged)
+    assert merged["backbone"]["name"].startswith("vit_small_patch16_384")
+    assert (merged["train"]["use_ot"], merged["train"]["use_match"]) == (ablation != "no-ot", ablation != "no-match")
+
+
+def test_the_vitpcm_preset_follows_its_official_code(repo, default_config):
+    merged = _merge(default_config, yaml.safe_load((repo / "presets" / "voc-weak-vitpcm.yaml").read_text()))
+    assert merged["train"]["method"] == "vitpcm" and merged["backbone"]["name"].endswith("orig_in21k_ft_in1k")
+    assert (merged["train"]["epochs"], merged["train"]["batch_size"], merged["predict"]["max_size"]) == (80, 64, 960)
