@@ -24,7 +24,7 @@ HUE = 0.1
 GREYSCALE_P = 0.1
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+def uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
@@ -34,11 +34,11 @@ def random_affine(
     """theta (2 x 3): view coordinates -> source coordinates; a square window of side ``s``
     (fraction of the source), rotated by up to ``max_rotation_deg``, mirrored with p = 0.5,
     placed so that its unrotated square lies inside the source."""
-    s = _uniform(generator, *scale)
-    angle = math.radians(_uniform(generator, -max_rotation_deg, max_rotation_deg))
+    s = uniform(generator, *scale)
+    angle = math.radians(uniform(generator, -max_rotation_deg, max_rotation_deg))
     mirror = -1.0 if flip and float(torch.rand((), generator=generator)) < 0.5 else 1.0
-    tx = _uniform(generator, -(1.0 - s), 1.0 - s)
-    ty = _uniform(generator, -(1.0 - s), 1.0 - s)
+    tx = uniform(generator, -(1.0 - s), 1.0 - s)
+    ty = uniform(generator, -(1.0 - s), 1.0 - s)
     cos, sin = math.cos(angle), math.sin(angle)
     linear = torch.tensor([[cos, -sin], [sin, cos]]) @ torch.diag(torch.tensor([mirror * s, s]))
     return torch.cat([linear, torch.tensor([[tx], [ty]])], dim=1).float()
@@ -54,10 +54,10 @@ def colour_jitter(image: torch.Tensor, generator: torch.Generator) -> torch.Tens
     """Random brightness, contrast, saturation, hue and greyscale on a 3 x H x W image in [0, 1]."""
     from torchvision.transforms.v2 import functional as TF
 
-    image = TF.adjust_brightness(image, _uniform(generator, 1 - BRIGHTNESS, 1 + BRIGHTNESS))
-    image = TF.adjust_contrast(image, _uniform(generator, *CONTRAST))
-    image = TF.adjust_saturation(image, _uniform(generator, *SATURATION))
-    image = TF.adjust_hue(image, _uniform(generator, -HUE, HUE))
+    image = TF.adjust_brightness(image, uniform(generator, 1 - BRIGHTNESS, 1 + BRIGHTNESS))
+    image = TF.adjust_contrast(image, uniform(generator, *CONTRAST))
+    image = TF.adjust_saturation(image, uniform(generator, *SATURATION))
+    image = TF.adjust_hue(image, uniform(generator, -HUE, HUE))
     if float(torch.rand((), generator=generator)) < GREYSCALE_P:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     return image.clamp(0.0, 1.0)

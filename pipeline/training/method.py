@@ -3,7 +3,7 @@
 A method is a package under ``pipeline/methods/`` registered in ``pipeline.methods.METHODS``; its
 ``prepare(context)`` builds a ``MethodRun``: the network, the dataset of augmented views, and the
 hooks the trainer calls. The trainer owns everything the methods share: labels, seeding, the
-data loader, data parallelism, mixed-precision-free bookkeeping, the non-finite-loss stop,
+data loader, data parallelism, the non-finite-loss stop,
 checkpoints with exact resume, history.csv, model.pt and done.json.
 
 Order of the calls, per run: ``prepare`` (under ``torch.manual_seed(seed)``), ``load_state_dict``

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_csv, write_json
+from pipeline.config import require_fields
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.methods import METHODS, load_method
@@ -69,10 +70,7 @@ class TrainerSettings:
 
     @classmethod
     def from_params(cls, train: dict) -> TrainerSettings:
-        missing = [key for key in ("method", "epochs", "batch_size", "num_workers", "device", "keep_checkpoints")
-                   if key not in train]
-        if missing:
-            raise ConfigError(f"--params lack key(s) {', '.join(f'train.{key}' for key in missing)}")
+        require_fields(cls, train, "train")
         settings = cls(str(train["method"]), int(train["epochs"]), int(train["batch_size"]),
                        int(train["num_workers"]), str(train["device"]), int(train["keep_checkpoints"]))
         if settings.method not in METHODS:

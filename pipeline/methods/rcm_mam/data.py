@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.imageio import load_rgb
-from pipeline.training.augment import colour_jitter
+from pipeline.training.augment import colour_jitter, uniform
 from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot
 
 
@@ -30,14 +30,10 @@ class CropViews:
     jitter: bool
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
-
-
 def random_crop_view(image: torch.Tensor, views: CropViews, generator: torch.Generator) -> torch.Tensor:
     """3 x crop x crop view of a 3 x H x W image in [0, 1]; pixels outside the image are NaN (the
     caller fills them with the mean colour after normalising)."""
-    factor = _uniform(generator, *views.resize_range)
+    factor = uniform(generator, *views.resize_range)
     height, width = image.shape[1:]
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)

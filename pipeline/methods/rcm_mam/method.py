@@ -142,14 +142,18 @@ class RCMMAMRun(MethodRun):
         self.support.load_state_dict(state["support"])
         self.memory.load_state_dict(state["memory"])
 
-    def model_payload(self) -> dict:
-        arch = {"method": "rcm_mam", "num_classes": self.context.num_classes, "backbone": "",
+    def architecture(self) -> dict:
+        """model.pt's record: what ``load_predictor`` rebuilds the network from."""
+        return {"method": "rcm_mam", "num_classes": self.context.num_classes, "backbone": "",
                 "trunk": self.settings.backbone, "output_stride": self.settings.output_stride,
                 "feature_dim": self.settings.losses.feature_dim}
-        return {"format": MODEL_FORMAT, "arch": arch, "model": {k: v.cpu() for k, v in self.model.state_dict().items()}}
+
+    def model_payload(self) -> dict:
+        return {"format": MODEL_FORMAT, "arch": self.architecture(),
+                "model": {k: v.cpu() for k, v in self.model.state_dict().items()}}
 
     def summary(self) -> dict:
-        return {"architecture": self.model_payload()["arch"], "steps": self.max_steps}
+        return {"architecture": self.architecture(), "steps": self.max_steps}
 
 
 class CAMPredictor:
