@@ -46,8 +46,7 @@ from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings
 from pipeline.methods.rcm_mam.data import CropViewDataset, CropViews, imagenet_normalisation
 from pipeline.methods.rcm_mam.losses import PrototypeMemory
 from pipeline.methods.rcm_mam.method import build_trunk
-from pipeline.methods.rcm_mam.model import CAMNet, ema_update, support_copy
-from pipeline.methods.rcm_mam.optim import param_groups
+from pipeline.methods.rcm_mam.model import CAMNet
 from pipeline.methods.rcm_mam.step import RCMMAMSettings, training_step
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.step import vitpcm_step
@@ -55,6 +54,8 @@ from pipeline.methods.vitpcm.views import MosaicViewDataset, MosaicViews
 from pipeline.training.augment import local_to_global
 from pipeline.training.data import LabelledImage
 from pipeline.training.distributed import LOCAL
+from pipeline.training.ema import ema_update, teacher_copy
+from pipeline.training.optim import param_groups
 
 MODELS = {"S/16": "vit_small_patch16_224.dino", "B/16": "vit_base_patch16_224.dino"}
 NUM_CLASSES = 21  # VOC
@@ -103,7 +104,7 @@ def rcm_mam_setup(name: str, args: argparse.Namespace, images: list[LabelledImag
     its SGD, as the training stage (``pipeline/methods/rcm_mam/method.py``) builds them."""
     settings = RCMMAMSettings(mam_start_epoch=0)
     model = CAMNet(build_trunk(name, "random", 8), NUM_CLASSES - 1, settings.feature_dim)
-    support = support_copy(model)
+    support = teacher_copy(model)
     memory = PrototypeMemory(NUM_CLASSES, settings.feature_dim)
     views = CropViews(args.local_size, (0.5, 1.3), True, True)
     dataset = CropViewDataset(images, NUM_CLASSES, views, *imagenet_normalisation(), seed=0)

@@ -20,7 +20,7 @@ from pipeline.methods.rcm_mam import (
     param_groups,
     poly_lr,
     set_learning_rates,
-    support_copy,
+    teacher_copy,
     timm_backbone,
     training_step,
 )
@@ -353,7 +353,7 @@ def test_param_groups_and_poly_rates() -> None:
 @pytest.mark.parametrize("epoch", [0, 6])
 def test_training_step_trains_only_main(epoch: int) -> None:
     main = tiny_net(num_classes=3, dim=5)
-    support = support_copy(main)
+    support = teacher_copy(main)
     settings = RCMMAMSettings(feature_dim=5)
     memory = PrototypeMemory(4, 5)
     images = torch.randn(2, 3, 16, 16)
@@ -374,7 +374,7 @@ def test_training_step_trains_only_main(epoch: int) -> None:
 
 def test_training_step_losses_stay_float32_under_bf16_autocast() -> None:
     main = tiny_net(num_classes=2, dim=4)
-    support = support_copy(main)
+    support = teacher_copy(main)
     memory = PrototypeMemory(3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total, parts = training_step(main.train(), support, torch.randn(2, 3, 8, 8), torch.eye(2), 6, memory,

@@ -114,18 +114,24 @@ def initial_weights(init: str, init_file: str | None, backbone: str) -> str:
 class CnnFeatures(nn.Module):
     """A timm CNN built ``features_only`` at ``output_stride``; low level = its stride-4 map."""
 
-    def __init__(self, name: str, output_stride: int) -> None:
+    def __init__(self, name: str, output_stride: int, key: str = "deeplab.backbone", pretrained: bool = False) -> None:
+        """``key``: the config key naming the network, for error messages; ``pretrained``: timm's
+        own ImageNet weights (downloaded by timm)."""
         super().__init__()
         try:
             self.body = timm.create_model(name, pretrained=False, features_only=True, output_stride=output_stride)
         except (TypeError, RuntimeError, ValueError, AssertionError) as exc:
             raise ConfigError(
-                f"deeplab.backbone: {name!r} cannot be built as a feature extractor at output "
+                f"{key}: {name!r} cannot be built as a feature extractor at output "
                 f"stride {output_stride} ({exc}); use a ResNet (resnet18/50/101) or a ViT"
             ) from None
         reductions = self.body.feature_info.reduction()
         if LOW_LEVEL_STRIDE not in reductions:
-            raise ConfigError(f"deeplab.backbone: {name!r} has no stride-4 feature map ({reductions})")
+            raise ConfigError(f"{key}: {name!r} has no stride-4 feature map ({reductions})")
+        if pretrained:
+            # Built again only now: the random build has validated the name and the stride, so an
+            # error here is about the download.
+            self.body = timm.create_model(name, pretrained=True, features_only=True, output_stride=output_stride)
         self.low_index = reductions.index(LOW_LEVEL_STRIDE)
         self.low_channels = self.body.feature_info.channels()[self.low_index]
         self.high_channels = self.body.feature_info.channels()[-1]

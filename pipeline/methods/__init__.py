@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-METHODS = ("pc2m", "vitpcm", "rcm_mam")
+METHODS = ("pc2m", "vitpcm", "rcm_mam", "cam", "csrm")
 
 
 def load_method(name: str) -> ModuleType:

@@ -6,13 +6,13 @@ ResNet) trunk, a 1x1 conv to the D = 256 features X and a 1x1 conv to the N fore
 Wiring into a trainer::
 
     from pipeline.methods.rcm_mam import (CAMNet, PrototypeMemory, RCMMAMSettings, ResNet38,
-        ema_update, load_resnet38_weights, param_groups, set_learning_rates, support_copy,
+        ema_update, load_resnet38_weights, param_groups, set_learning_rates, teacher_copy,
         training_step)
 
     settings = RCMMAMSettings()                       # or RCMMAMSettings.from_params(cfg)
     trunk = ResNet38(); load_resnet38_weights(trunk, path)   # or timm_backbone(name, 8 | 16)
     main = CAMNet(trunk, num_classes=N, feature_dim=settings.feature_dim)
-    support = support_copy(main)                      # G: no gradients, eval mode
+    support = teacher_copy(main)                      # G: no gradients, eval mode
     memory = PrototypeMemory(N + 1, settings.feature_dim)
     optimizer = torch.optim.SGD(param_groups(main, lr=0.01, weight_decay=5e-4), lr=0.01)
     for each batch (global step s of max_steps):
@@ -41,10 +41,11 @@ Inference: ``infer.msinf_cams(net, images)`` -> B x N x H x W in [0, 1];
 """
 
 from pipeline.methods.rcm_mam.losses import PrototypeMemory
-from pipeline.methods.rcm_mam.model import CAMNet, ema_update, support_copy
-from pipeline.methods.rcm_mam.optim import param_groups, poly_lr, set_learning_rates
+from pipeline.methods.rcm_mam.model import CAMNet
 from pipeline.methods.rcm_mam.resnet38 import ResNet38, load_resnet38_weights, timm_backbone
 from pipeline.methods.rcm_mam.step import RCMMAMSettings, training_step
+from pipeline.training.ema import ema_update, teacher_copy
+from pipeline.training.optim import param_groups, poly_lr, set_learning_rates
 
 __all__ = [
     "CAMNet",
@@ -56,7 +57,7 @@ __all__ = [
     "param_groups",
     "poly_lr",
     "set_learning_rates",
-    "support_copy",
+    "teacher_copy",
     "timm_backbone",
     "training_step",
 ]

@@ -25,16 +25,26 @@ from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot
 @dataclass(frozen=True)
 class CropViews:
     crop_size: int
-    resize_range: tuple[float, float]
+    resize_range: tuple[float, float]  # factor of the image size
     flip: bool
     jitter: bool
+    # When set: the longer side is resized to a whole number of pixels drawn from this range
+    # instead (Puzzle-CAM's RandomResize(320, 640) for the CAM baseline).
+    long_side_range: tuple[int, int] | None = None
+
+
+def resize_factor(views: CropViews, height: int, width: int, generator: torch.Generator) -> float:
+    if views.long_side_range is None:
+        return uniform(generator, *views.resize_range)
+    low, high = views.long_side_range
+    return int(torch.randint(low, high + 1, (), generator=generator)) / max(height, width)
 
 
 def random_crop_view(image: torch.Tensor, views: CropViews, generator: torch.Generator) -> torch.Tensor:
     """3 x crop x crop view of a 3 x H x W image in [0, 1]; pixels outside the image are NaN (the
     caller fills them with the mean colour after normalising)."""
-    factor = uniform(generator, *views.resize_range)
     height, width = image.shape[1:]
+    factor = resize_factor(views, height, width, generator)
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
     if views.flip and float(torch.rand((), generator=generator)) < 0.5:

@@ -10,21 +10,23 @@ constant threshold, as in the AffinityNet / SEAM evaluation.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from pipeline.methods.rcm_mam.model import CAMNet, forward_scale, fuse_scales
+from pipeline.methods.rcm_mam.model import fuse_scales, scale_cams
 
 INFER_SCALES = (0.5, 1.0, 1.5, 2.0)
 
 
 @torch.no_grad()
-def msinf_cams(net: CAMNet, images: torch.Tensor, scales: tuple[float, ...] = INFER_SCALES,
+def msinf_cams(net: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = INFER_SCALES,
                flip: bool = True) -> torch.Tensor:
-    """Fused CAMs B x N x H x W in [0, 1] of ``images`` (B x 3 x H x W); ``net`` in eval mode."""
+    """Fused CAMs B x N x H x W in [0, 1] of ``images`` (B x 3 x H x W); ``net`` in eval mode, any
+    network whose forward returns (features, raw CAMs)."""
     views = []
     for scale in scales:
-        views.append(forward_scale(net, images, scale).cams)
+        views.append(scale_cams(net, images, scale))
         if flip:
-            views.append(forward_scale(net, images.flip(-1), scale).cams.flip(-1))
+            views.append(scale_cams(net, images.flip(-1), scale).flip(-1))
     return fuse_scales(views)
 
 

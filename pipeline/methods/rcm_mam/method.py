@@ -28,11 +28,12 @@ from pipeline.errors import ConfigError, WeightsError
 from pipeline.methods.rcm_mam.data import CropViewDataset, CropViews, imagenet_normalisation
 from pipeline.methods.rcm_mam.infer import class_scores, msinf_cams
 from pipeline.methods.rcm_mam.losses import PrototypeMemory, loss_weights
-from pipeline.methods.rcm_mam.model import CAMNet, ema_update, support_copy
-from pipeline.methods.rcm_mam.optim import param_groups, poly_lr, set_learning_rates
+from pipeline.methods.rcm_mam.model import CAMNet
 from pipeline.methods.rcm_mam.resnet38 import ResNet38, load_resnet38_weights, timm_backbone
 from pipeline.methods.rcm_mam.step import RCMMAMSettings, training_step
+from pipeline.training.ema import ema_update, teacher_copy
 from pipeline.training.method import MethodRun, TrainContext
+from pipeline.training.optim import param_groups, poly_lr, set_learning_rates
 
 MODEL_FORMAT = "rcm-mam-model/1"
 # The poly rate spans all the epochs: a different `epochs` is another schedule, never resumed.
@@ -100,7 +101,7 @@ class RCMMAMRun(MethodRun):
         trunk = build_trunk(self.settings.backbone, self.settings.weights, self.settings.output_stride)
         foreground = context.num_classes - 1
         self.model = CAMNet(trunk, foreground, self.settings.losses.feature_dim)
-        self.support = support_copy(self.model)
+        self.support = teacher_copy(self.model)
         self.memory = PrototypeMemory(foreground + 1, self.settings.losses.feature_dim)
         mean, std = imagenet_normalisation()
         self.dataset = CropViewDataset(context.images, context.num_classes, self.settings.views, mean, std,

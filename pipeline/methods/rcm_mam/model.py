@@ -2,7 +2,7 @@
 
 Both are ``CAMNet``: backbone -> 1x1 conv to the D = 256 feature map X -> 1x1 conv to the
 N foreground CAMs A; the image scores are GAP of A (a sigmoid / soft-margin loss follows). G is
-an EMA copy of F (``ema_update``, alpha = 0.997), never trained by gradients.
+an EMA copy of F (``pipeline.training.ema``, alpha = 0.997), never trained by gradients.
 
 Multi-scale forward (Sec. 3.1): the image is resized (bilinear) by each scale (0.5, 1, 2), and
 each scale's X and ReLU'd CAM are interpolated back to the input size; then every foreground CAM
@@ -11,7 +11,6 @@ is divided by its maximum (``max_normalise``, "A^k <- A^k / max(A^k)" as in Affi
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +101,18 @@ def forward_scale(net: CAMNet, images: torch.Tensor, scale: float) -> ScaleOutpu
     features, cams = net(scaled_images(images, scale))
     features, cams = features.float(), cams.float()
     logits = cams.mean(dim=(-2, -1))
-    return ScaleOutput(resize(features, size), max_normalise(resize(F.relu(cams), size)), logits)
+    return ScaleOutput(resize(features, size), normalised_cams(cams, size), logits)
+
+
+def normalised_cams(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Raw CAMs ReLU'd, resized to ``size`` and max-normalised (float32)."""
+    return max_normalise(resize(F.relu(cams.float()), size))
+
+
+def scale_cams(net: nn.Module, images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Only the CAMs of ``forward_scale`` (inference: the features are never resized)."""
+    _, cams = net(scaled_images(images, scale))
+    return normalised_cams(cams, tuple(images.shape[-2:]))
 
 
 def forward_scales(net: CAMNet, images: torch.Tensor, scales: tuple[float, ...]) -> list[ScaleOutput]:
@@ -113,26 +123,3 @@ def fuse_scales(cams: list[torch.Tensor]) -> torch.Tensor:
     """The msinf-CAM: per-scale CAMs (each B x N x H x W, max-normalised) summed, then
     max-normalised again (the PSA / SEAM multi-scale rule; paper 003 does not give its own)."""
     return max_normalise(torch.stack(cams).sum(dim=0))
-
-
-def support_copy(main: CAMNet) -> CAMNet:
-    """G at the start of training: F's weights, no gradients, eval mode (no dropout)."""
-    support = copy.deepcopy(main)
-    support.requires_grad_(False)
-    return support.eval()
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """theta_G <- alpha theta_G + (1 - alpha) theta_F (paper 003 Sec. 3.1, alpha = 0.997).
-
-    Floating-point buffers (BatchNorm statistics, frozen and so equal in both) are averaged the
-    same way; integer buffers (BatchNorm's step counter) are copied.
-    """
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-        if t.is_floating_point():
-            t.mul_(alpha).add_(s, alpha=1.0 - alpha)
-        else:
-            t.copy_(s)

@@ -1,9 +1,11 @@
-"""Optimiser settings of RCM+MAM: parameter groups and the poly learning rate (paper 003 Sec. 4.2).
+"""SGD parameter groups and the poly learning rate of the CNN methods (RCM+MAM, the CAM
+baseline, CSRM).
 
-The paper gives the poly policy (initial lr 0.01, power 0.9, "as in [6]"); the groups follow the
-ResNet-38 codebases it builds on (PSA / SEAM ``get_parameter_groups``): pretrained weights at lr,
-pretrained biases at 2 lr without weight decay, layers trained from scratch at 10 lr (their
-biases 20 lr). Weight decay is not given by the paper; the codebases use 5e-4.
+``PSA_GROUPS`` follow the ResNet-38 / Puzzle-CAM codebases (PSA / SEAM ``get_parameter_groups``,
+Puzzle-CAM's ``PolyOptimizer``): pretrained weights at lr, pretrained biases at 2 lr without
+weight decay, layers trained from scratch at 10 lr (their biases 20 lr). ``CSRM_GROUPS``: paper
+004 Sec. 4 gives 0.007 for pretrained and 0.07 for new weights; its code keeps biases at their
+weights' rate without weight decay. A poly power of 1 is a linear decay.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.methods.rcm_mam.model import CAMNet
-
 # (name, lr multiplier, weight decay applies) of the four groups, in the codebases' order.
-_GROUPS = (("backbone_weights", 1.0, True), ("backbone_biases", 2.0, False),
-           ("new_weights", 10.0, True), ("new_biases", 20.0, False))
+GroupSpec = tuple[tuple[str, float, bool], ...]
+PSA_GROUPS: GroupSpec = (("backbone_weights", 1.0, True), ("backbone_biases", 2.0, False),
+                         ("new_weights", 10.0, True), ("new_biases", 20.0, False))
+CSRM_GROUPS: GroupSpec = (("backbone_weights", 1.0, True), ("backbone_biases", 1.0, False),
+                          ("new_weights", 10.0, True), ("new_biases", 10.0, False))
 
 
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
@@ -23,14 +26,15 @@ def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> fl
     return base_lr * max(0.0, 1.0 - step / max_steps) ** power
 
 
-def param_groups(model: CAMNet, lr: float, weight_decay: float = 5e-4) -> list[dict]:
-    """Optimiser groups of the trainable parameters of ``model`` (frozen ones left out).
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 5e-4, groups: GroupSpec = PSA_GROUPS) -> list[dict]:
+    """Optimiser groups of the trainable parameters of ``model`` (frozen ones left out); the new
+    layers are ``model.new_layers()``.
 
     Each group has ``params``, ``lr`` (= lr * ``lr_mult``), ``lr_mult`` and ``weight_decay``;
     empty groups are dropped. Biases are the 1-d parameters.
     """
     new = {id(p) for layer in model.new_layers() for p in layer.parameters()}
-    buckets: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in _GROUPS}
+    buckets: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in groups}
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
@@ -40,7 +44,7 @@ def param_groups(model: CAMNet, lr: float, weight_decay: float = 5e-4) -> list[d
     return [
         {"name": name, "params": buckets[name], "lr": lr * mult, "lr_mult": mult,
          "weight_decay": weight_decay if decays else 0.0}
-        for name, mult, decays in _GROUPS
+        for name, mult, decays in groups
         if buckets[name]
     ]
 
