@@ -373,7 +373,35 @@ def weights_input():
     return [] if weights in ("random", "timm") else [weights]
 
 
+# CSRM (paper 004) starts from a CAM classifier: the cam_baseline stage's, or a file (train.csrm.init).
+CSRM_INIT = config["train"]["csrm"]["init"] if config["train"]["method"] == "csrm" else "none"
+CAM_BASELINE = "cam_baseline/model.pt"
+
+
+def train_section():
+    """The train section of the train_model job; CSRM's init `baseline` becomes the path of the
+    cam_baseline stage's model."""
+    train = section("train")
+    if CSRM_INIT == "baseline":
+        train = {**train, "csrm": {**train["csrm"], "init": results(CAM_BASELINE)}}
+    return train
+
+
+def cam_baseline_section():
+    """The train section of the cam_baseline job: the CAM method with train.cam's length and batch."""
+    train = section("train")
+    cam = train["cam"]
+    return {"method": "cam", "epochs": cam["epochs"], "batch_size": cam["batch_size"], "cam": cam}
+
+
 def train_inputs(wildcards):
+    inputs = training_data_inputs(wildcards)
+    if CSRM_INIT != "none":
+        inputs["init"] = results(CAM_BASELINE) if CSRM_INIT == "baseline" else CSRM_INIT
+    return inputs
+
+
+def training_data_inputs(wildcards):
     inputs = {
         "manifest": results("dataset/manifest.csv"),
         "classes": results("dataset/classes.json"),

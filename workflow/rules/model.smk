@@ -9,7 +9,7 @@ rule train_model:
             "train_model",
             {
                 "backbone": config["backbone"],
-                "train": section("train"),
+                "train": train_section(),
                 "mode": config["mode"],
                 "seed": config["seed"],
             },
@@ -36,6 +36,46 @@ rule train_model:
         labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
     shell:
         # more than one GPU: torchrun, one data-parallel process per GPU (pipeline/devices.py)
+        "python -m pipeline.devices launch --gpus {resources.gpu} --"
+        " train --manifest {input.manifest:q} --classes {input.classes:q} {params.labels}"
+        " --out-dir {params.out_dir:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads}"
+        " > {log:q} 2>&1"
+
+
+rule train_cam_baseline:
+    # The CAM classifier CSRM starts from (paper 004 Sec. 3.2.6; Puzzle-CAM, train.cam).
+    input:
+        unpack(training_data_inputs),
+        settings=settings_file(
+            "train_cam_baseline",
+            {
+                "backbone": config["backbone"],
+                "train": cam_baseline_section(),
+                "mode": config["mode"],
+                "seed": config["seed"],
+            },
+            runtime_keys("train"),
+        ),
+    output:
+        model=results(CAM_BASELINE),
+        done=results("cam_baseline/done.json"),
+        history=results("cam_baseline/history.csv"),
+    log:
+        results("logs/train_cam_baseline.log"),
+    benchmark:
+        results("benchmarks/train_cam_baseline.tsv")
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=TRAIN_GPUS,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 600 * attempt,
+    params:
+        runtime=runtime_file("train_cam_baseline"),
+        out_dir=lambda w, output: str(Path(output.model).parent),
+        labels=lambda w, input: f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else "",
+    shell:
         "python -m pipeline.devices launch --gpus {resources.gpu} --"
         " train --manifest {input.manifest:q} --classes {input.classes:q} {params.labels}"
         " --out-dir {params.out_dir:q} --params {input.settings:q} --params {params.runtime:q} --threads {threads}"

@@ -22,7 +22,7 @@ from pipeline.methods.vitpcm.views import MosaicViews
 from pipeline.patch_sizes import fit_view_sizes
 
 PATCH_METHODS = ("pc2m", "vitpcm")
-OTHER_METHODS = ("rcm_mam",)
+OTHER_METHODS = ("rcm_mam", "cam", "csrm")  # their own sub-sections of train
 
 
 @dataclass(frozen=True)
