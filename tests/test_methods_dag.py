@@ -42,3 +42,35 @@ def test_rcm_mam_runs_end_to_end_and_the_report_names_it(tmp_path, mode):
         rows = pd.read_csv(table)
         assert list(rows["scale"].astype(str)) == ["0.5", "1", "msinf"] and rows["images"].eq(8).all()
         assert rows[["miou", "precision", "recall"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def csrm_config(tmp_path) -> dict:
+    """CSRM from a CAM baseline the workflow trains first, at toy size (paper 004's DAG, weak mode)."""
+    config = tiny_config(tmp_path / "results", mode="weak")
+    cam = dict(backbone="resnet10t", weights="random", epochs=1, batch_size=4, lr=0.1, lr_power=0.9, momentum=0.0,
+               weight_decay=1e-4, crop_size=32, long_side_range=[32, 64], flip=True, jitter=False, puzzle_alpha=4.0,
+               puzzle_ramp=0.5, freeze_batchnorm=False)
+    config["train"].update(method="csrm", cam=cam, csrm={"image_size": 32, "queries": 4, "negatives": 8})
+    config["predict"].update(cam={"scales": [1.0], "background": 0.35}, csrm={"scales": [0.5, 1.0]})
+    return config
+
+
+@pytest.mark.slow
+def test_csrm_runs_from_its_cam_baseline_to_the_report(tmp_path):
+    configfile = write_config(tmp_path / "config.yaml", csrm_config(tmp_path))
+    run = subprocess.run([*SNAKEMAKE, "--configfile", str(configfile)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    counts = job_counts(run.stdout + run.stderr)
+    assert counts["train_cam_baseline"] == 1 and counts["train_model"] == 1 and counts["report"] == 1
+    assert counts["train_deeplab"] == 1 and "pseudo_labels" not in counts
+    results = tmp_path / "results"
+    import json
+
+    done = json.loads((results / "model" / "done.json").read_text())
+    assert done["method"] == "csrm" and done["init"] == str(results / "cam_baseline" / "model.pt")
+    history = (results / "model" / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[:1] and {"c", "s", "s2c", "u", "m", "lambda_u"} <= set(history[0].split(","))
+    assert len(list((results / "model" / "masks").glob("shard-*/*.png"))) == 12
+    summary = (results / "reports" / "summary.md").read_text()
+    assert summary.startswith("# CSRM results") and "CSRM (val)" in summary and "DeepLab" in summary
