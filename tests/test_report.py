@@ -48,6 +48,10 @@ def predicted_mask(index: int, split: str, stage: str) -> np.ndarray:
 
 @pytest.fixture()
 def tree(tmp_path: Path) -> dict:
+    return make_tree(tmp_path)
+
+
+def make_tree(tmp_path: Path) -> dict:
     """results/{dataset,eval,model,crf}: manifest, classes, masks, weak-mode evaluations, logs."""
     results = tmp_path / "results"
     rows = []
