@@ -14,6 +14,7 @@ from test_report import NAMES, make_tree, run_report
 
 from pipeline.atomic import write_json
 from pipeline.errors import BadInputError, ConfigError
+from workflow_runs import job_counts, reference_run, snakemake, tiny_config, write_config
 
 VAL = {"model": [0.9, 0.5, None], "crf": [0.92, 0.6, None], "deeplab": [0.95, 0.7, None]}
 TRAIN = {"model": [0.8, 0.4, 0.3], "crf": [0.85, 0.45, 0.35]}
@@ -130,3 +131,37 @@ def test_without_compared_runs_the_report_is_unchanged(tree):
     assert "Compared with" not in (tree["out"] / "summary.md").read_text(encoding="utf-8")
     assert list(summary.columns)[2:] == ["BPM (PC2M, train)", "BPM+CRF (PC2M, train)", "PC2M (val)",
                                          "PC2M+CRF (val)"]
+
+
+@pytest.mark.slow
+def test_the_workflow_reruns_only_the_report_with_the_compared_run(tmp_path_factory):
+    """The session's finished tiny PC2M run (shared, not rerun) copied as this run, its evaluations
+    and done.json copied as a ViT-PCM run's: Snakemake reruns the report alone, which tables both."""
+    reference = reference_run(tmp_path_factory)
+    work = tmp_path_factory.mktemp("compare")
+    shutil.copytree(reference, work / "results")  # mtimes kept: nothing upstream is out of date
+    other = work / "runs" / "vitpcm"
+    shutil.copytree(reference / "eval", other / "eval")
+    done = json.loads((reference / "model" / "done.json").read_text())
+    write_json(other / "model" / "done.json", {**done, "method": "vitpcm"})
+    # relative to the working folder, as `results` is
+    config = write_config(work / "tiny.yaml", tiny_config(work / "results", report={"compare_with": ["runs/vitpcm"]}))
+
+    run = snakemake("--configfile", str(config), cwd=work)
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert job_counts(run.stdout) == {"report": 1, "all": 1}
+    summary = pd.read_csv(work / "results" / "reports" / "summary.csv")
+    for own, compared in (("BPM (PC2M, train)", "BPM (ViT-PCM, train)"), ("PC2M (val)", "ViT-PCM (val)"),
+                          ("PC2M+CRF (val)", "ViT-PCM+CRF (val)"), ("DeepLab (PC2M, val)", "DeepLab (ViT-PCM, val)")):
+        columns = list(summary.columns)
+        assert columns.index(compared) == columns.index(own) + 1
+        assert summary[compared].equals(summary[own])  # the same evaluations under both names
+    markdown = (work / "results" / "reports" / "summary.md").read_text(encoding="utf-8")
+    assert "`runs/vitpcm` (ViT-PCM, `train.method: vitpcm`)" in markdown
+    assert "| PC2M (val) | ViT-PCM (val) |" in markdown
+
+    # a folder that holds no finished run stops the plan with what to do, before any job
+    missing = snakemake("-n", "--configfile", str(config), "--config", "report={compare_with: [runs/csrm]}", cwd=work)
+    assert missing.returncode != 0
+    assert "compared results folder 'runs/csrm' has no model/done.json" in missing.stdout
+    assert "run that run's config first" in missing.stdout
