@@ -164,12 +164,12 @@ class Run:
 def compared_run(folder: Path) -> Run:
     """A finished run of ``report.compare_with``, read from its results folder."""
     done, eval_jsons = run_files(folder)
-    return Run(Path(folder), run_method(done), eval_jsons)
+    return Run(Path(folder), run_method(_read_json(done)), eval_jsons)
 
 
-def run_method(done_json: Path) -> str:
-    """``train.method`` of the run whose ``model/done.json`` this is (PC2M's carried none)."""
-    return str(_read_json(Path(done_json)).get("method", "pc2m"))
+def run_method(done: Mapping) -> str:
+    """``train.method`` of a run, from its ``model/done.json`` (PC2M's first ones carried none)."""
+    return str(done.get("method", "pc2m"))
 
 
 def run_suffixes(runs: Sequence[Run]) -> list[str]:
@@ -631,7 +631,7 @@ def build_report(
     out_dir = Path(out_dir)
 
     done = _read_json(done_json)
-    method = str(done.get("method", "pc2m"))
+    method = run_method(done)
     own = Run(Path(done_json).parent.parent, method, list(map(Path, eval_jsons)))  # <results>/model/done.json
     compared = [compared_run(folder) for folder in compared_folders(params.get("compare_with") or [], own.folder)]
     suffixes = run_suffixes([own, *compared])
