@@ -7,8 +7,11 @@ report; writes into ``out_dir``:
 
 - ``summary.csv`` / ``summary.md``: per-class IoU, mIoU, pixel accuracy and mIoU_shape in % (one
   decimal), one column per evaluated stage and split, laid out like paper 000 Tables 3, 4 and 11.
-  Columns use the paper's names (pc2m on train = "BPM", on val = "PC2M"; crf adds "+CRF"); the
+  Columns use the paper's names (pc2m on train = "BPM", on val = "PC2M"; crf adds "+CRF"), and
+  each names its method (``column_name``: "BPM (PC2M, train)", "DeepLab (ViT-PCM, val)"); the
   columns are whatever evaluation files are given, so a stage that was not run is simply absent.
+  With ``compare_with`` (config ``report.compare_with``), the evaluations of other finished runs
+  on the same dataset join the table, each beside this run's column of the same stage and split.
 - ``per_class_iou.png``: the table's per-class IoU as grouped bars (without ground truth: a
   figure saying so, so that the outputs are the same in every case).
 - ``alpha.png``: alpha-tilde per class over the epochs, and the Jensen-Shannon divergences of
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.atomic import atomic_path, write_text
+from pipeline.compare import compared_folders, run_files
 from pipeline.datasets import read_classes, read_manifest
 from pipeline.datasets.common import IGNORE_INDEX
 from pipeline.errors import BadInputError, ConfigError
@@ -67,8 +72,8 @@ METRIC_ROWS = {"mIoU": "miou", "pixel accuracy": "pixel_accuracy", "precision": 
 MAX_LEGEND_CLASSES = 21
 
 
-# train.method -> the name its paper gives it.
-METHOD_NAMES = {"pc2m": "PC2M", "vitpcm": "ViT-PCM", "rcm_mam": "RCM+MAM"}
+# train.method -> the name its paper gives it (cam: the plain CAM baseline of paper 003 Table 2).
+METHOD_NAMES = {"pc2m": "PC2M", "vitpcm": "ViT-PCM", "rcm_mam": "RCM+MAM", "csrm": "CSRM", "cam": "CAM baseline"}
 # Methods whose train-split masks the papers call Baseline Pseudo-Masks (ViT-PCM's nomenclature).
 BPM_METHODS = ("pc2m", "vitpcm")
 
@@ -81,10 +86,11 @@ class StageEval:
     split: str
     result: dict
     method: str = "pc2m"
+    run: str = ""  # the run's folder, when another run of the report has the same method
 
     @property
     def column(self) -> str:
-        return f"{paper_name(self.stage, self.split, self.method)} ({self.split})"
+        return column_name(self.stage, self.split, self.method, self.run)
 
 
 def method_name(method: str) -> str:
@@ -100,23 +106,34 @@ def paper_name(stage: str, split: str, method: str = "pc2m") -> str:
     return names.get(stage, stage)
 
 
+def column_name(stage: str, split: str, method: str = "pc2m", run: str = "") -> str:
+    """A column's name: the masks' paper name, then in brackets the method where that name does
+    not say it (BPM: whose pseudo-masks; DeepLab: whose masks trained it), the run's folder where
+    two runs of the report share a method, and the split: "PC2M+CRF (val)", "BPM (ViT-PCM,
+    train)", "DeepLab (PC2M, run-b, val)"."""
+    name = paper_name(stage, split, method)
+    qualifiers = [] if name.startswith(method_name(method)) else [method_name(method)]
+    return f"{name} ({', '.join([*qualifiers, *([run] if run else []), split])})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the artifacts
 
 
-def eval_jsons_in(eval_dir: Path) -> list[Path]:
-    """Every ``{stage}-{split}.json`` of an evaluation folder."""
-    return sorted(Path(eval_dir).glob("*-*.json"))
-
-
-def read_evals(eval_jsons: Sequence[Path], method: str = "pc2m") -> list[StageEval]:
+def read_evals(eval_jsons: Sequence[Path], method: str = "pc2m", run: str = "") -> list[StageEval]:
     """The evaluation summaries in the paper's column order (unknown stages and splits last)."""
     evals = []
     for path in map(Path, eval_jsons):
         stage, sep, split = path.stem.rpartition("-")
         if not sep or not stage:
             raise BadInputError(f"{path}: expected an evaluation file named {{stage}}-{{split}}.json")
-        evals.append(StageEval(stage, split, _read_json(path), method))
+        evals.append(StageEval(stage, split, _read_json(path), method, run))
+    return column_order(evals)
+
+
+def column_order(evals: Sequence[StageEval]) -> list[StageEval]:
+    """Train before val, pipeline order within a split; a stable sort, so that the runs of a
+    comparison stand side by side per stage and split, in the order given."""
 
     def rank(item: StageEval) -> tuple:
         return (_rank(item.split, SPLIT_ORDER), item.split, _rank(item.stage, STAGE_ORDER), item.stage)
@@ -133,6 +150,55 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BadInputError(f"{path}: unreadable evaluation summary ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run whose evaluations the table holds: its results folder, method and evaluation files."""
+
+    folder: Path
+    method: str
+    eval_jsons: list[Path]
+
+
+def compared_run(folder: Path) -> Run:
+    """A finished run of ``report.compare_with``, read from its results folder."""
+    done, eval_jsons = run_files(folder)
+    return Run(Path(folder), run_method(_read_json(done)), eval_jsons)
+
+
+def run_method(done: Mapping) -> str:
+    """``train.method`` of a run, from its ``model/done.json`` (PC2M's first ones carried none)."""
+    return str(done.get("method", "pc2m"))
+
+
+def run_suffixes(runs: Sequence[Run]) -> list[str]:
+    """Per run, what its column names add to its method: nothing when no other run has its
+    method (the method tells them apart), else its folder's name, or its path when another of
+    those folders has the same name."""
+    methods = Counter(run.method for run in runs)
+    shared = [run for run in runs if methods[run.method] > 1]
+    folder_names = Counter(run.folder.name for run in shared)
+    return ["" if methods[run.method] == 1 else run.folder.name if folder_names[run.folder.name] == 1
+            else str(run.folder) for run in runs]
+
+
+def check_comparable(compared: Sequence[StageEval], folder: Path, mode: str, own: Sequence[StageEval],
+                     num_classes: int) -> None:
+    """A compared run's evaluations must score the same task as this run's: same mode, same
+    classes, and per split the same images with GT (another count means another dataset or split
+    list). BadInputError naming the folder otherwise."""
+    scored = {item.split: item.result["images"] for item in own}
+    for item in compared:
+        result, what = item.result, f"compared run {str(folder)!r}: evaluation {item.stage}-{item.split}"
+        if result["mode"] != mode:
+            raise BadInputError(f"{what} is in {result['mode']} mode, this run in {mode}: compare runs of one mode")
+        if len(result["iou"]) != num_classes:
+            raise BadInputError(f"{what} has {len(result['iou'])} classes, this run's dataset {num_classes}: "
+                                "compare runs on the same dataset")
+        if scored.get(item.split, result["images"]) != result["images"]:
+            raise BadInputError(f"{what} scored {result['images']} images, this run {scored[item.split]} on "
+                                f"{item.split}: compare runs on the same dataset and split lists")
 
 
 def common_mode(evals: Sequence[StageEval], mode: str | None = None) -> str:
@@ -250,8 +316,9 @@ def summary_markdown(frame: pd.DataFrame | None, header: list[str], notes: list[
     """The report's text: header, the scores table (when anything was scored), what was found."""
     scores = [] if frame is None else [
         "Scores in % (one decimal); rows as in paper 000 Table 11, columns as in Tables 3 (train) "
-        "and 4 (val): BPM = PC2M's pseudo-masks on train, +CRF = refined by the dense CRF "
-        "(+RW: AffinityNet's random walk, which the CRF then starts from). "
+        "and 4 (val), each naming its method: BPM = a patch classifier's (PC2M's, ViT-PCM's) "
+        "pseudo-masks on train, +CRF = refined by the dense CRF (+RW: AffinityNet's random walk, "
+        "which the CRF then starts from), DeepLab (M, ...) = DeepLab trained on method M's masks. "
         "'–': undefined (class absent from GT and prediction).",
         "",
         *notes,
@@ -423,7 +490,7 @@ def qualitative_figure(manifest: pd.DataFrame, manifest_path: Path, split: str, 
     rows = manifest.set_index("image_id")
     stages = list(stage_mask_dirs)
     id_note = ", cluster ids" if mode == "unsupervised" else ""
-    titles = ["image", "ground truth"] + [f"{paper_name(s, split, method)} ({split}){id_note}" for s in stages]
+    titles = ["image", "ground truth"] + [f"{column_name(s, split, method)}{id_note}" for s in stages]
     figure = Figure(figsize=(2.4 * len(titles), 2.2 * len(image_ids) + 0.6), layout="constrained")
     axes = figure.subplots(len(image_ids), len(titles), squeeze=False)
     for r, image_id in enumerate(image_ids):
@@ -554,18 +621,30 @@ def build_report(
     ``qualitative_images`` (default 4), ``gallery_images`` (default 4). ``pseudo_labels_csv``:
     the pseudo-label report (unsupervised mode), summarised under the table. ``cam_scales_csv``:
     the CAMs' scores per inference scale (RCM+MAM, paper 003 Table 5), tabled under it.
-    ``deeplab_done``: the DeepLab stage's done.json, whose recipe and network the header names."""
+    ``deeplab_done``: the DeepLab stage's done.json, whose recipe and network the header names.
+    ``params["compare_with"]``: results folders of other finished runs on the same dataset
+    (pipeline/compare.py), whose evaluations join the table and the per-class figure; this run's
+    folder is the one holding ``done_json``."""
     params = dict(params or {})
     count = _positive(params, "qualitative_images", DEFAULT_QUALITATIVE_IMAGES)
     per_id = _positive(params, "gallery_images", DEFAULT_GALLERY_IMAGES)
     out_dir = Path(out_dir)
 
     done = _read_json(done_json)
-    method = str(done.get("method", "pc2m"))
-    evals = read_evals(eval_jsons, method)
-    mode = common_mode(evals, params.get("mode"))
+    method = run_method(done)
+    own = Run(Path(done_json).parent.parent, method, list(map(Path, eval_jsons)))  # <results>/model/done.json
+    compared = [compared_run(folder) for folder in compared_folders(params.get("compare_with") or [], own.folder)]
+    suffixes = run_suffixes([own, *compared])
+    own_evals = read_evals(own.eval_jsons, method, suffixes[0])
+    mode = common_mode(own_evals, params.get("mode"))
     classes = read_classes(classes_path)
-    names = class_names(classes, evals)
+    names = class_names(classes, own_evals)
+    evals = list(own_evals)
+    for run, suffix in zip(compared, suffixes[1:]):
+        run_evals = read_evals(run.eval_jsons, run.method, suffix)
+        check_comparable(run_evals, run.folder, mode, own_evals, len(names))
+        evals += run_evals
+    evals = column_order(evals)
     manifest = read_manifest(manifest_path)
     history = pd.read_csv(history_csv)
     predicted_names = model_class_names(mode, names, int(done["num_classes"]))
@@ -588,7 +667,8 @@ def build_report(
     with atomic_path(out_dir / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     header = header_lines(classes, manifest, mode, evals, method)
-    header[-1:-1] = deeplab_lines(deeplab_done)  # among the header's items, before its blank line
+    # among the header's items, before its blank line
+    header[-1:-1] = deeplab_lines(deeplab_done) + compared_lines(compared)
     write_text(out_dir / "summary.md", summary_markdown(frame if evals else None, header, notes,
                                                         found_lines(clusters, stage, mode)))
 
@@ -607,6 +687,14 @@ def build_report(
              ", ".join(f"{item.column}: mIoU {_fmt(item.result['miou'])}" for item in evals) or "no ground truth",
              len(found.image_ids), stage, out_dir)
     return frame
+
+
+def compared_lines(compared: Sequence[Run]) -> list[str]:
+    """The runs whose columns stand beside this run's (``report.compare_with``)."""
+    if not compared:
+        return []
+    runs = "; ".join(f"`{run.folder}` ({method_name(run.method)}, `train.method: {run.method}`)" for run in compared)
+    return [f"- Compared with (`report.compare_with`, their columns beside this run's): {runs}."]
 
 
 def deeplab_lines(done_json: Path | None) -> list[str]:

@@ -206,7 +206,7 @@ def test_demo_dag_with_affinity_runs_to_the_report(tmp_path):
     for split in ("train", "val"):
         assert (results / f"eval/affinity-{split}.json").is_file()
     summary = (results / "reports/summary.md").read_text()
-    assert "BPM+RW (train)" in summary and "PC2M+RW (val)" in summary
+    assert "BPM+RW (PC2M, train)" in summary and "PC2M+RW (val)" in summary
 
 
 def test_walk_geometry_bounds_the_longer_side_and_pads_to_the_stride():

@@ -32,7 +32,7 @@ def test_rcm_mam_runs_end_to_end_and_the_report_names_it(tmp_path, mode):
     assert ("pseudo_labels" in counts) == (mode == "unsupervised")
     summary = (tmp_path / "results" / "reports" / "summary.md").read_text()
     assert summary.startswith("# RCM+MAM results") and f"Mode: {mode}" in summary
-    assert "RCM+MAM (val)" in summary and "DeepLab (val)" in summary
+    assert "RCM+MAM (val)" in summary and "DeepLab (RCM+MAM, val)" in summary
     # the CAMs per inference scale (paper 003 Table 5), where the train images have GT: weak mode
     table = tmp_path / "results" / "reports" / "cam_scales.csv"
     assert table.is_file() == (mode == "weak") and ("CAMs per inference scale" in summary) == (mode == "weak")

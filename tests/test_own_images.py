@@ -184,6 +184,6 @@ def test_mixed_folder_evaluates_only_the_images_with_masks(split_folder):
                       "deeplab-val": val}
     summary = (work / "results" / "reports" / "summary.md").read_text(encoding="utf-8")
     assert f"train 8 ({train} with GT masks), val 4 ({val} with GT masks)" in summary
-    assert f"BPM (train) on {train}" in summary and f"DeepLab (val) on {val}" in summary
+    assert f"BPM (PC2M, train) on {train}" in summary and f"DeepLab (PC2M, val) on {val}" in summary
     manifest = pd.read_csv(work / "results" / "dataset" / "manifest.csv")
     assert set(manifest["image_id"].str.split("/").str[0]) == {"train", "val"}

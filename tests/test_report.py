@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 
 from pipeline.atomic import write_json
+from pipeline.compare import eval_jsons_in
 from pipeline.datasets import MANIFEST_COLUMNS, read_manifest
 from pipeline.errors import BadInputError
 from pipeline.evaluate import evaluate_masks
 from pipeline.imageio import write_label_png
-from pipeline.report import METRIC_ROWS, build_report, eval_jsons_in, paper_name, qualitative_figure, qualitative_images
+from pipeline.report import METRIC_ROWS, build_report, column_name, paper_name, qualitative_figure, qualitative_images
 
 NAMES = ["background", "cat", "dog"]
 TRAIN_IDS = ["t0", "t1"]
@@ -47,6 +48,10 @@ def predicted_mask(index: int, split: str, stage: str) -> np.ndarray:
 
 @pytest.fixture()
 def tree(tmp_path: Path) -> dict:
+    return make_tree(tmp_path)
+
+
+def make_tree(tmp_path: Path) -> dict:
     """results/{dataset,eval,model,crf}: manifest, classes, masks, weak-mode evaluations, logs."""
     results = tmp_path / "results"
     rows = []
@@ -103,11 +108,11 @@ def test_tables_hold_each_evaluation_in_percent_with_one_decimal(tree):
     run_report(tree)
     summary = pd.read_csv(tree["out"] / "summary.csv")
     markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
-    assert list(summary.columns) == ["class_id", "class", "BPM (train)", "BPM+CRF (train)", "PC2M (val)",
-                                     "PC2M+CRF (val)"]
+    assert list(summary.columns) == ["class_id", "class", "BPM (PC2M, train)", "BPM+CRF (PC2M, train)",
+                                     "PC2M (val)", "PC2M+CRF (val)"]
     assert list(summary["class"]) == NAMES + ["mIoU", "pixel accuracy", "precision", "recall", "mIoU_shape"]
     table = markdown[markdown.index("| class_id"):].splitlines()
-    for stage, split, column in (("model", "train", "BPM (train)"), ("crf", "val", "PC2M+CRF (val)")):
+    for stage, split, column in (("model", "train", "BPM (PC2M, train)"), ("crf", "val", "PC2M+CRF (val)")):
         result = json.loads((tree["results"] / "eval" / f"{stage}-{split}.json").read_text())
         expected = result["iou"] + [result[key] for key in METRIC_ROWS.values()]
         position = list(summary.columns).index(column)
@@ -130,7 +135,8 @@ def test_columns_are_the_evaluations_given(tree):
     jsons = [path for path in eval_jsons_in(evals) if path.name != "crf-train.json"]
     run_report(tree, eval_jsons=jsons)
     summary = pd.read_csv(tree["out"] / "summary.csv")
-    assert list(summary.columns)[2:] == ["BPM (train)", "PC2M (val)", "PC2M+CRF (val)", "DeepLab (val)"]
+    assert list(summary.columns)[2:] == ["BPM (PC2M, train)", "PC2M (val)", "PC2M+CRF (val)",
+                                    "DeepLab (PC2M, val)"]
     assert "BPM+CRF" not in (tree["out"] / "summary.md").read_text(encoding="utf-8")
 
 
@@ -179,7 +185,7 @@ def test_without_ground_truth_the_report_shows_what_was_found(tree):
 def test_with_ground_truth_the_report_says_how_many_images_each_column_scored(tree):
     run_report(tree)
     markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
-    assert "BPM (train) on 2, BPM+CRF (train) on 2, PC2M (val) on 3, PC2M+CRF (val) on 3" in markdown
+    assert "BPM (PC2M, train) on 2, BPM+CRF (PC2M, train) on 2, PC2M (val) on 3, PC2M+CRF (val) on 3" in markdown
     assert "What was found" in markdown
 
 
@@ -265,6 +271,18 @@ def test_paper_names():
     # other methods name their own masks on both splits
     assert [paper_name(s, "train", "rcm_mam") for s in ("model", "crf")] == ["RCM+MAM", "RCM+MAM+CRF"]
     assert paper_name("model", "val", "vitpcm") == "ViT-PCM"
+
+
+def test_column_names_say_the_method_the_run_where_needed_and_the_split():
+    # the method where the paper's name lacks it: whose pseudo-masks (BPM), whose masks trained DeepLab
+    assert column_name("model", "train", "vitpcm") == "BPM (ViT-PCM, train)"
+    assert column_name("affinity", "train") == "BPM+RW (PC2M, train)"
+    assert column_name("deeplab", "val", "vitpcm") == "DeepLab (ViT-PCM, val)"
+    assert column_name("crf", "val", "vitpcm") == "ViT-PCM+CRF (val)"
+    assert column_name("model", "train", "csrm") == "CSRM (train)"  # CSRM's train masks are no BPM
+    assert column_name("crf", "val", "cam") == "CAM baseline+CRF (val)"
+    assert column_name("deeplab", "val", "pc2m", "run-b") == "DeepLab (PC2M, run-b, val)"
+    assert column_name("model", "val", "pc2m", "run-b") == "PC2M (run-b, val)"
 
 
 def test_report_says_which_deeplab_recipe_ran(tree, tmp_path):

@@ -94,4 +94,4 @@ def test_weak_mode_runs_end_to_end_without_the_unsupervised_stages(repo, tmp_pat
     assert not {"extract_features", "spectral_segments", "pseudo_labels"} & set(counts)
     assert counts["train_model"] == 1 and counts["report"] == 1
     summary = (tmp_path / "results" / "reports" / "summary.md").read_text()
-    assert "Mode: weak" in summary and "DeepLab (val)" in summary
+    assert "Mode: weak" in summary and "DeepLab (PC2M, val)" in summary

@@ -18,7 +18,8 @@ from pipeline.config import (
     results_folder,
     validate_config,
 )
-from pipeline.errors import ConfigError
+from pipeline.compare import compared_folders, run_files
+from pipeline.errors import BadInputError, ConfigError
 from pipeline.patch_sizes import check_patch_sizes
 from pipeline.stage_settings import (
     dataset_roots,
@@ -37,6 +38,8 @@ try:
     validate_config(config, _SCHEMA)
     check_patch_sizes(config)
     check_config(config)
+    # report.compare_with: other runs' results folders (not this run's own, none twice)
+    COMPARED = compared_folders(config["report"]["compare_with"], results_folder(config["results"]))
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
@@ -352,6 +355,20 @@ def eval_targets():
         for split in splits
         if split in with_gt and split in stage_splits(stage)
     ]
+
+
+def compared_inputs():
+    """The files the report reads from each run of report.compare_with: its model/done.json and
+    eval/*.json. This workflow does not make another run's files, so a folder without them
+    stops the plan here with a message saying what to run, not as a missing input of no rule."""
+    files = []
+    for folder in COMPARED:
+        try:
+            done, evals = run_files(folder)
+        except BadInputError as exc:
+            raise WorkflowError(f"config key report.compare_with: {exc}") from None
+        files += [str(done), *map(str, evals)]
+    return files
 
 
 def cam_scale_inputs():

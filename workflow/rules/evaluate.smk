@@ -62,7 +62,16 @@ rule report:
         masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
         pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
         cam_scales=lambda w: cam_scale_inputs(),
-        settings=settings_file("report", {"mode": config["mode"], "qualitative_images": 4, "gallery_images": 4}),
+        compared=lambda w: compared_inputs(),
+        settings=settings_file(
+            "report",
+            {
+                "mode": config["mode"],
+                "qualitative_images": 4,
+                "gallery_images": 4,
+                "compare_with": config["report"]["compare_with"],
+            },
+        ),
     output:
         summary=report(results("reports/summary.csv"), caption="../report/summary.rst", category="Results"),
         markdown=results("reports/summary.md"),
