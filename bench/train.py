@@ -9,11 +9,16 @@ the first.
 RCM+MAM (``--method rcm_mam``, ``--models resnet38`` or a timm ResNet) per step: data (192 px crops),
 forward (F and G at scales 0.5 / 1 / 2 with RCM and MAM, as every epoch from the 7th), backward +
 SGD step + the EMA update of G.
+CSRM (``--method csrm``, ``--models resnest101e`` or a timm ResNet; ``--global-size`` = its square
+image) per step: data (resized squares), forward (the teacher, the in-loop dense CRF of its CAMs on
+the CPU, ClassMix, the student on both batches, every loss of eq. 14 after the warm-up), backward +
+SGD step + the EMA update of the teacher. The CRF runs in ``--threads`` worker processes as the stage.
 
     python bench/train.py                                   # ViT-S/16 and ViT-B/16 at 384, CPU
     python bench/train.py --method vitpcm --batch-size 16   # ViT-PCM: 4 mosaics per step
     python bench/train.py --device cuda --batch-size 32 --iterations 20
     python bench/train.py --method rcm_mam --models resnet38 --batch-size 2
+    python bench/train.py --method csrm --models resnest101e --global-size 512 --batch-size 2
 
 On CUDA each model runs twice in the same process: with the training stage's GPU settings
 (pinned DataLoader memory, fused Adam) and as the reference, the bench before them (pageable
@@ -39,7 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline.methods.pc2m.losses as losses
 from pipeline.backbone import build_backbone, normalisation, patch_size
+from pipeline.crf import resolve_params as resolve_crf
+from pipeline.crf import worker_pool as crf_pool
 from pipeline.devices import mixed_precision, resolve_device
+from pipeline.methods.csrm.contrast import NegativeBank
+from pipeline.methods.csrm.data import SquareViewDataset, SquareViews
+from pipeline.methods.csrm.model import REPRESENTATION_DIM, CSRMNet
+from pipeline.methods.csrm.model import build_features as csrm_features
+from pipeline.methods.csrm.step import CSRMLossSettings
+from pipeline.methods.csrm.step import training_step as csrm_step
 from pipeline.methods.pc2m.model import Architecture, build_network, set_trainable
 from pipeline.methods.pc2m.ot import batch_class_marginal, multi_hot_frequencies, sinkhorn
 from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings
@@ -55,7 +68,7 @@ from pipeline.training.augment import local_to_global
 from pipeline.training.data import LabelledImage
 from pipeline.training.distributed import LOCAL
 from pipeline.training.ema import ema_update, teacher_copy
-from pipeline.training.optim import param_groups
+from pipeline.training.optim import CSRM_GROUPS, param_groups
 
 MODELS = {"S/16": "vit_small_patch16_224.dino", "B/16": "vit_base_patch16_224.dino"}
 NUM_CLASSES = 21  # VOC
@@ -64,7 +77,7 @@ NUM_CLASSES = 21  # VOC
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {list(MODELS)} or timm names")
-    parser.add_argument("--method", choices=["pc2m", "vitpcm", "rcm_mam"], default="pc2m")
+    parser.add_argument("--method", choices=["pc2m", "vitpcm", "rcm_mam", "csrm"], default="pc2m")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--global-size", type=int, default=384)
@@ -123,14 +136,45 @@ def rcm_mam_setup(name: str, args: argparse.Namespace, images: list[LabelledImag
     return model, dataset, step_losses, optimizer, lambda: ema_update(support, model, settings.ema_momentum)
 
 
+def csrm_setup(name: str, args: argparse.Namespace, images: list[LabelledImage], timer: Timer,
+               device: torch.device) -> tuple[torch.nn.Module, torch.utils.data.Dataset, StepLosses,
+                                              torch.optim.Optimizer, Callable[[], None]]:
+    """CSRM's student, teacher, bank, square views, step (after the warm-up: every loss) and SGD, as
+    the training stage (``pipeline/methods/csrm/method.py``) builds them."""
+    settings = CSRMLossSettings()
+    model = CSRMNet(csrm_features(name, "random", "--models"), NUM_CLASSES)
+    teacher = teacher_copy(model).to(device)
+    bank = NegativeBank(NUM_CLASSES, settings.contrast.negatives, REPRESENTATION_DIM).to(device)
+    dataset = SquareViewDataset(images, NUM_CLASSES, SquareViews(args.global_size, True), model.features.mean,
+                                model.features.std, seed=0)
+    optimizer = torch.optim.SGD(param_groups(model, 0.007, 1e-4, CSRM_GROUPS), lr=0.007, momentum=0.9, nesterov=True)
+    crf = resolve_crf({"preset": "psa"})
+    pool = crf_pool(args.threads) if args.threads > 1 else None
+
+    def step_losses(batch: dict) -> tuple[torch.Tensor, float]:
+        began = time.perf_counter()
+        with mixed_precision(device):
+            total, _ = csrm_step(model, teacher, batch["image"].to(device), batch["rgb"], batch["target"].to(device),
+                                 settings.warmup_epochs, 0.5, bank, settings, crf, torch.Generator().manual_seed(0),
+                                 pool)
+        timer.sync()
+        timer.add("forward", time.perf_counter() - began)
+        return total, time.perf_counter()
+
+    return model, dataset, step_losses, optimizer, lambda: ema_update(teacher, model, 0.99)
+
+
+SETUPS = {"rcm_mam": rcm_mam_setup, "csrm": csrm_setup}
+
+
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, images: list[LabelledImage],
                 stage_settings: bool = True) -> dict:
     torch.manual_seed(0)
     timer = Timer(device)
     fast = stage_settings and device.type == "cuda"  # as the training stage (pipeline/methods/pc2m/method.py)
-    after_step: Callable[[], None] = lambda: None  # noqa: E731 - nothing after the step but for RCM+MAM
-    if args.method == "rcm_mam":
-        model, dataset, step_losses, optimizer, after_step = rcm_mam_setup(name, args, images, timer, device)
+    after_step: Callable[[], None] = lambda: None  # noqa: E731 - nothing after the step but for the EMA teachers
+    if args.method in SETUPS:
+        model, dataset, step_losses, optimizer, after_step = SETUPS[args.method](name, args, images, timer, device)
     else:
         backbone = build_backbone(name, "random")
         patch = patch_size(backbone)
@@ -146,7 +190,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         dataset = TwoViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
         step_losses = pc2m_losses(model, (args.local_size // patch,) * 2, timer, device)
     model.to(device).train()
-    if args.method != "rcm_mam":
+    if args.method not in SETUPS:
         optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
     steps = args.iterations + 1
     batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(steps)]
@@ -179,7 +223,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
 
 
 # The part of a step timed from the loss function's returned start to after the Adam step.
-LAST_PART = {"pc2m": "loss+backward+step", "vitpcm": "backward+step", "rcm_mam": "backward+step"}
+LAST_PART = {"pc2m": "loss+backward+step", "vitpcm": "backward+step", "rcm_mam": "backward+step",
+             "csrm": "backward+step"}
 # A method's step up to its loss: the loss, and the time at which the last part began.
 StepLosses = Callable[[dict], tuple[torch.Tensor, float]]
 
@@ -240,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         images = synthetic_images(Path(folder), args.batch_size * (args.iterations + 1))
         rows = []
-        models = args.models if args.method != "rcm_mam" or args.models != list(MODELS) else ["resnet38"]
+        default = {"rcm_mam": ["resnet38"], "csrm": ["resnest101e"]}.get(args.method, list(MODELS))
+        models = default if args.models == list(MODELS) else args.models
         for model in models:
             rows.append(bench_model(MODELS.get(model, model), args, device, images))
             rows[-1]["vs reference"] = 1.0
@@ -251,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process (cumulative)"
     if args.method == "rcm_mam":
         what, keys = f"RCM+MAM, crops {args.local_size}, scales 0.5/1/2", ["data", "forward", "backward+step"]
+    elif args.method == "csrm":
+        what, keys = f"CSRM, {args.global_size} px squares, in-loop CRF", ["data", "forward", "backward+step"]
     elif args.method == "vitpcm":
         what, keys = f"ViT-PCM, main view {args.global_size}", ["data", "forward", "backward+step"]
     else:
