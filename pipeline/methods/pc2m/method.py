@@ -34,7 +34,7 @@ from pipeline.datasets import read_manifest
 from pipeline.devices import mixed_precision
 from pipeline.imageio import load_mask
 from pipeline.methods.pc2m.losses import pc2m_loss
-from pipeline.methods.pc2m.model import build_network, model_payload, set_trainable
+from pipeline.methods.pc2m.model import PatchClassifier, build_network, model_payload, set_trainable
 from pipeline.methods.pc2m.ot import (
     absent_classes,
     batch_class_marginal,
@@ -80,7 +80,7 @@ def ground_truth_areas(manifest_path: Path, image_ids: set[str], num_classes: in
 
 
 @torch.no_grad()
-def dataset_class_area_sums(model: nn.Module, dataset: Dataset, indices: list[int], batch_size: int,
+def dataset_class_area_sums(model: PatchClassifier, dataset: Dataset, indices: list[int], batch_size: int,
                             num_workers: int, device: torch.device) -> torch.Tensor:
     """sum_X q(X) (eq. 6) over images ``indices`` of ``dataset``, predicted in eval mode (the
     offline pass of Algorithm 1); the model's train / eval mode is restored."""
