@@ -27,7 +27,7 @@ from pipeline.methods.pc2m import ot
 from pipeline.methods.pc2m.losses import LossSettings, pc2m_loss
 from pipeline.methods.pc2m.model import PatchPredictions
 from pipeline.methods.pc2m.views import ViewSettings, make_views
-from pipeline.training.augment import local_to_global, patch_centres, resample
+from pipeline.training.augment import local_to_global, patch_centres, patches_in_source, render, resample
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5  # demo: background + 4 shapes
@@ -43,11 +43,11 @@ BACKBONE = {
 def train_settings(**overrides) -> dict:
     settings = dict(
         method="pc2m", epochs=3, warmup_epochs=1, unfreeze_blocks=5, batch_size=4, lr=1e-3,
-        lr_after_warmup_factor=0.1, global_size=48, local_size=24, global_scale=[0.8, 1.0],
+        lr_after_warmup_factor=0.1, global_size=48, local_size=24, local_view_size="equal", global_scale=[0.8, 1.0],
         local_scale=[0.3, 0.6], max_rotation=10.0, flip=True, jitter=True, gamma=0.02,
         epsilon_start=0.1, epsilon_end=0.9, epsilon_rate=0.05, epsilon_schedule="reach_at_40",
         sinkhorn_iterations=3, use_ot=True, use_match=True, match_weight=0.5, alpha_init="dataset_frequencies",
-        keep_checkpoints=1, num_workers=0, device="cpu",
+        class_area_update="offline", keep_checkpoints=1, num_workers=0, device="cpu",
     )
     settings.update(overrides)
     return settings
@@ -198,6 +198,93 @@ def test_local_patches_outside_the_global_view_are_masked():
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[:2, :2] = True
     assert torch.equal(alignment.valid[0], expected)
+
+
+def ramp_source(size: int) -> torch.Tensor:
+    """A source whose pixels encode their own (x, y) in [0, 1], and whose three channels sum to 1
+    (so a patch's mean colour is a class distribution)."""
+    ramp = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    x, y = ramp[None, :].expand(size, size), ramp[:, None].expand(size, size)
+    return torch.stack([x / 2, y / 2, 1 - (x + y) / 2])
+
+
+def test_patches_in_source_marks_the_padded_corners():
+    """A rotated, shifted view's patches whose centres fall outside the source, where ``render``
+    pads with zeros: the same patches as a nearest-neighbour rendering of a mask of ones read at
+    the patch centres (torch's own sampler, an independent route)."""
+    angle = math.radians(25)
+    theta = torch.tensor([[[0.9 * math.cos(angle), -0.9 * math.sin(angle), 0.1],
+                           [0.9 * math.sin(angle), 0.9 * math.cos(angle), -0.05]]])
+    grid = (6, 6)
+    ours = patches_in_source(theta, grid)[0]
+    sampled = torch.nn.functional.grid_sample(
+        torch.ones(1, 1, 5, 5), torch.nn.functional.affine_grid(theta, [1, 1, *grid], align_corners=False),
+        mode="nearest", padding_mode="zeros", align_corners=False)[0, 0] > 0
+    assert torch.equal(ours, sampled)
+    assert 0 < int((~ours).sum()) < 12 and bool(ours[2:4, 2:4].all())  # the corners go, the middle stays
+    # In the rendered view a left-out patch is mostly zero padding (the image, convex, lies in a
+    # half-plane away from the patch centre: under half the patch), a kept one shows the image.
+    coverage = torch.nn.functional.avg_pool2d(render(torch.ones(3, 400, 400), theta[0], 48)[None, :1], 8)[0, 0]
+    assert float(coverage[~ours].max()) < 0.5 and float(coverage[ours].min()) > 0
+
+
+@pytest.mark.parametrize("local_view_size,local_px", [("equal", 64), ("local_size", 32)])
+def test_step_aligns_the_local_grid_it_predicts(local_view_size, local_px, monkeypatch):
+    """PC2MRun.step on views of a ramp image (train.local_view_size both ways) through a model
+    whose patch prediction is the patch's mean colour: the global predictions read where the
+    alignment says must equal the local predictions of the same patches. A local grid of the
+    wrong size or position fails here (shapes or values). In ``online`` mode the step's areas
+    are the means over the patches inside the image."""
+    import pipeline.methods.pc2m.method as method_module
+    from pipeline.methods.pc2m.losses import LossTerms
+    from pipeline.methods.pc2m.settings import TrainSettings
+    from pipeline.training.distributed import LOCAL
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, images):
+            return PatchPredictions(torch.nn.functional.avg_pool2d(images, 8).clamp_min(1e-6).log())
+
+    settings = TrainSettings.from_params(train_settings(global_size=64, local_size=32, local_view_size=local_view_size,
+                                                        class_area_update="online", jitter=False, max_rotation=20.0,
+                                                        global_scale=[0.9, 1.0]))
+    views = settings.views()
+    assert (views.global_size, views.local_size) == (64, local_px)
+    pairs = [make_views(ramp_source(96), views, torch.Generator().manual_seed(seed)) for seed in range(6)]
+    batch = {"global": torch.stack([p.global_view for p in pairs]), "local": torch.stack([p.local_view for p in pairs]),
+             "theta_global": torch.stack([p.theta_global for p in pairs]),
+             "theta_local": torch.stack([p.theta_local for p in pairs]),
+             "target": torch.ones(6, 3)}
+    run = method_module.PC2MRun.__new__(method_module.PC2MRun)
+    run.model, run.settings, run.device, run.reducer = MeanColour(), settings, torch.device("cpu"), LOCAL
+    run.alpha_tilde_device = run.nu_dataset_device = torch.full((3,), 1 / 3)
+    run.epoch_epsilon, run.area_sum, run.images_seen = 0.5, torch.zeros(3, dtype=torch.float64), 0.0
+    seen = {}
+
+    def capture(global_pred, local_pred, alignment, *args, **kwargs):
+        seen.update(global_pred=global_pred, local_pred=local_pred, alignment=alignment, **kwargs)
+        zero = torch.zeros(())
+        return LossTerms(zero, zero, zero)
+
+    monkeypatch.setattr(method_module, "pc2m_loss", capture)
+    run.step(batch, 0, 0)
+    local_probs, alignment = seen["local_pred"].probs, seen["alignment"]
+    assert local_probs.shape[-2:] == alignment.valid.shape[-2:] == (local_px // 8,) * 2
+    global_at_local = resample(seen["global_pred"].probs, alignment)
+    # Patches (and their bilinear neighbours) well inside the image and the global view: a patch
+    # straddling the image's border averages padding into its colour.
+    centres = patch_centres(alignment.valid.shape[-2:], 6, torch.device("cpu"))
+    in_source = torch.einsum("bij,bhwj->bhwi", batch["theta_local"],
+                             torch.cat([centres, torch.ones_like(centres[..., :1])], dim=-1))
+    inner = alignment.valid & (alignment.grid.abs() < 0.75).all(dim=-1) & (in_source.abs() < 0.6).all(dim=-1)
+    assert int(inner.sum()) > 20
+    assert float((global_at_local - local_probs)[:, :2].permute(1, 0, 2, 3)[:, inner].abs().max()) < 2e-2
+    # Online areas: the mean colour over the global patches whose centres are inside the image.
+    inside = seen["global_valid"]
+    assert not bool(inside.all())  # rotated views: some corners are padding
+    expected = sum((batch["global"][b].unfold(1, 8, 8).unfold(2, 8, 8).mean(dim=(-1, -2))[:, inside[b]]
+                    .mean(dim=1)) for b in range(6))
+    torch.testing.assert_close(run.area_sum.float(), expected, atol=1e-4, rtol=0)
+    assert run.images_seen == 6
 
 
 @pytest.mark.parametrize("use_ot,use_match", [(True, True), (False, True), (True, False)])

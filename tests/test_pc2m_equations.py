@@ -82,25 +82,35 @@ def hand_example():
     return logits_g, logits_l, targets, alpha
 
 
-def hand_loss(logits_g, logits_l, targets, alpha, epsilon, weight=0.5, pairing="paper", resampled=True):
-    """Algorithm 1 written out patch by patch (torch only for the gradient; plans are constants)."""
+def hand_loss(logits_g, logits_l, targets, alpha, epsilon, weight=0.5, pairing="paper", resampled=True,
+              outside_g=frozenset(), outside_l=frozenset()):
+    """Algorithm 1 written out patch by patch (torch only for the gradient; plans are constants).
+    ``outside_g`` / ``outside_l``: (b, i, j) patches outside the image (zero padding), which take
+    no part: not pooled, not transported, not read, not matched."""
     log_pg = logits_g - torch.logsumexp(logits_g, dim=1, keepdim=True)
     log_pl = logits_l - torch.logsumexp(logits_l, dim=1, keepdim=True)
     pg, pl = log_pg.exp(), log_pl.exp()
-    # Plans over the N = 2 * 4 patches of the batch, rows in (b, i, j) order.
+    # Plans over the N patches of the batch inside the image, rows in (b, i, j) order.
     rows = [(b, i, j) for b in range(2) for i in range(2) for j in range(2)]
-    flat_g = np.array([[pg[b, c, i, j].item() for c in range(3)] for b, i, j in rows])
-    flat_l = np.array([[pl[b, c, i, j].item() for c in range(3)] for b, i, j in rows])
-    qg = dict(zip(rows, torch.from_numpy(numpy_sinkhorn(flat_g, alpha, epsilon, 3))))
-    ql = dict(zip(rows, torch.from_numpy(numpy_sinkhorn(flat_l, alpha, epsilon, 3))))
+    rows_g = [r for r in rows if r not in outside_g]
+    rows_l = [r for r in rows if r not in outside_l]
+    flat_g = np.array([[pg[b, c, i, j].item() for c in range(3)] for b, i, j in rows_g])
+    flat_l = np.array([[pl[b, c, i, j].item() for c in range(3)] for b, i, j in rows_l])
+    qg = dict(zip(rows_g, torch.from_numpy(numpy_sinkhorn(flat_g, alpha, epsilon, 3))))
+    ql = dict(zip(rows_l, torch.from_numpy(numpy_sinkhorn(flat_l, alpha, epsilon, 3))))
+
+    def corners_inside(b, i, j):
+        corners = CORNERS[(b, i, j)] if resampled else [(1.0, i, j)]
+        inside = [(w, gi, gj) for w, gi, gj in corners or [] if (b, gi, gj) not in outside_g]
+        total = sum(w for w, _, _ in inside)
+        return [(w / total, gi, gj) for w, gi, gj in inside]
 
     def at_local(values, b, i, j):
-        corners = CORNERS[(b, i, j)] if resampled else [(1.0, i, j)]
-        return sum(w * values(b, gi, gj) for w, gi, gj in corners)
+        return sum(w * values(b, gi, gj) for w, gi, gj in corners_inside(b, i, j))
 
     ce_g_to_l, ce_l_to_g, count = 0.0, 0.0, 0
     for b, i, j in rows:
-        if CORNERS[(b, i, j)] is None:
+        if CORNERS[(b, i, j)] is None or (b, i, j) in outside_l or not corners_inside(b, i, j):
             continue
         count += 1
         qg_here = at_local(lambda b_, i_, j_: qg[(b_, i_, j_)], b, i, j)
@@ -111,7 +121,8 @@ def hand_loss(logits_g, logits_l, targets, alpha, epsilon, weight=0.5, pairing="
         else:  # each plan against its own branch: the pairing the paper does not use
             ce_g_to_l = ce_g_to_l - (qg_here * log_pg_here).sum()
             ce_l_to_g = ce_l_to_g - (ql[(b, i, j)] * log_pl[b, :, i, j]).sum()
-    pooled = pg.amax(dim=(2, 3))
+    pooled = torch.stack([torch.stack([pg[b, :, i, j] for bb, i, j in rows_g if bb == b]).amax(dim=0)
+                          for b in range(2)])
     mce = -(targets * pooled.log() + (1 - targets) * (1 - pooled).log()).sum(dim=1).mean()
     return mce + weight * (ce_g_to_l / count + ce_l_to_g / count)
 
@@ -140,6 +151,87 @@ def test_pc2m_loss_equals_the_hand_computation(epsilon, weight):
     for wrong in (dict(pairing="self"), dict(resampled=False), dict(weight=1.5 - weight)):
         other = hand_loss(logits_g, logits_l, targets, alpha, epsilon, **{"weight": weight, **wrong})
         assert abs(float(other.detach()) - float(expected.detach())) > 1e-2, wrong
+
+
+# Patches outside the image: global patch (1, 0, 1) (so local patch (1, 0, 0) reads global
+# (1, 0, 0) alone) and local patch (0, 0, 1), as a rotated view's zero-padded corners.
+OUTSIDE_G, OUTSIDE_L = frozenset({(1, 0, 1)}), frozenset({(0, 0, 1)})
+
+
+def inside_mask(outside) -> torch.Tensor:
+    valid = torch.ones(2, 2, 2, dtype=torch.bool)
+    for b, i, j in outside:
+        valid[b, i, j] = False
+    return valid
+
+
+def test_padded_patches_take_no_part_in_mce_transport_and_match():
+    """L_PC2M with patches outside the image equals Algorithm 1 written out on the patches inside
+    (MCE pooled, plans over, reads renormalised over, CE averaged over them), whatever the padded
+    patches predict; they get no gradient. The padded global patch is made to predict class 1,
+    absent from image 1, so pooling it would move the MCE."""
+    logits_g, logits_l, targets, alpha = hand_example()
+    logits_g[1, 1, 0, 1] = 8.0
+    expected_g = logits_g.clone().requires_grad_(True)
+    expected_l = logits_l.clone().requires_grad_(True)
+    expected = hand_loss(expected_g, expected_l, targets, alpha, 0.5, outside_g=OUTSIDE_G, outside_l=OUTSIDE_L)
+    expected.backward()
+
+    def ours(global_logits, local_logits):
+        return pc2m_loss(PatchPredictions(torch.log_softmax(global_logits, 1)),
+                         PatchPredictions(torch.log_softmax(local_logits, 1)),
+                         hand_alignment(), targets, torch.from_numpy(alpha), 0.5, LossSettings(True, True, 3, 0.5),
+                         global_valid=inside_mask(OUTSIDE_G), local_valid=inside_mask(OUTSIDE_L))
+
+    ours_g = logits_g.clone().requires_grad_(True)
+    ours_l = logits_l.clone().requires_grad_(True)
+    terms = ours(ours_g, ours_l)
+    terms.total.backward()
+    assert float(terms.total.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(ours_g.grad, expected_g.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_l.grad, expected_l.grad, rtol=1e-4, atol=1e-6)
+    assert float(ours_g.grad[1, :, 0, 1].abs().max()) == 0.0 and float(ours_l.grad[0, :, 0, 1].abs().max()) == 0.0
+    # Other predictions on the padding: the same loss.
+    other_g, other_l = logits_g.clone(), logits_l.clone()
+    other_g[1, :, 0, 1] = torch.tensor([-3.0, 5.0, 2.0], dtype=torch.float64)
+    other_l[0, :, 0, 1] = torch.tensor([9.0, -4.0, 0.0], dtype=torch.float64)
+    assert float(ours(other_g, other_l).total) == pytest.approx(float(terms.total.detach()), rel=1e-6)
+    # The test has teeth: counting the padding (anywhere) moves the value.
+    for wrong in (dict(), dict(outside_l=OUTSIDE_L), dict(outside_g=OUTSIDE_G)):
+        other = hand_loss(logits_g, logits_l, targets, alpha, 0.5, **wrong)
+        assert abs(float(other.detach()) - float(expected.detach())) > 1e-2, wrong
+    # The MCE alone: by hand, the padded patch's 8.0 on class 1 is not pooled.
+    pg = torch.softmax(logits_g, dim=1)
+    pooled_1 = torch.stack([pg[1, :, 0, 0], pg[1, :, 1, 0], pg[1, :, 1, 1]]).amax(dim=0)
+    assert float(pg[1, 1, 0, 1]) > float(pooled_1[1]) + 0.03  # pooling the padding would change it
+    torch.testing.assert_close(image_class_probabilities(PatchPredictions(torch.log_softmax(logits_g, 1)),
+                                                         inside_mask(OUTSIDE_G))[1], pooled_1)
+
+
+def test_sinkhorn_transports_only_the_patches_inside():
+    """Rows left out: the plan of the others is the plain Sinkhorn of those rows alone (N = their
+    count), and the left-out rows get no mass."""
+    generator = torch.Generator().manual_seed(11)
+    log_probs = torch.log_softmax(torch.randn(12, 4, generator=generator, dtype=torch.float64) * 2, dim=1)
+    alpha = np.array([0.4, 0.3, 0.2, 0.1])
+    valid = torch.tensor([True] * 5 + [False] * 2 + [True] * 4 + [False])
+    plan = ot.sinkhorn(log_probs, torch.from_numpy(alpha), 0.5, 3, valid=valid).double()
+    expected = numpy_sinkhorn(log_probs[valid].exp().numpy(), alpha, 0.5, 3)
+    np.testing.assert_allclose(plan[valid].numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert float(plan[~valid].abs().max()) == 0.0
+
+
+def test_class_areas_leave_out_padded_patches():
+    """Eq. 6 over the K' patches inside the image: image 0 has its corner patch outside (it says
+    class 2 with certainty), image 1 none."""
+    probs = torch.tensor([[[0.5, 0.2], [0.1, 0.0]], [[0.3, 0.6], [0.7, 0.0]], [[0.2, 0.2], [0.2, 1.0]]])
+    probs = torch.stack([probs, probs.flip(-1)])  # 2 x 3 x 2 x 2
+    valid = torch.ones(2, 2, 2, dtype=torch.bool)
+    valid[0, 1, 1] = False
+    areas = ot.image_class_areas(probs, valid)
+    torch.testing.assert_close(areas[0], torch.tensor([0.8, 1.6, 0.6]) / 3)
+    torch.testing.assert_close(areas[1], torch.tensor([0.8, 1.6, 1.6]) / 4)
+    torch.testing.assert_close(ot.image_class_areas(probs)[0], torch.tensor([0.8, 1.6, 1.6]) / 4)
 
 
 def test_mce_is_torch_bce_on_max_pooled_probabilities():
@@ -255,9 +347,14 @@ def test_config_holds_the_papers_schedule_values():
     assert train["epsilon_schedule"] == "reach_at_40"
     assert train["match_weight"] == 0.5  # Algorithm 1
     assert train["alpha_init"] == "dataset_frequencies"  # Sec. 3.2 text
+    assert train["local_view_size"] == "equal"  # Sec. 3.1: K patches per branch
+    assert train["class_area_update"] == "offline"  # Sec. 3.2, Algorithm 1
+    assert TrainSettings.from_params(train).views().local_size == train["global_size"]
+    assert TrainSettings.from_params({**train, "local_view_size": "local_size"}).views().local_size == 64
 
 
-@pytest.mark.parametrize("key,value", [("epsilon_schedule", "linear"), ("alpha_init", "zeros")])
+@pytest.mark.parametrize("key,value", [("epsilon_schedule", "linear"), ("alpha_init", "zeros"),
+                                       ("class_area_update", "both"), ("local_view_size", "half")])
 def test_unknown_readings_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
         TrainSettings.from_params({**config_train(), key: value})
@@ -326,3 +423,92 @@ def test_alpha_init_reaches_the_run(tmp_path):
     train(index / "manifest.csv", index / "classes.json", None, tmp_path / "out", params, 1)
     alpha = pd.read_csv(tmp_path / "out" / "alpha.csv").drop(columns="epoch").to_numpy()
     np.testing.assert_allclose(alpha[0], np.full(NUM_CLASSES, 1 / NUM_CLASSES), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline pass of eqs. 6-7 (Sec. 3.2, Algorithm 1's second loop)
+
+
+def independent_areas(model: torch.nn.Module, paths: list[str], size: int, mean, std) -> np.ndarray:
+    """Per image, one at a time: PIL's bicubic square resize, normalised, eval-mode softmax, mean
+    over the patches."""
+    from PIL import Image
+
+    areas = []
+    model.eval()
+    with torch.no_grad():
+        for path in paths:
+            rgb = np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+            x = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) \
+                / torch.tensor(std)[:, None, None]
+            areas.append(torch.softmax(model(x[None]).log_probs, dim=1)[0].mean(dim=(1, 2)).double().numpy())
+    return np.stack(areas)
+
+
+def test_offline_pass_is_the_mean_of_per_image_areas(tmp_path):
+    """dataset_class_area_sums over 5 images of several sizes, in batches of 2 (the last partial),
+    equals the sum of the per-image areas computed one by one; each process's share adds up to the
+    whole; the pass runs in eval mode (the head's dropout 0.5 would move it) and leaves the model
+    training."""
+    from PIL import Image
+
+    from pipeline.methods.pc2m.method import dataset_class_area_sums
+    from pipeline.methods.pc2m.views import PlainImageDataset
+    from pipeline.training.data import LabelledImage
+
+    generator = np.random.default_rng(0)
+    paths = []
+    for k, (w, h) in enumerate([(40, 30), (32, 32), (50, 20), (24, 36), (33, 33)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(generator.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    images = [LabelledImage(str(k), path, (1,)) for k, path in enumerate(paths)]
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=12, depth=1, num_heads=2, num_classes=0)
+    model = PatchClassifier(backbone, 4, dropout=0.5).train()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    dataset = PlainImageDataset(images, 32, mean, std)
+    cpu = torch.device("cpu")
+    total = dataset_class_area_sums(model, dataset, list(range(5)), 2, 0, cpu)
+    assert model.training
+    expected = independent_areas(model, paths, 32, mean, std)
+    np.testing.assert_allclose(total.numpy(), expected.sum(axis=0), rtol=1e-5)
+    shares = [dataset_class_area_sums(model, dataset, list(range(rank, 5, 2)), 1, 0, cpu) for rank in (0, 1)]
+    np.testing.assert_allclose((shares[0] + shares[1]).numpy(), total.numpy(), rtol=1e-6)
+    # Train mode (dropout on) would give other areas: the eval mode matters.
+    model.train()
+    with torch.no_grad():
+        dropped = torch.softmax(model(torch.stack([dataset[k] for k in range(5)])).log_probs, dim=1)
+    assert np.abs(dropped.mean(dim=(2, 3)).sum(dim=0).double().numpy() - expected.sum(axis=0)).max() > 1e-3
+
+
+def test_offline_area_update_reaches_the_run(tmp_path):
+    """A one-epoch run: alpha-tilde_1 in alpha.csv is eq. 7 applied to the mean per-image areas of
+    the trained model (model.pt) on the unaugmented training images, computed here independently;
+    the online reading, from the augmented views, gives another alpha-tilde_1."""
+    import pandas as pd
+
+    from pipeline.backbone import build_backbone, normalisation
+    from pipeline.datasets import read_manifest
+    from pipeline.methods.pc2m.model import Architecture, build_network
+    from pipeline.training.trainer import train
+    from test_pc2m import BACKBONE, make_demo, train_settings
+
+    index = make_demo(tmp_path, 8, 2, 64, 48)
+    alphas = {}
+    for update in ("offline", "online"):
+        params = {"backbone": BACKBONE, "train": train_settings(epochs=1, class_area_update=update), "mode": "weak",
+                  "seed": 0}
+        train(index / "manifest.csv", index / "classes.json", None, tmp_path / update, params, 1)
+        alphas[update] = pd.read_csv(tmp_path / update / "alpha.csv").drop(columns="epoch").to_numpy()
+    payload = torch.load(tmp_path / "offline" / "model.pt", weights_only=True)
+    backbone = build_backbone(BACKBONE["name"], "random", "teacher", BACKBONE["model_kwargs"])
+    model = build_network(backbone, Architecture(**payload["arch"]))
+    model.load_state_dict(payload["model"])
+    manifest = read_manifest(index / "manifest.csv")
+    paths = list(manifest[manifest["split"] == "train"]["image_path"])
+    q = independent_areas(model, paths, 48, *normalisation(backbone)).mean(axis=0)
+    alpha_0 = alphas["offline"][0]
+    np.testing.assert_allclose(alphas["offline"][1], 0.98 * alpha_0 + 0.02 * q / q.sum(), rtol=2e-5)
+    np.testing.assert_allclose(alphas["online"][0], alpha_0)
+    assert np.abs(alphas["online"][1] - alphas["offline"][1]).max() > 1e-5

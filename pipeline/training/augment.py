@@ -87,17 +87,32 @@ class Alignment:
     valid: torch.Tensor  # B x lh x lw bool
 
 
+def _homogeneous_centres(grid: tuple[int, int], batch: int, device: torch.device) -> torch.Tensor:
+    """Patch centres as homogeneous (x, y, 1): B x gh x gw x 3."""
+    centres = patch_centres(grid, batch, device)
+    return torch.cat([centres, torch.ones_like(centres[..., :1])], dim=-1)
+
+
+def patches_in_source(theta: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """B x gh x gw bool: whether the centre of each patch of a view rendered with ``theta``
+    (B x 2 x 3) lies inside the source image.
+
+    ``render`` fills the view outside the source with zeros (a rotated or shifted view's
+    corners); a patch whose centre is there is mostly that padding, not the image, so the
+    losses and the class-area estimate leave it out. The same rule as ``local_to_global``'s
+    "inside the source".
+    """
+    centres = _homogeneous_centres(grid, theta.shape[0], theta.device)
+    in_source = torch.einsum("bij,bhwj->bhwi", theta.float(), centres)
+    return (in_source.abs() <= 1).all(dim=-1)
+
+
 def local_to_global(theta_global: torch.Tensor, theta_local: torch.Tensor, local_grid: tuple[int, int]) -> Alignment:
     """Compose inv(theta_g) o theta_l at the local patch centres (B x 2 x 3 thetas)."""
-    batch = theta_local.shape[0]
-    centres = patch_centres(local_grid, batch, theta_local.device)
-    ones = torch.ones_like(centres[..., :1])
-    local_h = torch.cat([centres, ones], dim=-1)  # B x lh x lw x 3
-    to_source = _homogeneous(theta_local.float())
-    to_global = torch.linalg.inv(_homogeneous(theta_global.float())) @ to_source
-    in_source = torch.einsum("bij,bhwj->bhwi", to_source, local_h)[..., :2]
+    local_h = _homogeneous_centres(local_grid, theta_local.shape[0], theta_local.device)
+    to_global = torch.linalg.inv(_homogeneous(theta_global.float())) @ _homogeneous(theta_local.float())
     in_global = torch.einsum("bij,bhwj->bhwi", to_global, local_h)[..., :2]
-    valid = (in_global.abs() <= 1).all(dim=-1) & (in_source.abs() <= 1).all(dim=-1)
+    valid = (in_global.abs() <= 1).all(dim=-1) & patches_in_source(theta_local, local_grid)
     return Alignment(grid=in_global, valid=valid)
 
 

@@ -1,15 +1,19 @@
 """PC2M as a plug-in of the shared trainer (paper 000 Sec. 4.2, Algorithm 1), and the patch-
 classifier run ViT-PCM (``pipeline.methods.vitpcm``) builds on.
 
-alpha-tilde (eq. 7) is updated at the end of every epoch. Instead of Algorithm 1's second pass
-over the dataset, q (eq. 6) is averaged over the global-view predictions seen during the epoch
-(our choice: it halves the cost; the global view retains most of the image, and eq. 7's q_{m-1}
-is "the dataset's current predictions"). ViT-PCM has no transport: its alpha-tilde is only the
-diagnostic EMA of the predicted areas (``alpha.csv``, ``js_alpha_*``), its ``epsilon`` column is
+alpha-tilde (eq. 7) is updated at the end of every epoch from q (eq. 6) averaged over the
+dataset. ``train.class_area_update``: ``offline`` (default) is Algorithm 1's second pass, "updated
+offline to the dataset's current predictions" (Sec. 3.2): the model in eval mode predicts every
+training image once, unaugmented, at the global size, without gradients; ``online`` averages the
+global-view predictions seen while training (augmented, rotated; no extra pass). Either way the
+patches outside the image (zero-padded corners) are left out of the areas, as of the losses.
+ViT-PCM has no transport: its alpha-tilde is only the diagnostic EMA of the areas predicted on
+its training views (``alpha.csv``, ``js_alpha_*``; always online), its ``epsilon`` column is
 empty.
 
 Data parallel: the Sinkhorn sums, nu_b, the match-loss normaliser and the area estimate are
-reduced over processes (``Reducer``).
+reduced over processes (``Reducer``); the offline pass predicts each process's share of the
+images (every world-th from its rank).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.atomic import write_csv
 from pipeline.backbone import build_backbone, normalisation, patch_size
@@ -29,7 +34,7 @@ from pipeline.datasets import read_manifest
 from pipeline.devices import mixed_precision
 from pipeline.imageio import load_mask
 from pipeline.methods.pc2m.losses import pc2m_loss
-from pipeline.methods.pc2m.model import build_network, model_payload, set_trainable
+from pipeline.methods.pc2m.model import PatchClassifier, build_network, model_payload, set_trainable
 from pipeline.methods.pc2m.ot import (
     absent_classes,
     batch_class_marginal,
@@ -42,8 +47,8 @@ from pipeline.methods.pc2m.ot import (
 )
 from pipeline.methods.pc2m.predict import load_predictor  # noqa: F401 - the method's predictor
 from pipeline.methods.pc2m.settings import TrainSettings
-from pipeline.methods.pc2m.views import TwoViewDataset
-from pipeline.training.augment import local_to_global
+from pipeline.methods.pc2m.views import PlainImageDataset, TwoViewDataset
+from pipeline.training.augment import local_to_global, patches_in_source
 from pipeline.training.data import TRAIN_SPLIT
 from pipeline.training.method import MethodRun, TrainContext
 
@@ -74,6 +79,22 @@ def ground_truth_areas(manifest_path: Path, image_ids: set[str], num_classes: in
     return total / len(rows)
 
 
+@torch.no_grad()
+def dataset_class_area_sums(model: PatchClassifier, dataset: Dataset, indices: list[int], batch_size: int,
+                            num_workers: int, device: torch.device) -> torch.Tensor:
+    """sum_X q(X) (eq. 6) over images ``indices`` of ``dataset``, predicted in eval mode (the
+    offline pass of Algorithm 1); the model's train / eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    total = torch.zeros(model.num_classes, dtype=torch.float64, device=device)
+    for images in loader:
+        with mixed_precision(device):
+            probs = model(images.to(device, non_blocking=True)).probs
+        total += image_class_areas(probs).double().sum(dim=0)
+    model.train(was_training)
+    return total
 
 
 class PatchClassifierRun(MethodRun):
@@ -138,15 +159,20 @@ class PatchClassifierRun(MethodRun):
         """The Sinkhorn epsilon of ``epoch`` (App. B); NaN for a method without transport."""
         return self.settings.epsilon(epoch)
 
-    def record_areas(self, probs: torch.Tensor) -> None:
-        """Accumulate q (eq. 6) of the full-image branch's detached probabilities."""
-        self.area_sum += image_class_areas(probs).double().sum(dim=0)
+    def record_areas(self, probs: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Accumulate q (eq. 6) of the full-image branch's detached probabilities over its
+        ``valid`` patches (those inside the image; all by default)."""
+        self.area_sum += image_class_areas(probs, valid).double().sum(dim=0)
         self.images_seen += probs.shape[0]
 
-    def end_epoch(self, epoch: int) -> dict:
-        """alpha-tilde update (eq. 7) from the epoch's mean predicted areas, and its diagnostics."""
+    def mean_areas(self) -> torch.Tensor:
+        """(1/T) sum_X q(X) of eq. 7: here the mean over the training views of the epoch."""
         seen = self.reducer.sum(torch.tensor(self.images_seen, device=self.device))
-        area_mean = (self.reducer.sum(self.area_sum) / seen).float().cpu()
+        return self.reducer.sum(self.area_sum) / seen
+
+    def end_epoch(self, epoch: int) -> dict:
+        """alpha-tilde update (eq. 7) from the mean predicted areas, and its diagnostics."""
+        area_mean = self.mean_areas().float().cpu()
         new_alpha = ema_update(self.alpha_tilde, area_mean, self.settings.gamma)
         columns = {"js_alpha_change": js_divergence(new_alpha, self.alpha_tilde),
                    "js_alpha_gt": js_divergence(new_alpha, self.gt_areas) if self.gt_areas is not None
@@ -181,7 +207,6 @@ class PC2MRun(PatchClassifierRun):
     def epoch_columns(self, epoch: int) -> dict:
         columns = super().epoch_columns(epoch)
         self.epoch_epsilon = columns["epsilon"]
-        self.local_grid = (self.settings.local_size // self.patch,) * 2
         self.alpha_tilde_device = self.alpha_tilde.to(self.device)
         self.nu_dataset_device = self.nu_dataset.to(self.device)
         return columns
@@ -191,13 +216,29 @@ class PC2MRun(PatchClassifierRun):
         global_views = batch["global"].to(device, non_blocking=True)
         local_views = batch["local"].to(device, non_blocking=True)
         targets = batch["target"].to(device)
+        theta_global, theta_local = batch["theta_global"].to(device), batch["theta_local"].to(device)
         with mixed_precision(device):
             global_pred, local_pred = self.model(global_views), self.model(local_views)
         alpha = batch_class_marginal(self.alpha_tilde_device, multi_hot_frequencies(targets, self.reducer),
                                      self.nu_dataset_device)
-        alignment = local_to_global(batch["theta_global"].to(device), batch["theta_local"].to(device),
-                                    self.local_grid)
-        terms = pc2m_loss(global_pred, local_pred, alignment, targets, alpha, self.epoch_epsilon,
-                          self.settings.losses(), self.reducer)
-        self.record_areas(global_pred.probs.detach())
+        # The patch grids of the views as predicted (local: global_size or local_size, per
+        # train.local_view_size), so the alignment has the local branch's shape by construction.
+        global_grid, local_grid = global_pred.log_probs.shape[-2:], local_pred.log_probs.shape[-2:]
+        global_valid = patches_in_source(theta_global, global_grid)
+        terms = pc2m_loss(global_pred, local_pred, local_to_global(theta_global, theta_local, local_grid), targets,
+                          alpha, self.epoch_epsilon, self.settings.losses(), self.reducer,
+                          global_valid=global_valid, local_valid=patches_in_source(theta_local, local_grid))
+        if self.settings.class_area_update == "online":
+            self.record_areas(global_pred.probs.detach(), global_valid)
         return {"loss": terms.total, "mce": terms.mce, "match": terms.match}
+
+    def mean_areas(self) -> torch.Tensor:
+        """(1/T) sum_X q(X) of eq. 7; ``offline``: from a pass over the training images."""
+        if self.settings.class_area_update == "online":
+            return super().mean_areas()
+        processes = self.context.processes
+        dataset = PlainImageDataset(self.context.images, self.settings.global_size, self.mean, self.std)
+        share = list(range(processes.rank, len(dataset), processes.world))
+        sums = dataset_class_area_sums(self.model, dataset, share, max(1, self.settings.batch_size // processes.world),
+                                       self.settings.num_workers, self.device)
+        return self.reducer.sum(sums) / len(dataset)

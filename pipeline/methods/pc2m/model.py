@@ -122,9 +122,18 @@ def model_payload(model: PatchClassifier, arch: Architecture) -> dict:
             "model": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 
-def image_class_probabilities(predictions: PatchPredictions) -> torch.Tensor:
-    """Global max pooling over the patches: B x C image-level class probabilities (paper 001 eq. 3)."""
-    return predictions.probs.amax(dim=(2, 3))
+def image_class_probabilities(predictions: PatchPredictions, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Global max pooling over the patches: B x C image-level class probabilities (paper 001 eq. 3).
+
+    ``valid`` (B x gh x gw bool) keeps the patches that show the image: a zero-padded corner of a
+    rotated view would otherwise vote for whatever class padding looks like. Probabilities are
+    >= 0, so a left-out patch is pooled as 0 (the patches around a view's centre, which lies
+    inside the image, are always kept).
+    """
+    probs = predictions.probs
+    if valid is not None:
+        probs = probs * valid[:, None].to(probs.dtype)
+    return probs.amax(dim=(2, 3))
 
 
 def multilabel_bce(image_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ Every equation of the area balancing has one function here:
 - eq. 3 with S = -log P  -> ``sinkhorn`` (Gibbs kernel P^(1/eps), marginals (1/N, alpha));
 - eq. 5                  -> ``batch_class_marginal`` (alpha from alpha-tilde, nu_b, nu_D);
 - eqs. 6-7               -> ``image_class_areas`` (q) and ``ema_update`` (alpha-tilde), from
-                            ``initial_class_areas`` (alpha-tilde_0);
+                            ``initial_class_areas`` (alpha-tilde_0); the pass over the dataset
+                            that gives q is ``method.dataset_class_area_sums``;
 - App. B (eps schedule)  -> ``epsilon_at``.
 
 All sums over patches go through a ``Reducer`` so that data-parallel processes compute the plan
@@ -34,6 +35,7 @@ def sinkhorn(
     epsilon: float,
     iterations: int = 3,
     reduce: Reducer = LOCAL,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Transport plan of eq. 3 for N patches (rows) to |C| classes, rescaled by N (rows sum to 1).
 
@@ -43,16 +45,22 @@ def sinkhorn(
     rows, as POT's ``sinkhorn_knopp`` does, so the rows are exact at the end and N * Q is a soft
     pseudo-label per patch. Classes with alpha = 0 (absent from the batch) get no mass.
     ``log_probs``: N_local x C; N is the sum of N_local over processes. Stop-gradient (Alg. 1).
+    ``valid`` (N_local bool, all by default): the patches transported; the others (outside the
+    image) are not among the N, and their rows of the plan are 0. Masked rather than selected, so
+    that no device value is read on the host.
     """
     log_kernel = log_probs.float() / epsilon
-    total = reduce.sum(torch.tensor(float(log_kernel.shape[0]), device=log_kernel.device))
+    keep = torch.ones(log_kernel.shape[0], dtype=torch.bool, device=log_kernel.device) if valid is None else valid
+    total = reduce.sum(keep.sum().to(log_kernel.dtype))
     log_rows = -torch.log(total)
     log_cols = torch.log(alpha.to(log_kernel))  # -inf where alpha == 0: that column stays empty
-    log_u = torch.zeros(log_kernel.shape[0], device=log_kernel.device, dtype=log_kernel.dtype)
+    # log u = -inf: a left-out row adds nothing to the column sums and gets no mass.
+    left_out = torch.full_like(log_kernel[:, 0], -math.inf)
+    log_u = torch.where(keep, torch.zeros_like(left_out), left_out)
     log_v = torch.zeros(log_kernel.shape[1], device=log_kernel.device, dtype=log_kernel.dtype)
     for _ in range(iterations):
         log_v = log_cols - _log_column_sums(log_kernel + log_u[:, None], reduce)
-        log_u = log_rows - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
+        log_u = torch.where(keep, log_rows - torch.logsumexp(log_kernel + log_v[None, :], dim=1), left_out)
     return torch.exp(log_kernel + log_u[:, None] + log_v[None, :] - log_rows)
 
 
@@ -106,9 +114,16 @@ def batch_class_marginal(
     return unnormalised / unnormalised.sum()
 
 
-def image_class_areas(probs: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: q(X) = (1/K) sum_k p(y_k = c | u_k), per image: B x C x gh x gw -> B x C."""
-    return probs.float().mean(dim=(2, 3))
+def image_class_areas(probs: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 6: q(X) = (1/K) sum_k p(y_k = c | u_k), per image: B x C x gh x gw -> B x C.
+
+    ``valid`` (B x gh x gw bool): the K patches that show the image; those outside it (a rotated
+    view's zero-padded corners, ``augment.patches_in_source``) are left out. All by default.
+    """
+    if valid is None:
+        return probs.float().mean(dim=(2, 3))
+    weight = valid[:, None].float()
+    return (probs.float() * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp_min(1.0)
 
 
 def ema_update(alpha_tilde: torch.Tensor, mean_area: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -124,6 +139,9 @@ def ema_update(alpha_tilde: torch.Tensor, mean_area: torch.Tensor, gamma: float)
 # App. B's readings of the eps schedule (train.epsilon_schedule) and its "for 40 epochs".
 EPSILON_SCHEDULES = ("exponential", "reach_at_40", "scaled")
 APP_B_RAMP_EPOCHS = 40
+# How q_{m-1} of eq. 7 is estimated (train.class_area_update): Algorithm 1's offline pass over the
+# dataset after each epoch, or the mean over the epoch's training (global) views.
+CLASS_AREA_UPDATES = ("offline", "online")
 # alpha-tilde_0 (train.alpha_init): nu_D (Sec. 3.2 text, App. A eq. after 10) or 1/|C| (Algorithm 1).
 ALPHA_INITS = ("dataset_frequencies", "uniform")
 

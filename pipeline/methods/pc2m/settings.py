@@ -15,8 +15,8 @@ from pipeline.config import require_fields
 from pipeline.errors import ConfigError
 from pipeline.methods.pc2m.losses import LossSettings
 from pipeline.methods.pc2m.model import Architecture
-from pipeline.methods.pc2m.ot import ALPHA_INITS, EPSILON_SCHEDULES, epsilon_at
-from pipeline.methods.pc2m.views import ViewSettings
+from pipeline.methods.pc2m.ot import ALPHA_INITS, CLASS_AREA_UPDATES, EPSILON_SCHEDULES, epsilon_at
+from pipeline.methods.pc2m.views import LOCAL_VIEW_SIZES, ViewSettings
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.views import MosaicViews
 from pipeline.patch_sizes import fit_view_sizes
@@ -36,6 +36,7 @@ class TrainSettings:
     lr_after_warmup_factor: float
     global_size: int
     local_size: int
+    local_view_size: str
     global_scale: tuple[float, float]
     local_scale: tuple[float, float]
     max_rotation: float
@@ -51,6 +52,7 @@ class TrainSettings:
     use_match: bool
     match_weight: float
     alpha_init: str
+    class_area_update: str
     keep_checkpoints: int
     num_workers: int
     device: str
@@ -81,8 +83,10 @@ class TrainSettings:
         if self.epsilon_schedule not in EPSILON_SCHEDULES:
             raise ConfigError(f"train.epsilon_schedule: {self.epsilon_schedule!r} is not one of "
                               f"{', '.join(EPSILON_SCHEDULES)}")
-        if self.alpha_init not in ALPHA_INITS:
-            raise ConfigError(f"train.alpha_init: {self.alpha_init!r} is not one of {', '.join(ALPHA_INITS)}")
+        for key, allowed in (("alpha_init", ALPHA_INITS), ("class_area_update", CLASS_AREA_UPDATES),
+                             ("local_view_size", LOCAL_VIEW_SIZES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.epsilon_start <= self.epsilon_end:
             raise ConfigError("train.epsilon_start must be > 0 and <= train.epsilon_end")
         if self.epochs < 1 or self.batch_size < 1:
@@ -98,7 +102,10 @@ class TrainSettings:
                        vitpcm=replace(self.vitpcm, crop_size=crop_size))
 
     def views(self) -> ViewSettings:
-        return ViewSettings(self.global_size, self.local_size, self.global_scale, self.local_scale,
+        """PC2M's views; the local crop is rendered at the global size unless ``local_view_size``
+        is ``local_size`` (paper 000's K patches per branch, config.yaml)."""
+        local = self.global_size if self.local_view_size == "equal" else self.local_size
+        return ViewSettings(self.global_size, local, self.global_scale, self.local_scale,
                             self.max_rotation, self.flip, self.jitter)
 
     def mosaic_views(self, patch: int) -> MosaicViews:

@@ -11,18 +11,24 @@ and CE(Q^l, P^g) compare the same image regions, whatever the flips, scales and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Dataset
 
 from pipeline.training.augment import colour_jitter, random_affine, render
-from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot, source_image
+from pipeline.training.data import AugmentedViewDataset, LabelledImage, derived_seed, multi_hot, source_image
+
+# The local view's size in px (train.local_view_size): `equal` to the global view (paper 000: both
+# branches have K = (n/d)^2 patches, Algorithm 1's pg, pl (b, K, C)) or train.local_size.
+LOCAL_VIEW_SIZES = ("equal", "local_size")
 
 
 @dataclass(frozen=True)
 class ViewSettings:
-    """Sizes in pixels (square views); scales are the side of the view as a fraction of the
-    source's side (before rotation)."""
+    """Sizes in pixels (square views) as rendered; scales are the side of the view as a fraction
+    of the source's side (before rotation)."""
 
     global_size: int
     local_size: int
@@ -68,3 +74,21 @@ class TwoViewDataset(AugmentedViewDataset):
             "target": multi_hot(list(image.labels), self.num_classes),
             "index": torch.tensor(index),
         }
+
+
+class PlainImageDataset(Dataset):
+    """Item i: the normalised image i at ``size`` x ``size``, no augmentation (the source of the
+    training views; the offline pass of eqs. 6-7 predicts on it)."""
+
+    def __init__(self, images: Sequence[LabelledImage], size: int, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.paths = [image.image_path for image in images]
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (source_image(self.paths[index], self.size) - self.mean) / self.std
