@@ -355,3 +355,101 @@ def test_training_step_trains_every_branch_and_leaves_the_teacher_alone():
                                            torch.Generator().manual_seed(0))
     assert warm_parts["u"] == 0 and warm_parts["m"] == 0 and warm_parts["s2c"] == 0  # warm-up: eq. 14 without them
     assert warm_total.item() == pytest.approx((warm_parts["c"] + warm_parts["s"]).item(), rel=1e-6)
+
+
+# --- through the shared trainer and predictor ------------------------------------------------------
+
+
+def cam_settings(**overrides) -> dict:
+    cam = dict(backbone=TRUNK, weights="random", epochs=1, batch_size=4, lr=0.1, lr_power=0.9, momentum=0.0,
+               weight_decay=1e-4, crop_size=32, long_side_range=[32, 64], flip=True, jitter=False, puzzle_alpha=4.0,
+               puzzle_ramp=0.5, freeze_batchnorm=False)
+    return cam | overrides
+
+
+def csrm_train_settings(init: str, **overrides) -> dict:
+    from test_pc2m import train_settings
+
+    csrm = dict(init=init, image_size=32, flip=True, lr=0.007, weight_decay=1e-4, momentum=0.9, nesterov=True,
+                ema_momentum=0.99, warmup_epochs=1, delta_bg=0.05, delta_fg=0.35, in_loop_crf=True, crf_preset="psa",
+                sigma_start=0.1, sigma_end=1.0, lambda_s2c_start=1.0, lambda_s2c_end=1.0, lambda_u=1.0, lambda_m=1.0,
+                alpha_start=0.2, alpha_end=0.0, classmix_probability=0.5, queries=4, negatives=8, temperature=0.5,
+                query_threshold=0.3, negative_threshold=0.01, rank_low=3, rank_high=6, use_s2c=True, use_u=True,
+                use_m=True)
+    return train_settings(**({"method": "csrm", "epochs": 3, "batch_size": 4, "cam": cam_settings(), "csrm": csrm}
+                             | overrides))
+
+
+def test_cam_baseline_then_csrm_train_resume_exactly_and_predict(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from pipeline import shards
+    from pipeline.predict import predict_shard
+    from pipeline.training.trainer import train
+    from test_pc2m import BACKBONE, NUM_CLASSES, make_demo, predict_settings
+
+    demo = make_demo(tmp_path / "demo", 8, 2, 48, 40)
+
+    def run(out, train_params, threads=2):
+        train(demo / "manifest.csv", demo / "classes.json", None, out,
+              {"backbone": BACKBONE, "train": train_params, "mode": "weak", "seed": 0}, threads)
+
+    from test_pc2m import train_settings
+
+    run(tmp_path / "cam", train_settings(method="cam", epochs=1, batch_size=4, cam=cam_settings()))
+    cam_history = pd.read_csv(tmp_path / "cam" / "history.csv")
+    assert {"cls", "p_cls", "re", "puzzle_alpha"} <= set(cam_history.columns) and cam_history["re"].gt(0).all()
+    init = str(tmp_path / "cam" / "model.pt")
+    settings = csrm_train_settings(init, keep_checkpoints=3)
+    run(tmp_path / "straight", settings)
+    history = pd.read_csv(tmp_path / "straight" / "history.csv")
+    assert list(history["lambda_u"]) == [0.0, 1.0, 1.0]  # the warm-up epoch, then eq. 14 in full
+    assert history["u"].iloc[0] == 0 and history["u"].iloc[1:].gt(0).all()
+    assert history["lr"].is_monotonic_decreasing and history["s"].gt(0).all()
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    assert straight["arch"]["method"] == "csrm"
+    # A run killed after epoch 2 resumes to the same teacher, the same history (the CRF in worker processes).
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(tmp_path / "straight" / "checkpoints" / "epoch-0002.pt",
+                    tmp_path / "resumed" / "checkpoints" / "last.pt")
+    run(tmp_path / "resumed", settings)
+    resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    pd.testing.assert_frame_equal(history.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns="seconds"))
+
+    predict = predict_settings(max_size=48, flip=True) | {"csrm": {"scales": [0.5, 1.0]},
+                                                          "cam": {"scales": [1.0], "background": 0.35}}
+    params = {"backbone": BACKBONE, "predict": predict, "mode": "weak"}
+    for model in ("straight", "cam"):
+        out = tmp_path / f"predict-{model}"
+        predict_shard(demo / "manifest.csv", 0, tmp_path / model / "model.pt", out / "probs.safetensors",
+                      out / "masks", params, 2)
+        meta = shards.read_meta(out / "probs.safetensors")
+        assert meta["num_classes"] == NUM_CLASSES and meta["patch_size"] == 8
+        for image in shards.read_images(out / "probs.safetensors").values():
+            probs = image["probs"].float()
+            torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]), atol=2e-3, rtol=0)
+        assert len(list((out / "masks").glob("*.png"))) == len(meta["image_ids"]) == 10
+
+
+def test_segmentation_predictor_averages_scales_and_flips():
+    from pipeline.methods.csrm.method import SegmentationPredictor
+
+    torch.manual_seed(0)
+    net = CSRMNet(build_features(TRUNK, "random", "test"), 3).eval()
+    predictor = SegmentationPredictor(net, (0.5, 1.0))
+    images = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        views = []
+        for scale in (0.5, 1.0):
+            scaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                probs = F.softmax(net(scaled.flip(-1) if flip else scaled).segmentation, dim=1)
+                probs = F.interpolate(probs, size=(32, 48), mode="bilinear", align_corners=False)
+                views.append(probs.flip(-1) if flip else probs)
+        by_hand = F.avg_pool2d(torch.stack(views).mean(0), 8)
+    torch.testing.assert_close(predictor.predict(images, flip=True), by_hand, atol=1e-5, rtol=1e-4)
