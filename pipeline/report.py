@@ -62,7 +62,8 @@ MAX_GALLERY_IDS = 40
 NON_LOSS_COLUMNS = {"epoch", "unfrozen_blocks", "lr", "epsilon", "seconds"}
 CLUSTER_COLUMNS = ["id", "name", "images", "image_share", "pixel_share"]
 # Column order of the paper's tables: train (Table 3) before val (Table 4), pipeline order within.
-STAGE_ORDER = ("model", "affinity", "crf", "deeplab")  # affinity: the optional random walk
+# cam_baseline: CSRM's CAM classifier (paper 004 Table 2); affinity: the optional random walk
+STAGE_ORDER = ("cam_baseline", "model", "affinity", "crf", "deeplab")
 SPLIT_ORDER = ("train", "val")
 # Summary rows after the per-class rows: label -> key of the evaluation JSON.
 # precision / recall: means over the classes (paper 003 Tables 2 and 5 judge CAMs by them).
@@ -102,7 +103,8 @@ def paper_name(stage: str, split: str, method: str = "pc2m") -> str:
     Pseudo-Masks (BPM, paper 000 Table 3, the ViT-PCM nomenclature); otherwise the method's
     predictions (PC2M, Table 4; RCM+MAM, ...)."""
     base = "BPM" if split == "train" and method in BPM_METHODS else method_name(method)
-    names = {"model": base, "affinity": f"{base}+RW", "crf": f"{base}+CRF", "deeplab": "DeepLab"}
+    names = {"model": base, "affinity": f"{base}+RW", "crf": f"{base}+CRF", "deeplab": "DeepLab",
+             "cam_baseline": "CAM baseline"}
     return names.get(stage, stage)
 
 

@@ -72,5 +72,9 @@ def test_csrm_runs_from_its_cam_baseline_to_the_report(tmp_path):
     history = (results / "model" / "history.csv").read_text().splitlines()
     assert history[0].split(",")[:1] and {"c", "s", "s2c", "u", "m", "lambda_u"} <= set(history[0].split(","))
     assert len(list((results / "model" / "masks").glob("shard-*/*.png"))) == 12
+    # the CAM baseline's own masks are scored beside CSRM's (paper 004 Table 2: baseline, then CSRM)
+    assert len(list((results / "cam_baseline" / "masks").glob("shard-*/*.png"))) == 12
     summary = (results / "reports" / "summary.md").read_text()
-    assert summary.startswith("# CSRM results") and "CSRM (val)" in summary and "DeepLab" in summary
+    assert summary.startswith("# CSRM results") and "DeepLab (CSRM, val)" in summary
+    header = next(line for line in summary.splitlines() if line.startswith("| class_id"))
+    assert header.index("CAM baseline (CSRM, train)") < header.index("CSRM (train)") < header.index("CSRM (val)")

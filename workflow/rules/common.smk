@@ -191,6 +191,17 @@ if AFFINITY_ENABLED:
     EVALUATED = {"model": EVALUATED["model"], "affinity": ("train", "val"), **EVALUATED}
 CRF_PROBS = "affinity/probs" if AFFINITY_ENABLED else "model/probs"
 # --- end AffinityNet -------------------------------------------------------------------------------
+# --- CSRM's CAM baseline (paper 004 Sec. 3.2.6; workflow/rules/model.smk) --------------------------
+# CSRM starts from a CAM classifier: the cam_baseline stage's (train.csrm.init: baseline), or a file.
+# The baseline's own CAM masks are a stage of the report too (paper 004 Table 2, first row).
+CSRM_INIT = config["train"]["csrm"]["init"] if config["train"]["method"] == "csrm" else "none"
+CAM_BASELINE = "cam_baseline/model.pt"
+if CSRM_INIT == "baseline":
+    MASK_STAGES = {"cam_baseline": "cam_baseline/masks", **MASK_STAGES}
+    EVALUATED = {"cam_baseline": ("train", "val"), **EVALUATED}
+# Trained networks the predict rule runs: results/{trained}/model.pt
+TRAINED = ("model", "cam_baseline") if CSRM_INIT == "baseline" else ("model",)
+# --- end CAM baseline ------------------------------------------------------------------------------
 TRAIN_SPLIT = "train"
 
 
@@ -198,6 +209,7 @@ wildcard_constraints:
     shard=r"\d{5}",
     split=r"[A-Za-z0-9_]+",
     stage="|".join(MASK_STAGES),
+    trained="|".join(TRAINED),
 
 
 def as_json(obj):
@@ -390,11 +402,6 @@ def weights_input():
     return [] if weights in ("random", "timm") else [weights]
 
 
-# CSRM (paper 004) starts from a CAM classifier: the cam_baseline stage's, or a file (train.csrm.init).
-CSRM_INIT = config["train"]["csrm"]["init"] if config["train"]["method"] == "csrm" else "none"
-CAM_BASELINE = "cam_baseline/model.pt"
-
-
 def train_section():
     """The train section of the train_model job; CSRM's init `baseline` becomes the path of the
     cam_baseline stage's model."""
@@ -431,7 +438,7 @@ def training_data_inputs(wildcards):
 
 
 def predict_inputs(wildcards):
-    inputs = {"manifest": shard_list(wildcards), "model": results("model/model.pt")}
+    inputs = {"manifest": shard_list(wildcards), "model": results(f"{wildcards.trained}/model.pt")}
     if config["mode"] == "unsupervised":
         inputs["labels"] = results("pseudo_labels/image_labels.csv")
     return inputs

@@ -1,5 +1,7 @@
-# PC2M training (paper 000 Sec. 3.1-3.2, 4.2) and its sharded inference: class-probability maps
-# and masks of every image (train split: the baseline pseudo-masks, BPM; val split: PC2M on val).
+# Training of every method (train.method; paper 000 Sec. 3.1-3.2, 4.2 for PC2M) and its sharded
+# inference: class-probability maps and masks of every image (train split: the baseline
+# pseudo-masks, BPM; val split: the method on val). results/{trained}: model, or cam_baseline (the
+# CAM classifier CSRM starts from, whose masks the report scores too).
 
 
 rule train_model:
@@ -91,12 +93,12 @@ rule predict_model:
             runtime_keys("predict"),
         ),
     output:
-        probs=results("model/probs/shard-{shard}.safetensors"),
-        masks=directory(results("model/masks/shard-{shard}")),
+        probs=results("{trained}/probs/shard-{shard}.safetensors"),
+        masks=directory(results("{trained}/masks/shard-{shard}")),
     log:
-        results("logs/predict_model/shard-{shard}.log"),
+        results("logs/predict_{trained}/shard-{shard}.log"),
     benchmark:
-        results("benchmarks/predict_model/shard-{shard}.tsv")
+        results("benchmarks/predict_{trained}/shard-{shard}.tsv")
     conda:
         "../../envs/torch.yaml"
     threads: 2
