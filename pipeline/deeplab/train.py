@@ -474,7 +474,10 @@ def train_deeplab(
     save_checkpoint(model_path, trained_payload(model.cpu()))
     final_loss = progress.history[-1]["loss"] if progress.history else None
     # `recipe` and `network` say which DeepLab verification ran (the report shows them).
+    # `masks`: the folders it learnt from (COMUS round r > 1: round r-1's predictions)
+    folders = [masks_dir] if isinstance(masks_dir, (str, Path)) else list(masks_dir)
     write_json(out_dir / "done.json", {"recipe": settings.recipe, "network": settings.network(),
+                                       "masks": [str(folder) for folder in folders],
                                        "iterations": settings.iterations, "images": len(images),
                                        "final_loss": final_loss, "settings": asdict(settings)})
     log.info("DeepLab model written to %s", model_path)
