@@ -136,6 +136,8 @@ def run_proposals(manifest_path: Path, spectral_shards: Sequence[Path], out_dir:
     paths = manifest.set_index("image_id")["image_path"]
     image_ids = first_round_images(manifest, cfg["first_round_list"])
     saliency_dir = cfg["saliency_dir"]
+    if saliency_dir and not Path(saliency_dir).is_dir():
+        raise BadInputError(f"comus.saliency_dir: {saliency_dir} is not a folder of <image_id>.png saliency maps")
     segments = {} if saliency_dir else _spectral_segments(spectral_shards, set(image_ids))
 
     device = resolve_device(params["features"]["device"])

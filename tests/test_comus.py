@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -230,3 +231,16 @@ def test_comus_demo_runs_two_self_training_rounds_to_the_report(tmp_path):
     table = pd.read_csv(results / "reports" / "summary.csv")
     assert [c for c in table.columns if c.startswith("COMUS")] == [
         "COMUS round 1 (train)", "COMUS round 2 (train)", "COMUS round 1 (val)", "COMUS round 2 (val)"]
+
+
+def test_config_checks_comus_keys():
+    from pipeline.config import check_config, load_config
+    from pipeline.errors import ConfigError
+
+    config = load_config([str(Path(__file__).resolve().parents[1] / "config.yaml")])
+    config["comus"]["enabled"] = True
+    check_config(config)  # the demo: unsupervised, 2 rounds of [10, 5] epochs
+    with pytest.raises(ConfigError, match="comus.epochs"):
+        check_config({**config, "comus": {**config["comus"], "rounds": 1}})
+    with pytest.raises(ConfigError, match="unsupervised"):
+        check_config({**config, "mode": "weak"})
