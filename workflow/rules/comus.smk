@@ -9,6 +9,12 @@ def comus_round_section(round_number):
     return {**deeplab_train_section(), "iterations": None, "epochs": epochs}
 
 
+# The user's files the proposals read (main process only: a walk of the saliency folder).
+COMUS_INPUT_FILES = [
+    path for path in (COMUS["saliency_dir"], COMUS["first_round_list"]) if path and workflow.is_main_process
+]
+
+
 # Settings files per round, written while the workflow is read (round r's file reruns round r only).
 COMUS_ROUND_SETTINGS = {
     r: settings_file(
@@ -40,8 +46,8 @@ rule comus_proposals:
                 "comus": without(COMUS, ("rounds", "epochs")),
                 "backbone": config["backbone"],
                 "seed": config["seed"],
-                # an added, removed or edited saliency map reruns the proposals
-                "saliency_files": files_fingerprint([COMUS["saliency_dir"]]) if COMUS["saliency_dir"] else None,
+                # an added, removed or edited saliency map (or first-round list) reruns the proposals
+                "files": files_fingerprint(COMUS_INPUT_FILES) if COMUS_INPUT_FILES else None,
             },
             runtime_keys("features"),
         ),
