@@ -15,6 +15,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/affinity.smk"
 include: "workflow/rules/deeplab.smk"
+include: "workflow/rules/comus.smk"
 include: "workflow/rules/targets.smk"
 include: "workflow/rules/apply.smk"
 

@@ -136,6 +136,23 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_comus_proposals(args: argparse.Namespace) -> None:
+    from pipeline.comus import run_proposals
+
+    run_proposals(Path(args.manifest), [Path(p) for p in args.spectral], Path(args.out_dir), _params(args.params),
+                  args.threads)
+
+
+def _cmd_comus_pseudo_masks(args: argparse.Namespace) -> None:
+    from pipeline.comus import run_pseudo_masks
+
+    params = _params(args.params)
+    cfg = dict(params["pseudo_labels"])
+    cfg["num_clusters"] = resolve_num_clusters(cfg["num_clusters"], Path(args.classes))
+    run_pseudo_masks(Path(args.proposals), Path(args.out_masks), Path(args.out_dir), cfg, seed=int(params["seed"]),
+                     threads=args.threads)
+
+
 def _cmd_pseudo_label_report(args: argparse.Namespace) -> None:
     from pipeline.pseudo_label_report import report_pseudo_labels
 
@@ -182,8 +199,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_train_deeplab(args: argparse.Namespace) -> None:
     from pipeline.deeplab.train import train_deeplab
 
+    only = None
+    if args.images:
+        import pandas as pd
+
+        only = set(pd.read_csv(args.images, dtype={"image_id": str}, keep_default_na=False)["image_id"])
     train_deeplab(Path(args.manifest), [Path(d) for d in args.masks], Path(args.out_dir), _params(args.params),
-                  args.threads)
+                  args.threads, only)
 
 
 def _cmd_predict_deeplab(args: argparse.Namespace) -> None:
@@ -198,7 +220,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     params = _params(args.params)
     build_report(
-        [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes), Path(args.history), Path(args.done),
+        [Path(p) for p in args.eval], Path(args.manifest), Path(args.classes),
+        Path(args.history) if args.history else None, Path(args.done),
         {stage: {split: [Path(d) for d in dirs] for split, dirs in by_split.items()}
          for stage, by_split in params.get("stage_mask_dirs", [])},
         Path(args.out_dir), params, pseudo_labels_csv=Path(args.pseudo_labels) if args.pseudo_labels else None,
@@ -349,10 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON: {"mode", "evaluate", "num_predicted_classes"}')
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("comus-proposals", help="COMUS object proposals and their crops' CLS features")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--spectral", nargs="*", default=[], help="spectral shards (proposals without a saliency folder)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--params", required=True, action="append",
+                   help='JSON: {"comus", "backbone", "features", "seed"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_comus_proposals)
+
+    p = sub.add_parser("comus-pseudo-masks", help="cluster COMUS proposals, filter, write pseudo-masks")
+    p.add_argument("--proposals", required=True, help="the comus-proposals folder")
+    p.add_argument("--classes", required=True)
+    p.add_argument("--out-masks", required=True)
+    p.add_argument("--out-dir", required=True, help="clusters.csv, training_images.csv, summary.json")
+    p.add_argument("--params", required=True, action="append", help='JSON: {"pseudo_labels", "seed"}')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_comus_pseudo_masks)
+
     p = sub.add_parser("train-deeplab", help="train DeepLabV3+ on the train split's pseudo-masks")
     p.add_argument("--manifest", required=True)
     p.add_argument("--masks", nargs="+", required=True, help="folders of <image_id>.png pseudo-masks")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--images", help="CSV whose image_id column is the training set (default: the whole train split)")
     p.add_argument("--params", required=True, action="append", help='JSON: {"deeplab", "num_classes", "seed"}')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_train_deeplab)
@@ -386,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval/<stage>-<split>.json files (none for a dataset without ground truth)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--classes", required=True)
-    p.add_argument("--history", required=True, help="model/history.csv")
+    p.add_argument("--history", help="model/history.csv (COMUS trains no patch classifier: none)")
     p.add_argument("--deeplab-done", help="deeplab/done.json: the report says which DeepLab recipe ran")
     p.add_argument("--cam-scales", help="reports/cam_scales.csv (RCM+MAM, weak mode): a table per inference scale")
     p.add_argument("--done", required=True, help="model/done.json (the method and its classes; alpha.csv beside "

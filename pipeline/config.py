@@ -148,6 +148,13 @@ def check_config(config: dict[str, Any]) -> None:
             and folder.get("num_classes") is None and folder.get("class_names") is None):
         raise ConfigError("unsupervised mode needs a number of clusters: set pseudo_labels.num_clusters "
                           "(or dataset.folder.num_classes / dataset.folder.class_names)")
+    comus = config.get("comus") or {}
+    if comus.get("enabled"):
+        if config["mode"] != "unsupervised":
+            raise ConfigError("comus.enabled: COMUS is an unsupervised method; set mode: unsupervised")
+        if len(comus["epochs"]) != comus["rounds"]:
+            raise ConfigError(f"comus.epochs: one length per round (comus.rounds is {comus['rounds']}), "
+                              f"got {comus['epochs']}")
 
 
 def check_gpu_request(compute: dict[str, Any], detected: int) -> None:

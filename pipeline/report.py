@@ -74,7 +74,8 @@ MAX_LEGEND_CLASSES = 21
 
 
 # train.method -> the name its paper gives it (cam: the plain CAM baseline of paper 003 Table 2).
-METHOD_NAMES = {"pc2m": "PC2M", "vitpcm": "ViT-PCM", "rcm_mam": "RCM+MAM", "csrm": "CSRM", "cam": "CAM baseline"}
+METHOD_NAMES = {"pc2m": "PC2M", "vitpcm": "ViT-PCM", "rcm_mam": "RCM+MAM", "csrm": "CSRM", "cam": "CAM baseline",
+                "comus": "COMUS"}
 # Methods whose train-split masks the papers call Baseline Pseudo-Masks (ViT-PCM's nomenclature).
 BPM_METHODS = ("pc2m", "vitpcm")
 
@@ -105,7 +106,16 @@ def paper_name(stage: str, split: str, method: str = "pc2m") -> str:
     base = "BPM" if split == "train" and method in BPM_METHODS else method_name(method)
     names = {"model": base, "affinity": f"{base}+RW", "crf": f"{base}+CRF", "deeplab": "DeepLab",
              "cam_baseline": "CAM baseline"}
-    return names.get(stage, stage)
+    if stage in names:
+        return names[stage]
+    round_number = comus_round(stage)
+    return stage if round_number is None else f"COMUS round {round_number}"
+
+
+def comus_round(stage: str) -> int | None:
+    """The self-training round of a COMUS stage ``comus_round<N>`` (paper 002's iterations), else None."""
+    prefix = "comus_round"
+    return int(stage[len(prefix):]) if stage.startswith(prefix) and stage[len(prefix):].isdigit() else None
 
 
 def column_name(stage: str, split: str, method: str = "pc2m", run: str = "") -> str:
@@ -138,7 +148,8 @@ def column_order(evals: Sequence[StageEval]) -> list[StageEval]:
     comparison stand side by side per stage and split, in the order given."""
 
     def rank(item: StageEval) -> tuple:
-        return (_rank(item.split, SPLIT_ORDER), item.split, _rank(item.stage, STAGE_ORDER), item.stage)
+        return (_rank(item.split, SPLIT_ORDER), item.split, _rank(item.stage, STAGE_ORDER),
+                comus_round(item.stage) or 0, item.stage)
 
     return sorted(evals, key=rank)
 
@@ -255,10 +266,11 @@ def header_lines(classes: dict, manifest: pd.DataFrame, mode: str, evals: Sequen
     classes_text = (f"{classes['num_classes']} classes (background included)" if classes.get("num_classes")
                     else "no class names (clusters only)")
     scored = [f"{item.column} on {item.result['images']}" for item in evals]
+    switch = "`comus.enabled: true`" if method == "comus" else f"`train.method: {method}`"
     return [
         f"# {method_name(method)} results",
         "",
-        f"- Method: {method_name(method)} (`train.method: {method}`).",
+        f"- Method: {method_name(method)} ({switch}).",
         f"- Dataset: {classes.get('kind', 'unknown')}, {classes_text}.",
         f"- Mode: {mode} ({'image-level labels' if mode == 'weak' else 'pseudo-labels from clustering, no labels'}).",
         f"- Images per split: {', '.join(counts)}.",
@@ -607,7 +619,7 @@ def build_report(
     eval_jsons: Sequence[Path],
     manifest_path: Path,
     classes_path: Path,
-    history_csv: Path,
+    history_csv: Path | None,
     done_json: Path,
     stage_mask_dirs: Mapping[str, Mapping[str, Sequence[Path]]],
     out_dir: Path,
@@ -648,11 +660,12 @@ def build_report(
         evals += run_evals
     evals = column_order(evals)
     manifest = read_manifest(manifest_path)
-    history = pd.read_csv(history_csv)
+    history = pd.read_csv(history_csv) if history_csv is not None else None
     predicted_names = model_class_names(mode, names, int(done["num_classes"]))
     # alpha-tilde (paper 000 eq. 7): only the patch-classifier methods estimate class areas.
-    alpha_csv = Path(history_csv).parent / "alpha.csv"
-    alpha = read_alpha(alpha_csv, len(predicted_names)) if method in BPM_METHODS and alpha_csv.is_file() else None
+    alpha_csv = Path(history_csv or ".").parent / "alpha.csv"
+    alpha = (read_alpha(alpha_csv, len(predicted_names))
+             if history is not None and method in BPM_METHODS and alpha_csv.is_file() else None)
 
     stage = final_stage(stage_mask_dirs)
     found = count_found(manifest, Path(manifest_path), stage, stage_mask_dirs[stage], len(predicted_names))
@@ -678,7 +691,9 @@ def build_report(
     save_figure(alpha_figure(alpha, history, predicted_names) if alpha is not None
                 else message_figure(f"{method_name(method)} estimates no class areas (alpha-tilde is PC2M's)"),
                 out_dir / "alpha.png")
-    save_figure(training_figure(history), out_dir / "training.png")
+    save_figure(training_figure(history) if history is not None
+                else message_figure(f"{method_name(method)} trains no patch classifier (its rounds are DeepLabs)"),
+                out_dir / "training.png")
     split, image_ids = qualitative_images(manifest, count)
     shown_stages = {s: by_split[split] for s, by_split in stage_mask_dirs.items() if split in by_split}
     save_figure(qualitative_figure(manifest, Path(manifest_path), split, image_ids, shown_stages, mode, method),

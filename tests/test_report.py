@@ -300,3 +300,33 @@ def test_report_names_the_method_and_plots_no_areas_for_a_method_without_them(tr
     assert markdown.startswith("# RCM+MAM results") and "`train.method: rcm_mam`" in markdown
     assert "RCM+MAM (train)" in summary.columns and "RCM+MAM+CRF (val)" in summary.columns
     assert (tree["out"] / "alpha.png").is_file()  # a message, not PC2M's stale alpha.csv
+
+
+def test_comus_rounds_are_named_and_ordered_by_round():
+    assert [paper_name(f"comus_round{r}", "val", "comus") for r in (1, 2, 10)] == [
+        "COMUS round 1", "COMUS round 2", "COMUS round 10"]
+    assert column_name("comus_round2", "train", "comus") == "COMUS round 2 (train)"
+    from pipeline.report import StageEval, column_order
+
+    evals = [StageEval(stage, split, {}) for stage in ("comus_round10", "comus_round2", "comus_round1")
+             for split in ("val", "train")]
+    assert [(e.stage, e.split) for e in column_order(evals)] == [
+        (f"comus_round{r}", split) for split in ("train", "val") for r in (1, 2, 10)]
+
+
+def test_comus_report_without_a_patch_classifier_history(tree):
+    """COMUS's run has no model/history.csv: its summary.json is the done file, the rounds the stages."""
+    results = tree["results"]
+    write_json(results / "comus" / "summary.json", {"method": "comus", "num_classes": len(NAMES)})
+    for stage, target in (("model", "comus_round1"), ("crf", "comus_round2")):
+        for suffix in ("json", "csv"):
+            for split in ("train", "val"):
+                (results / "eval" / f"{stage}-{split}.{suffix}").rename(results / "eval" / f"{target}-{split}.{suffix}")
+    dirs = {"comus_round1": tree["mask_dirs"]["model"], "comus_round2": tree["mask_dirs"]["crf"]}
+    summary = run_report(tree, history_csv=None, done_json=results / "comus" / "summary.json",
+                         stage_mask_dirs={stage: {"train": d, "val": d} for stage, d in dirs.items()})
+    markdown = (tree["out"] / "summary.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# COMUS results") and "`comus.enabled: true`" in markdown
+    assert [c for c in summary.columns if c.startswith("COMUS")] == [
+        "COMUS round 1 (train)", "COMUS round 2 (train)", "COMUS round 1 (val)", "COMUS round 2 (val)"]
+    assert (tree["out"] / "training.png").is_file() and (tree["out"] / "alpha.png").is_file()

@@ -207,12 +207,16 @@ class TrainImage:
 # Inputs
 
 
-def train_images(manifest_path: str | Path, masks_dir: str | Path | Sequence[str | Path]) -> list[TrainImage]:
+def train_images(manifest_path: str | Path, masks_dir: str | Path | Sequence[str | Path],
+                 only: set[str] | None = None) -> list[TrainImage]:
     """Train-split images in manifest order with their pseudo-masks, looked up in ``masks_dir`` (one
-    folder, or one per shard); a missing mask is an error."""
+    folder, or one per shard); a missing mask is an error. ``only``: the training set, when it is
+    not the whole split (COMUS: images without a proposal or filtered out leave it)."""
     folders = [masks_dir] if isinstance(masks_dir, (str, Path)) else list(masks_dir)
     manifest = read_manifest(manifest_path)
     rows = manifest[manifest["split"] == TRAIN_SPLIT]
+    if only is not None:
+        rows = rows[rows["image_id"].isin(only)]
     if rows.empty:
         raise BadInputError(f"{manifest_path}: no images in split {TRAIN_SPLIT!r} to train DeepLab on")
     images = [
@@ -439,13 +443,15 @@ def make_loader(dataset: PseudoMaskSamples, start: int, s: TrainSettings, worker
 
 
 def train_deeplab(
-    manifest_path: str | Path, masks_dir: str | Path, out_dir: str | Path, params: dict, threads: int
+    manifest_path: str | Path, masks_dir: str | Path, out_dir: str | Path, params: dict, threads: int,
+    only: set[str] | None = None,
 ) -> None:
-    """Train on ``masks_dir/{image_id}.png`` of the train split; write ``out_dir/model.pt``."""
+    """Train on ``masks_dir/{image_id}.png`` of the train split (of its images in ``only`` when
+    given); write ``out_dir/model.pt``."""
     settings, run = TrainSettings.from_params(params), RunSettings.from_params(params)
     out_dir = Path(out_dir)
     torch.set_num_threads(max(1, threads))
-    images = train_images(manifest_path, masks_dir)
+    images = train_images(manifest_path, masks_dir, only)
     settings = settings.for_images(len(images))
     device = resolve_deeplab_device(run.device)
 
@@ -468,7 +474,10 @@ def train_deeplab(
     save_checkpoint(model_path, trained_payload(model.cpu()))
     final_loss = progress.history[-1]["loss"] if progress.history else None
     # `recipe` and `network` say which DeepLab verification ran (the report shows them).
+    # `masks`: the folders it learnt from (COMUS round r > 1: round r-1's predictions)
+    folders = [masks_dir] if isinstance(masks_dir, (str, Path)) else list(masks_dir)
     write_json(out_dir / "done.json", {"recipe": settings.recipe, "network": settings.network(),
+                                       "masks": [str(folder) for folder in folders],
                                        "iterations": settings.iterations, "images": len(images),
                                        "final_loss": final_loss, "settings": asdict(settings)})
     log.info("DeepLab model written to %s", model_path)

@@ -202,6 +202,19 @@ if CSRM_INIT == "baseline":
 # Trained networks the predict rule runs: results/{trained}/model.pt
 TRAINED = ("model", "cam_baseline") if CSRM_INIT == "baseline" else ("model",)
 # --- end CAM baseline ------------------------------------------------------------------------------
+# --- COMUS (paper 002; workflow/rules/comus.smk) ---------------------------------------------------
+# When enabled, COMUS replaces the patch classifier and its CRF / DeepLab stages: the masks are those
+# of its self-training rounds (DeepLabs predicting every split), each a stage evaluated on train
+# and val, the last one the run's final masks.
+COMUS = config["comus"]
+COMUS_ENABLED = COMUS["enabled"]
+COMUS_ROUNDS = list(range(1, COMUS["rounds"] + 1))
+if COMUS_ENABLED:
+    MASK_STAGES = {f"comus_round{r}": f"comus/round{r}/masks" for r in COMUS_ROUNDS}
+    EVALUATED = {stage: ("train", "val") for stage in MASK_STAGES}
+# Stages whose masks are one folder per split (DeepLabs) rather than one per shard.
+PER_SPLIT_STAGES = {"deeplab", *(f"comus_round{r}" for r in COMUS_ROUNDS)}
+# --- end COMUS -------------------------------------------------------------------------------------
 TRAIN_SPLIT = "train"
 
 
@@ -329,7 +342,8 @@ def deeplab_splits():
 
 
 def stage_splits(stage):
-    """Splits a stage writes masks for: every split (sharded stages), or DeepLab's."""
+    """Splits a stage writes masks for: every split (sharded stages, COMUS rounds: round r + 1
+    trains on round r's train masks), or DeepLab's."""
     return deeplab_splits() if stage == "deeplab" else list(dataset_facts()[0])
 
 
@@ -345,15 +359,15 @@ def sharded_dirs(stage_dir):
 
 def mask_dirs(stage, split):
     """The folders holding a stage's masks for ``split``."""
-    if stage == "deeplab":
+    if stage in PER_SPLIT_STAGES:
         return [results(f"{MASK_STAGES[stage]}/{split}")]
     return sharded_dirs(MASK_STAGES[stage])
 
 
 def all_mask_dirs(stage):
     """Every mask folder of a stage, whatever the split."""
-    if stage == "deeplab":
-        return [d for split in deeplab_splits() for d in mask_dirs(stage, split)]
+    if stage in PER_SPLIT_STAGES:
+        return [d for split in stage_splits(stage) for d in mask_dirs(stage, split)]
     return sharded_dirs(MASK_STAGES[stage])
 
 
@@ -442,6 +456,13 @@ def predict_inputs(wildcards):
     if config["mode"] == "unsupervised":
         inputs["labels"] = results("pseudo_labels/image_labels.csv")
     return inputs
+
+
+def pseudo_summary_input():
+    """The clustering's summary (its number of clusters) in unsupervised mode: COMUS's or PC2M's."""
+    if config["mode"] != "unsupervised":
+        return []
+    return [results("comus/summary.json" if COMUS_ENABLED else "pseudo_labels/summary.json")]
 
 
 def predicted_classes(input):

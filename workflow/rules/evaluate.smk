@@ -30,7 +30,7 @@ rule evaluate_split:
         masks=lambda w: mask_dirs(w.stage, w.split),
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
-        pseudo_summary=lambda w: [results("pseudo_labels/summary.json")] if config["mode"] == "unsupervised" else [],
+        pseudo_summary=lambda w: pseudo_summary_input(),
         settings=settings_file("evaluate_split", {"mode": config["mode"], "evaluate": config["evaluate"]}),
     output:
         json=results("eval/{stage}-{split}.json"),
@@ -56,11 +56,15 @@ rule report:
         evals=lambda w: eval_targets(),
         manifest=results("dataset/manifest.csv"),
         classes=results("dataset/classes.json"),
-        history=results("model/history.csv"),
-        done=results("model/done.json"),
-        deeplab_done=results("deeplab/done.json"),
+        # COMUS (common.smk): no patch classifier, so no history; its summary names the method and
+        # classes, and its last round is the DeepLab whose recipe the report names
+        history=[] if COMUS_ENABLED else [results("model/history.csv")],
+        done=results("comus/summary.json" if COMUS_ENABLED else "model/done.json"),
+        deeplab_done=results(f"comus/round{COMUS_ROUNDS[-1]}/done.json" if COMUS_ENABLED else "deeplab/done.json"),
         masks=lambda w: [d for stage in MASK_STAGES for d in all_mask_dirs(stage)],
-        pseudo=lambda w: [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" else [],
+        pseudo=lambda w: (
+            [results("reports/pseudo_labels.csv")] if config["mode"] == "unsupervised" and not COMUS_ENABLED else []
+        ),
         cam_scales=lambda w: cam_scale_inputs(),
         compared=lambda w: compared_inputs(),
         settings=settings_file(
@@ -94,11 +98,12 @@ rule report:
             {"stage_mask_dirs": [[s, {split: mask_dirs(s, split) for split in stage_splits(s)}] for s in MASK_STAGES]}
         ),
         out_dir=lambda w, output: str(Path(output.summary).parent),
+        history=lambda w, input: f"--history {shlex.quote(input.history[0])}" if input.history else "",
         pseudo=lambda w, input: f"--pseudo-labels {shlex.quote(input.pseudo[0])}" if input.pseudo else "",
         cam_scales=lambda w, input: f"--cam-scales {shlex.quote(input.cam_scales[0])}" if input.cam_scales else "",
     shell:
         "python -m pipeline report --eval {input.evals:q} --manifest {input.manifest:q} --classes {input.classes:q}"
-        " --history {input.history:q} --done {input.done:q} --deeplab-done {input.deeplab_done:q}"
+        " {params.history} --done {input.done:q} --deeplab-done {input.deeplab_done:q}"
         " {params.pseudo} {params.cam_scales}"
         " --out-dir {params.out_dir:q}"
         " --params {input.settings:q} --params {params.facts:q} > {log:q} 2>&1"
