@@ -2,9 +2,10 @@
 methods, or of the same method with other settings, on the same dataset, whose evaluations the
 report tables beside this run's (pipeline/report.py).
 
-A run is read from its results folder: ``model/done.json`` (its ``method``) and
-``eval/{stage}-{split}.json``. Kept apart from pipeline.report so that the workflow checks the
-folders while it plans (workflow/rules/common.smk) without importing pandas or matplotlib.
+A run is read from its results folder: ``model/done.json`` (its ``method``; a COMUS run's
+``comus/summary.json``) and ``eval/{stage}-{split}.json``. Kept apart from pipeline.report so
+that the workflow checks the folders while it plans (workflow/rules/common.smk) without
+importing pandas or matplotlib.
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ def compared_folders(compare_with: Sequence[str], results: str | os.PathLike) ->
     return folders
 
 
+# Where a finished run records its method: a trained model's done.json, or COMUS's summary.
+METHOD_FILES = ("model/done.json", "comus/summary.json")
+
+
 def run_files(folder: Path) -> tuple[Path, list[Path]]:
-    """(``model/done.json``, evaluation JSONs) of a finished run's results folder. BadInputError
-    when either is missing: this workflow does not make another run's files, its own config
-    must have run first."""
-    done = Path(folder) / "model" / "done.json"
+    """(the file naming the run's method, evaluation JSONs) of a finished run's results folder.
+    BadInputError when either is missing: this workflow does not make another run's files, its
+    own config must have run first."""
+    done = next((Path(folder) / name for name in METHOD_FILES if (Path(folder) / name).is_file()),
+                Path(folder) / METHOD_FILES[0])
     evals = eval_jsons_in(Path(folder) / "eval")
     missing = [what for what, absent in (("model/done.json", not done.is_file()),
                                          ("evaluations (eval/*.json)", not evals)) if absent]

@@ -168,3 +168,15 @@ def test_the_workflow_reruns_only_the_report_with_the_compared_run(tmp_path_fact
     assert missing.returncode != 0
     assert "compared results folder 'runs/csrm' has no model/done.json" in missing.stdout
     assert "run that run's config first" in missing.stdout
+
+
+def test_a_comus_run_is_compared_by_its_rounds(tree, tmp_path):
+    """A COMUS run has no model/done.json: its method is in comus/summary.json, its stages are rounds."""
+    comus = tmp_path / "comus-run"
+    write_json(comus / "comus" / "summary.json", {"method": "comus", "num_classes": len(NAMES)})
+    write_json(comus / "eval" / "comus_round1-val.json", evaluation([0.7, 0.2, None], 3))
+    write_json(comus / "eval" / "comus_round2-val.json", evaluation([0.75, 0.25, None], 3))
+    summary = table(tree, comus)
+    assert {"COMUS round 1 (val)", "COMUS round 2 (val)"} <= set(summary.columns)
+    row = summary.set_index("class").loc["mIoU"]
+    assert row["COMUS round 2 (val)"] == pytest.approx(50.0)
