@@ -3,6 +3,7 @@ hand or another way, the CAM-model loader on files made on the fly, and a short 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -453,3 +454,33 @@ def test_segmentation_predictor_averages_scales_and_flips():
                 views.append(probs.flip(-1) if flip else probs)
         by_hand = F.avg_pool2d(torch.stack(views).mean(0), 8)
     torch.testing.assert_close(predictor.predict(images, flip=True), by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_csrm_trains_on_clustering_pseudo_labels_without_ground_truth(tmp_path):
+    """Unsupervised mode: masks gone, manifest labels blanked; CSRM (from ImageNet-free random
+    weights, init none) trains on the clusters and predicts clusters + 1 classes."""
+    from pipeline import shards
+    from pipeline.datasets import read_manifest
+    from pipeline.predict import predict_shard
+    from pipeline.training.trainer import train
+    from test_pc2m import BACKBONE, make_demo, predict_settings
+
+    demo = make_demo(tmp_path / "demo", 8, 2, 48, 40)
+    manifest = read_manifest(demo / "manifest.csv")
+    pseudo = manifest[manifest["split"] == "train"][["image_id", "labels", "has_labels"]].copy()
+    pseudo["labels"] = [str((i % 2) + 1) for i in range(len(pseudo))]  # clusters 1..2
+    pseudo.to_csv(tmp_path / "image_labels.csv", index=False)
+    (tmp_path / "summary.json").write_text('{"num_clusters": 2}')
+    blind = manifest.assign(mask_path=[str(tmp_path / "gone" / f"{i}.png") for i in manifest["image_id"]],
+                            labels="", has_labels=False)
+    blind.to_csv(tmp_path / "manifest.csv", index=False)
+    predict = predict_settings(max_size=48, restrict_to_labels=True) | {"csrm": {"scales": [1.0]}}
+    params = {"backbone": BACKBONE, "train": csrm_train_settings("none", epochs=2), "mode": "unsupervised",
+              "seed": 0, "predict": predict}
+    train(tmp_path / "manifest.csv", demo / "classes.json", tmp_path / "image_labels.csv", tmp_path / "out", params, 1)
+    done = json.loads((tmp_path / "out" / "done.json").read_text())
+    assert done["num_classes"] == 3 and done["mode"] == "unsupervised" and done["init"] == "none"
+    predict_shard(tmp_path / "manifest.csv", 0, tmp_path / "out" / "model.pt", tmp_path / "probs.safetensors",
+                  tmp_path / "masks", params, 1, labels_path=tmp_path / "image_labels.csv")
+    meta = shards.read_meta(tmp_path / "probs.safetensors")
+    assert meta["num_classes"] == 3 and set(meta["restricted_images"]) == set(pseudo["image_id"])
