@@ -45,6 +45,16 @@ class TrainContext:
     def seed(self) -> int:
         return int(self.params["seed"])
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (the trainer drops the last partial global batch)."""
+        return len(self.images) // int(self.params["train"]["batch_size"])
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run (at least 1): what the learning-rate schedules span."""
+        return max(1, int(self.params["train"]["epochs"]) * self.steps_per_epoch)
+
 
 class MethodRun(ABC):
     """One training run of a method. ``model`` is what the checkpoints hold; ``dataset`` yields dict

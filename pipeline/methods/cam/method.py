@@ -89,9 +89,7 @@ class CAMRun(MethodRun):
         self.model = CAMClassifier(features, context.num_classes - 1, self.settings.freeze_batchnorm)
         self.dataset = CropViewDataset(context.images, context.num_classes, self.settings.views, features.mean,
                                        features.std, context.seed)
-        batch_size = int(context.params["train"]["batch_size"])
-        self.steps_per_epoch = len(context.images) // batch_size
-        self.max_steps = max(1, int(context.params["train"]["epochs"]) * self.steps_per_epoch)
+        self.steps_per_epoch, self.max_steps = context.steps_per_epoch, context.total_steps
         self.optimizer_in_use: torch.optim.Optimizer | None = None
 
     def optimizer(self, epoch: int) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:

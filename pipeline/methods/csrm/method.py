@@ -100,9 +100,7 @@ class CSRMRun(MethodRun):
                                          context.seed)
         self.crf = resolve_params({"preset": s.crf_preset}) if s.losses.in_loop_crf else None
         self.pool: Executor | None = None
-        batch_size = int(context.params["train"]["batch_size"])
-        self.steps_per_epoch = len(context.images) // batch_size
-        self.max_steps = max(1, int(context.params["train"]["epochs"]) * self.steps_per_epoch)
+        self.steps_per_epoch, self.max_steps = context.steps_per_epoch, context.total_steps
         self.warmup_steps = s.losses.warmup_epochs * self.steps_per_epoch
         self.global_step = 0
         self.optimizer_in_use: torch.optim.Optimizer | None = None

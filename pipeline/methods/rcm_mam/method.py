@@ -96,8 +96,6 @@ class RCMMAMRun(MethodRun):
         self.settings = RCMMAMTrainSettings.from_params(context.params["train"])
         self.context = context
         self.device = context.device
-        self.batch_size = int(context.params["train"]["batch_size"])
-        self.epochs = int(context.params["train"]["epochs"])
         trunk = build_trunk(self.settings.backbone, self.settings.weights, self.settings.output_stride)
         foreground = context.num_classes - 1
         self.model = CAMNet(trunk, foreground, self.settings.losses.feature_dim)
@@ -106,8 +104,7 @@ class RCMMAMRun(MethodRun):
         mean, std = imagenet_normalisation()
         self.dataset = CropViewDataset(context.images, context.num_classes, self.settings.views, mean, std,
                                        context.seed)
-        self.steps_per_epoch = len(context.images) // self.batch_size
-        self.max_steps = max(1, self.epochs * self.steps_per_epoch)
+        self.steps_per_epoch, self.max_steps = context.steps_per_epoch, context.total_steps
         self.optimizer_in_use: torch.optim.Optimizer | None = None
 
     def optimizer(self, epoch: int) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
