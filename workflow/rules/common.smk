@@ -199,7 +199,7 @@ CAM_BASELINE = "cam_baseline/model.pt"
 if CSRM_INIT == "baseline":
     MASK_STAGES = {"cam_baseline": "cam_baseline/masks", **MASK_STAGES}
     EVALUATED = {"cam_baseline": ("train", "val"), **EVALUATED}
-# Trained networks the predict rule runs: results/{trained}/model.pt
+# Trained networks predicted by predict_model (results/{trained}/model.pt)
 TRAINED = ("model", "cam_baseline") if CSRM_INIT == "baseline" else ("model",)
 # --- end CAM baseline ------------------------------------------------------------------------------
 # --- COMUS (paper 002; workflow/rules/comus.smk) ---------------------------------------------------
@@ -488,3 +488,20 @@ def deeplab_train_section():
     cfg = without(section("deeplab"), DEEPLAB_TEST_KEYS)
     recipe = cfg["recipe"]
     return {**cfg, "recipes": {recipe: cfg["recipes"][recipe]} if recipe in cfg["recipes"] else {}}
+
+
+# --- COMUS (workflow/rules/comus.smk) ---------------------------------------------------------
+
+
+def comus_round_section(round_number):
+    """Round ``round_number``'s DeepLab training keys: deeplab's, its length comus.epochs[r-1]."""
+    epochs = COMUS["epochs"][round_number - 1]
+    return {**deeplab_train_section(), "iterations": None, "epochs": epochs}
+
+
+def comus_round_masks(wildcards):
+    """What round r trains on: the pseudo-masks (round 1), round r-1's train-split predictions."""
+    previous = int(wildcards.round) - 1
+    if previous == 0:
+        return {"masks": results("comus/pseudo_masks"), "images": results("comus/training_images.csv")}
+    return {"masks": results(f"comus/round{previous}/masks/train")}

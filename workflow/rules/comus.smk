@@ -3,12 +3,6 @@
 # self-training rounds, each its own cached stage; round r > 1 trains on round r-1's train masks.
 
 
-def comus_round_section(round_number):
-    """Round ``round_number``'s DeepLab training keys: deeplab's, its length comus.epochs[r-1]."""
-    epochs = COMUS["epochs"][round_number - 1]
-    return {**deeplab_train_section(), "iterations": None, "epochs": epochs}
-
-
 # The user's files the proposals read (main process only: a walk of the saliency folder).
 COMUS_INPUT_FILES = [
     path for path in (COMUS["saliency_dir"], COMUS["first_round_list"]) if path and workflow.is_main_process
@@ -24,14 +18,6 @@ COMUS_ROUND_SETTINGS = {
     )
     for r in COMUS_ROUNDS
 }
-
-
-def comus_round_masks(wildcards):
-    """What round r trains on: the pseudo-masks (round 1), round r-1's train-split predictions."""
-    previous = int(wildcards.round) - 1
-    if previous == 0:
-        return {"masks": results("comus/pseudo_masks"), "images": results("comus/training_images.csv")}
-    return {"masks": results(f"comus/round{previous}/masks/train")}
 
 
 rule comus_proposals:
