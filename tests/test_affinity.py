@@ -1,11 +1,10 @@
 """AffinityNet random-walk refinement (pipeline/affinity): pair labels, loss, transition matrix and
-walk against hand computations, the network's shapes, and the demo DAG with the stage switched on."""
+walk against hand computations, the network's shapes. The demo DAG with the stage switched on runs
+in tests/test_methods_dag.py (RCM+MAM unsupervised, as paper 003 walks its CAMs)."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from pipeline.affinity.labels import (
 from pipeline.affinity.loss import EPS, affinity_loss
 from pipeline.affinity.model import EMBED_CHANNELS, AffinityNet, pair_affinities
 from pipeline.affinity.random_walk import affinity_matrix, random_walk, refine_scores, transition_matrix
-from workflow_runs import snakemake, tiny_config, write_config
 
 # ---------------------------------------------------------------------------------------------
 # Labels
@@ -180,33 +178,6 @@ def test_network_embeds_at_stride_8_and_affinities_are_exp_minus_mean_l1():
     model(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(bn.running_mean, before)
     assert not any(p.requires_grad for p in bn.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# The demo DAG with the stage switched on
-
-
-@pytest.mark.slow
-def test_demo_dag_with_affinity_runs_to_the_report(tmp_path):
-    # switched on from the command line, as the README says (the tiny run's sizes in the file)
-    config = tiny_config(tmp_path / "results", affinity={
-        "epochs": 1, "batch_size": 2, "crop_size": 32, "num_workers": 0, "max_size": 64,
-    })
-    run = snakemake("--configfile", str(write_config(tmp_path / "tiny.yaml", config)),
-                    "--config", "affinity={enabled: true}", cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-6000:]
-    # jobs run (the plan's first table holds no shard job: it is printed before the index exists)
-    finished = Counter(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", run.stdout))
-    assert finished["train_affinity"] == 1 and finished["refine_affinity"] == 2 and finished["report"] == 1
-    results = tmp_path / "results"
-    masks = sorted(results.glob("affinity/masks/shard-*/*.png"))
-    assert len(masks) == 12  # 8 train + 4 val images
-    # the CRF refines the walked maps
-    assert "--probs " + str(results / "affinity/probs/shard-00000.safetensors") in run.stdout
-    for split in ("train", "val"):
-        assert (results / f"eval/affinity-{split}.json").is_file()
-    summary = (results / "reports/summary.md").read_text()
-    assert "BPM+RW (PC2M, train)" in summary and "PC2M+RW (val)" in summary
 
 
 def test_walk_geometry_bounds_the_longer_side_and_pads_to_the_stride():
