@@ -136,6 +136,13 @@ def test_regression_deeplab_iterations_retrain_deeplab(repo, finished_run):
     assert counts == {"train_deeplab": 1, "predict_deeplab": 1, "evaluate_split": 1, "report": 1}
 
 
+def test_another_methods_settings_retrain_nothing(repo, finished_run):
+    """The run trains PC2M: tuning CSRM, its CAM baseline, RCM+MAM or ViT-PCM plans no job."""
+    work, _, base = finished_run
+    other = {"csrm": {"lr": 0.01}, "cam": {"lr": 0.2}, "rcm_mam": {"lr": 0.02}, "vitpcm": {"dropout": 0.3}}
+    assert planned(repo, work, write_config(work / "other.yaml", base, train=other)) == {}
+
+
 def test_regression_the_folders_classes_rerun_the_index_and_everything(repo, finished_run):
     """Once "Nothing to be done" (the index's params were a function)."""
     work, _, base = finished_run

@@ -416,10 +416,18 @@ def weights_input():
     return [] if weights in ("random", "timm") else [weights]
 
 
+# train's sub-sections that belong to one method each; CSRM also reads its CAM classifier's.
+METHOD_SECTIONS = {"vitpcm": ("vitpcm",), "rcm_mam": ("rcm_mam",), "cam": ("cam",), "csrm": ("csrm", "cam")}
+
+
 def train_section():
-    """The train section of the train_model job; CSRM's init `baseline` becomes the path of the
+    """The train section of the train_model job: without the other methods' sub-sections (tuning
+    one method never retrains another); CSRM's init `baseline` becomes the path of the
     cam_baseline stage's model."""
     train = section("train")
+    own = METHOD_SECTIONS.get(train["method"], ())
+    others = {name for names in METHOD_SECTIONS.values() for name in names} - set(own)
+    train = without(train, others)
     if CSRM_INIT == "baseline":
         train = {**train, "csrm": {**train["csrm"], "init": results(CAM_BASELINE)}}
     return train
