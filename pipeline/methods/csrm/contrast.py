@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.methods.csrm.losses import entropy, info_nce
+from pipeline.methods.csrm.losses import entropy, info_nce, lower_quantile
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,7 @@ def class_ranks(probs: torch.Tensor) -> torch.Tensor:
 
 def entropy_groups(entropies: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(low, high) entropy masks: at most the alpha-quantile / at least the (1 - alpha)-quantile."""
-    flat = entropies.flatten()
-    last = flat.numel() - 1
-    low = flat.kthvalue(int(alpha * last) + 1).values
-    high = flat.kthvalue(int(round((1.0 - alpha) * last)) + 1).values
-    return entropies <= low, entropies >= high
+    return entropies <= lower_quantile(entropies, alpha), entropies >= lower_quantile(entropies, 1.0 - alpha)
 
 
 def negative_mask(probs: torch.Tensor, ranks: torch.Tensor, image_labels: torch.Tensor, high: torch.Tensor,

@@ -60,18 +60,19 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
 
 
-def entropy_threshold(entropies: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Eq. 11's gamma_t: the (1 - alpha)-quantile of the batch's pixel entropies (lower
-    interpolation: an actual entropy of the batch, so alpha = 0 keeps every pixel)."""
-    flat = entropies.flatten()
-    rank = int((1.0 - alpha) * (flat.numel() - 1))  # 0-based index of the quantile, rounded down
+def lower_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of ``values`` with lower interpolation: an actual value, so q = 1 is the
+    maximum (kthvalue: no size limit, unlike torch.quantile)."""
+    flat = values.flatten()
+    rank = int(round(q * (flat.numel() - 1), 6))  # 0-based index, rounded down (6 places: float noise)
     return flat.kthvalue(rank + 1).values
 
 
 def reliable_mask(entropies: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Eq. 11: M = 1[H <= gamma_t]; the fraction alpha of highest-entropy pixels of the batch is
-    dropped (U2PL's reading of paper 004's alpha, going 0.2 -> 0; docs/FIDELITY.md)."""
-    return entropies <= entropy_threshold(entropies, alpha)
+    """Eq. 11: M = 1[H <= gamma_t], gamma_t the (1 - alpha)-quantile of the batch's pixel entropies:
+    the fraction alpha of highest-entropy pixels is dropped (U2PL's reading of paper 004's alpha,
+    going 0.2 -> 0, which then keeps every pixel; docs/FIDELITY.md)."""
+    return entropies <= lower_quantile(entropies, 1.0 - alpha)
 
 
 def consistency_loss(student_log_probs: torch.Tensor, teacher_probs: torch.Tensor, alpha: float) -> torch.Tensor:
