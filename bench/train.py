@@ -1,7 +1,8 @@
 """PC2M / ViT-PCM / RCM+MAM training throughput (images/s) with a breakdown of one step, random weights.
 
-PC2M per step: data (waiting for the DataLoader: decode, resize, two views, jitter), forward (both
-views), Sinkhorn (the two transport plans, inside the loss), loss + backward + Adam step.
+PC2M per step: data (waiting for the DataLoader: decode, resize, two views, jitter; with the views
+on the device only decode and resize), views (rendering and jitter on the device, train.views_on),
+forward (both views), Sinkhorn (the two transport plans, inside the loss), loss + backward + Adam step.
 ViT-PCM (``--method vitpcm``) per step: data (main view and ET tile), forward (the stop-gradient
 inference pass, the main branch and the mosaics, with the ET target and the loss), backward +
 Adam step. Runs the fine-tune phase (last 5 blocks + norm + head train), as every epoch after
@@ -21,8 +22,11 @@ SGD step + the EMA update of the teacher. The CRF runs in ``--threads`` worker p
     python bench/train.py --method csrm --models resnest101e --global-size 512 --batch-size 2
 
 On CUDA each model runs twice in the same process: with the training stage's GPU settings
-(pinned DataLoader memory, fused Adam) and as the reference, the bench before them (pageable
-copies, for-each Adam); the ratio column compares the two. On the CPU both are the same code.
+(pinned DataLoader memory, fused Adam, PC2M's and ViT-PCM's views rendered on the GPU) and as the
+reference, the bench before them (pageable copies, for-each Adam, views in the workers); the ratio
+column compares the two. On the CPU both are the same code, unless ``--views-on device`` asks for
+the views rendered in the main process: then both rows again (the workers' share of the work is
+what a GPU run takes off the CPUs).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from pipeline.methods.csrm.step import CSRMLossSettings
 from pipeline.methods.csrm.step import training_step as csrm_step
 from pipeline.methods.pc2m.model import Architecture, build_network, set_trainable
 from pipeline.methods.pc2m.ot import batch_class_marginal, multi_hot_frequencies, sinkhorn
-from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings
+from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings, render_view_batch
 from pipeline.methods.rcm_mam.data import CropViewDataset, CropViews, imagenet_normalisation
 from pipeline.methods.rcm_mam.losses import PrototypeMemory
 from pipeline.methods.rcm_mam.method import build_trunk
@@ -63,9 +67,9 @@ from pipeline.methods.rcm_mam.model import CAMNet
 from pipeline.methods.rcm_mam.step import RCMMAMSettings, training_step
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.step import vitpcm_step
-from pipeline.methods.vitpcm.views import MosaicViewDataset, MosaicViews
+from pipeline.methods.vitpcm.views import MosaicViewDataset, MosaicViews, render_mosaic_batch
 from pipeline.training.augment import local_to_global
-from pipeline.training.data import LabelledImage
+from pipeline.training.data import VIEWS_ON, LabelledImage, views_on_device
 from pipeline.training.distributed import LOCAL
 from pipeline.training.ema import ema_update, teacher_copy
 from pipeline.training.optim import CSRM_GROUPS, param_groups
@@ -85,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--views-on", choices=VIEWS_ON, default="auto",
+                        help="PC2M / ViT-PCM: where the stage settings render the views (train.views_on)")
     return parser.parse_args(argv)
 
 
@@ -178,17 +184,31 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     else:
         backbone = build_backbone(name, "random")
         patch = patch_size(backbone)
+    # train.views_on: the stage renders the views on the device (a GPU, or asked); the reference
+    # renders them in the workers, as the bench before issue 15's item 3.
+    on_device = stage_settings and args.method in ("pc2m", "vitpcm") and views_on_device(args.views_on, device)
     if args.method == "vitpcm":
         vitpcm = ViTPCMSettings()
         model = build_network(backbone, Architecture("vitpcm", NUM_CLASSES, vitpcm.lstm_hidden), vitpcm.dropout)
         views = MosaicViews(args.global_size, patch, vitpcm.crop_size, vitpcm.crop_probability, True, True)
-        dataset = MosaicViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
+        dataset = MosaicViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0,
+                                    render_in_worker=not on_device)
         step_losses = vitpcm_losses(model, vitpcm, (views.tile_size // patch,) * 2, timer, device)
+        if on_device:
+            step_losses = rendered_first(step_losses, timer, device, lambda batch: dict(zip(
+                ("image", "tile"), render_mosaic_batch(batch, views, dataset.mean, dataset.std, device),
+                strict=True)))
     elif args.method == "pc2m":
         model = build_network(backbone, Architecture("pc2m", NUM_CLASSES, 0))
         views = ViewSettings(args.global_size, args.local_size, (0.8, 1.0), (0.3, 0.6), 10.0, True, True)
-        dataset = TwoViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0)
+        dataset = TwoViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0,
+                                 render_in_worker=not on_device)
         step_losses = pc2m_losses(model, (args.local_size // patch,) * 2, timer, device)
+        if on_device:
+            step_losses = rendered_first(step_losses, timer, device, lambda batch: dict(zip(
+                ("global", "local"), render_view_batch(batch, views, dataset.mean, dataset.std, device),
+                strict=True)))
+    item_ms = worker_ms_per_item(dataset, min(len(dataset), 8))
     model.to(device).train()
     if args.method not in SETUPS:
         optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
@@ -217,9 +237,42 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     images_done = args.iterations * args.batch_size
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    label = name if device.type != "cuda" else f"{name} ({'stage settings' if fast else 'reference'})"
-    return {"model": label, "images/s": images_done / total,
+    label = f"{name} ({'stage settings' if stage_settings else 'reference'})" if two_rows(args, device) else name
+    return {"model": label, "images/s": images_done / total, "views": 0.0, "worker ms/item": item_ms,
             **{k: v / args.iterations for k, v in timer.totals.items()}, "peak MiB": peak}
+
+
+def worker_ms_per_item(dataset: torch.utils.data.Dataset, count: int) -> float:
+    """A DataLoader worker's CPU time per item (decode, resize, and the views where the workers
+    render them), one thread as in a worker: how many workers feed a given rate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        began = time.process_time()
+        for index in range(count):
+            dataset[index]
+        return (time.process_time() - began) / count * 1000
+    finally:
+        torch.set_num_threads(threads)
+
+
+def two_rows(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether the stage settings differ from the reference: on CUDA, or views asked on the CPU device."""
+    return device.type == "cuda" or (args.method in ("pc2m", "vitpcm") and views_on_device(args.views_on, device))
+
+
+def rendered_first(step_losses: StepLosses, timer: Timer, device: torch.device,
+                   render: Callable[[dict], dict]) -> StepLosses:
+    """``step_losses`` after the batch's views are rendered on the device ("views")."""
+
+    def step(batch: dict) -> tuple[torch.Tensor, float]:
+        began = time.perf_counter()
+        views = render(batch)
+        timer.sync()
+        timer.add("views", time.perf_counter() - began)
+        return step_losses({**batch, **views})
+
+    return step
 
 
 # The part of a step timed from the loss function's returned start to after the Adam step.
@@ -290,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in models:
             rows.append(bench_model(MODELS.get(model, model), args, device, images))
             rows[-1]["vs reference"] = 1.0
-            if device.type == "cuda":
+            if two_rows(args, device):
                 rows.append(bench_model(MODELS.get(model, model), args, device, images, stage_settings=False))
                 rows[-2]["vs reference"] = rows[-2]["images/s"] / rows[-1]["images/s"]
                 rows[-1]["vs reference"] = 1.0
@@ -300,13 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.method == "csrm":
         what, keys = f"CSRM, {args.global_size} px squares, in-loop CRF", ["data", "forward", "backward+step"]
     elif args.method == "vitpcm":
-        what, keys = f"ViT-PCM, main view {args.global_size}", ["data", "forward", "backward+step"]
+        what, keys = f"ViT-PCM, main view {args.global_size}", ["data", "views", "forward", "backward+step"]
     else:
-        what, keys = f"PC2M, views {args.global_size}/{args.local_size}", ["data", "forward", "sinkhorn",
+        what, keys = f"PC2M, views {args.global_size}/{args.local_size}", ["data", "views", "forward", "sinkhorn",
                                                                          "loss+backward+step"]
     print(f"# {what} training step, {device} ({platform.processor() or platform.machine()}, {args.threads} threads), "
           f"batch {args.batch_size}, {args.iterations} timed steps; seconds per step; peak memory: {memory}\n")
-    keys = ["model", "images/s", "vs reference", *keys, "peak MiB"]
+    keys = ["model", "images/s", "vs reference", *keys, "peak MiB", "worker ms/item"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:

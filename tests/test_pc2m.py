@@ -47,7 +47,7 @@ def train_settings(**overrides) -> dict:
         local_scale=[0.3, 0.6], max_rotation=10.0, flip=True, jitter=True, gamma=0.02,
         epsilon_start=0.1, epsilon_end=0.9, epsilon_rate=0.05, epsilon_schedule="reach_at_40",
         sinkhorn_iterations=3, use_ot=True, use_match=True, match_weight=0.5, alpha_init="dataset_frequencies",
-        class_area_update="offline", keep_checkpoints=1, num_workers=0, device="cpu",
+        class_area_update="offline", keep_checkpoints=1, num_workers=0, device="cpu", views_on="auto",
     )
     settings.update(overrides)
     return settings
@@ -256,6 +256,7 @@ def test_step_aligns_the_local_grid_it_predicts(local_view_size, local_px, monke
              "target": torch.ones(6, 3)}
     run = method_module.PC2MRun.__new__(method_module.PC2MRun)
     run.model, run.settings, run.device, run.reducer = MeanColour(), settings, torch.device("cpu"), LOCAL
+    run.views_on_device = False
     run.alpha_tilde_device = run.nu_dataset_device = torch.full((3,), 1 / 3)
     run.epoch_epsilon, run.area_sum, run.images_seen = 0.5, torch.zeros(3, dtype=torch.float64), 0.0
     seen = {}

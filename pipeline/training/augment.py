@@ -46,21 +46,97 @@ def random_affine(
 
 def render(source: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     """The view (3 x size x size) of a 3 x H x W source under ``theta`` (bilinear, zeros out)."""
-    grid = F.affine_grid(theta[None], [1, source.shape[0], size, size], align_corners=False)
-    return F.grid_sample(source[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return render_batch(source[None], theta[None], size)[0]
+
+
+def render_batch(sources: torch.Tensor, thetas: torch.Tensor, size: int) -> torch.Tensor:
+    """``render`` of B sources (B x 3 x H x W) under B thetas (B x 2 x 3) in one call: the same
+    per-image numbers, where the views are rendered on the training device."""
+    grid = F.affine_grid(thetas, [sources.shape[0], sources.shape[1], size, size], align_corners=False)
+    return F.grid_sample(sources, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# The random draws of one colour jitter, in the order they are drawn: brightness, contrast,
+# saturation and hue factors, then the greyscale flag (1.0 = greyscale).
+JITTER_DRAWS = 5
+
+
+def draw_jitter(generator: torch.Generator) -> torch.Tensor:
+    """One colour jitter's factors (``JITTER_DRAWS``), drawn from ``generator``."""
+    brightness = uniform(generator, 1 - BRIGHTNESS, 1 + BRIGHTNESS)
+    contrast = uniform(generator, *CONTRAST)
+    saturation = uniform(generator, *SATURATION)
+    hue = uniform(generator, -HUE, HUE)
+    greyscale = float(float(torch.rand((), generator=generator)) < GREYSCALE_P)
+    return torch.tensor([brightness, contrast, saturation, hue, greyscale], dtype=torch.float64)
+
+
+def apply_jitter(image: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """The colour jitter of ``factors`` (``draw_jitter``) on a 3 x H x W image in [0, 1]:
+    torchvision's brightness, contrast, saturation, hue, then greyscale."""
+    from torchvision.transforms.v2 import functional as TF
+
+    brightness, contrast, saturation, hue, greyscale = factors.tolist()
+    image = TF.adjust_brightness(image, brightness)
+    image = TF.adjust_contrast(image, contrast)
+    image = TF.adjust_saturation(image, saturation)
+    image = TF.adjust_hue(image, hue)
+    if greyscale:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    return image.clamp(0.0, 1.0)
 
 
 def colour_jitter(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random brightness, contrast, saturation, hue and greyscale on a 3 x H x W image in [0, 1]."""
-    from torchvision.transforms.v2 import functional as TF
+    return apply_jitter(image, draw_jitter(generator))
 
-    image = TF.adjust_brightness(image, uniform(generator, 1 - BRIGHTNESS, 1 + BRIGHTNESS))
-    image = TF.adjust_contrast(image, uniform(generator, *CONTRAST))
-    image = TF.adjust_saturation(image, uniform(generator, *SATURATION))
-    image = TF.adjust_hue(image, uniform(generator, -HUE, HUE))
-    if float(torch.rand((), generator=generator)) < GREYSCALE_P:
-        image = TF.rgb_to_grayscale(image, num_output_channels=3)
-    return image.clamp(0.0, 1.0)
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """B x 1 x H x W grey levels (ITU-R 601-2, torchvision's weights)."""
+    r, g, b = images.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None]
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return (ratio * images + (1.0 - ratio) * other).clamp(0.0, 1.0)
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB -> HSV, hue + shift (mod 1), -> RGB, per image (torchvision's formulas, batched)."""
+    r, g, b = images.unbind(dim=1)
+    value, _ = images.max(dim=1)
+    chroma = value - images.min(dim=1).values
+    grey = chroma == 0
+    saturation = chroma / torch.where(grey, torch.ones_like(value), value)
+    safe = torch.where(grey, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (value - r) / safe, (value - g) / safe, (value - b) / safe
+    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    hue = ((hue / 6.0 + 1.0).fmod(1.0) + shift[:, None, None]).remainder(1.0)
+    sector = hue * 6.0
+    base = torch.floor(sector)
+    fraction = sector - base
+    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
+    q = (value * (1.0 - saturation * fraction)).clamp(0.0, 1.0)
+    t = (value * (1.0 - saturation * (1.0 - fraction))).clamp(0.0, 1.0)
+    sector = base.long().remainder(6)
+    # Per sector 0..5, which of (v, p, q, t) each of R, G, B takes.
+    choice = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=images.device)
+    candidates = torch.stack([value, p, q, t], dim=1)
+    return candidates.gather(1, choice[:, sector].permute(1, 0, 2, 3))
+
+
+def jitter_batch(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``apply_jitter`` of each of B images (B x 3 x H x W in [0, 1]) with its own factors
+    (B x ``JITTER_DRAWS``) in one pass, for views rendered on the training device."""
+    column = factors.to(images.device, images.dtype)[:, :, None, None, None].unbind(dim=1)
+    brightness, contrast, saturation, hue, greyscale = column
+    images = (images * brightness).clamp(0.0, 1.0)
+    images = _blend(images, _luma(images).mean(dim=(1, 2, 3), keepdim=True), contrast)
+    images = _blend(images, _luma(images), saturation)
+    images = _shift_hue(images, hue.flatten())
+    images = torch.where(greyscale > 0, _luma(images).expand_as(images), images)
+    return images.clamp(0.0, 1.0)
 
 
 def _homogeneous(theta: torch.Tensor) -> torch.Tensor:

@@ -83,12 +83,22 @@ def check_label_range(images: Sequence[LabelledImage], num_classes: int, source:
             raise BadInputError(f"{source}: image {image.image_id} has labels {bad} outside 1..{num_classes - 1}")
 
 
-def source_image(path: str, size: int) -> torch.Tensor:
-    """The image as 3 x size x size in [0, 1]: ViT-PCM resizes to a square (aspect not kept)."""
+def source_pixels(path: str, size: int) -> torch.Tensor:
+    """The image as 3 x size x size uint8: ViT-PCM resizes to a square (aspect not kept)."""
     rgb = load_rgb(path)
     if rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+
+
+def source_image(path: str, size: int) -> torch.Tensor:
+    """``source_pixels`` as floats in [0, 1]."""
+    return to_unit_range(source_pixels(path, size))
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1] (the same numbers on the CPU and on a GPU)."""
+    return pixels.float().div_(255.0)
 
 
 class AugmentedViewDataset(Dataset):
@@ -97,8 +107,11 @@ class AugmentedViewDataset(Dataset):
     trainer sets ``epoch`` before each epoch. Subclasses render the views of one item."""
 
     def __init__(self, images: Sequence[LabelledImage], num_classes: int, views,
-                 mean: Sequence[float], std: Sequence[float], seed: int) -> None:
+                 mean: Sequence[float], std: Sequence[float], seed: int, render_in_worker: bool = True) -> None:
         self.images = list(images)
+        # False: items carry the decoded source (uint8) and the random draws, and the method
+        # renders, jitters and normalises the batch on the training device (train.views_on).
+        self.render_in_worker = render_in_worker
         self.num_classes = num_classes
         self.views = views
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -108,6 +121,17 @@ class AugmentedViewDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+# Where the training views are rendered and colour-jittered (train.views_on): in the DataLoader's
+# workers, or on the training device from the decoded sources; auto = device on a GPU.
+VIEWS_ON = ("auto", "workers", "device")
+
+
+def views_on_device(views_on: str, device: torch.device) -> bool:
+    if views_on not in VIEWS_ON:
+        raise ConfigError(f"train.views_on: {views_on!r} is not one of {', '.join(VIEWS_ON)}")
+    return views_on == "device" or (views_on == "auto" and device.type == "cuda")
 
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:

@@ -47,9 +47,9 @@ from pipeline.methods.pc2m.ot import (
 )
 from pipeline.methods.pc2m.predict import load_predictor  # noqa: F401 - the method's predictor
 from pipeline.methods.pc2m.settings import TrainSettings
-from pipeline.methods.pc2m.views import PlainImageDataset, TwoViewDataset
+from pipeline.methods.pc2m.views import PlainImageDataset, TwoViewDataset, render_view_batch
 from pipeline.training.augment import local_to_global, patches_in_source
-from pipeline.training.data import TRAIN_SPLIT
+from pipeline.training.data import TRAIN_SPLIT, views_on_device
 from pipeline.training.method import MethodRun, TrainContext
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class PatchClassifierRun(MethodRun):
         self.mean, self.std = normalisation(backbone)
         self.patch = patch_size(backbone)
         self.settings = settings.fitted_to_patch(self.patch)
+        self.views_on_device = views_on_device(self.settings.views_on, self.device)
         self.dataset = self.build_dataset()
         # alpha-tilde_0: nu_D (Sec. 3.2) or uniform (Algorithm 1), train.alpha_init.
         self.alpha_tilde = initial_class_areas(self.settings.alpha_init, self.nu_dataset)
@@ -133,7 +134,7 @@ class PatchClassifierRun(MethodRun):
 
     def build_dataset(self) -> TwoViewDataset:
         return TwoViewDataset(self.context.images, self.context.num_classes, self.settings.views(), self.mean,
-                              self.std, self.context.seed)
+                              self.std, self.context.seed, render_in_worker=not self.views_on_device)
 
     def phase(self, epoch: int) -> int:
         return self.settings.phase(epoch)
@@ -213,8 +214,12 @@ class PC2MRun(PatchClassifierRun):
 
     def step(self, batch: dict[str, torch.Tensor], epoch: int, index: int) -> dict[str, torch.Tensor]:
         device = self.device
-        global_views = batch["global"].to(device, non_blocking=True)
-        local_views = batch["local"].to(device, non_blocking=True)
+        if self.views_on_device:
+            global_views, local_views = render_view_batch(batch, self.dataset.views, self.dataset.mean,
+                                                          self.dataset.std, device)
+        else:
+            global_views = batch["global"].to(device, non_blocking=True)
+            local_views = batch["local"].to(device, non_blocking=True)
         targets = batch["target"].to(device)
         theta_global, theta_local = batch["theta_global"].to(device), batch["theta_local"].to(device)
         with mixed_precision(device):

@@ -20,6 +20,7 @@ from pipeline.methods.pc2m.views import LOCAL_VIEW_SIZES, ViewSettings
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.views import MosaicViews
 from pipeline.patch_sizes import fit_view_sizes
+from pipeline.training.data import VIEWS_ON
 
 PATCH_METHODS = ("pc2m", "vitpcm")
 OTHER_METHODS = ("rcm_mam", "cam", "csrm")  # their own sub-sections of train
@@ -56,6 +57,7 @@ class TrainSettings:
     keep_checkpoints: int
     num_workers: int
     device: str
+    views_on: str
     # ViT-PCM's own values (``train.vitpcm``; its defaults are in ViTPCMSettings).
     vitpcm: ViTPCMSettings = field(default_factory=ViTPCMSettings)
 
@@ -84,7 +86,7 @@ class TrainSettings:
             raise ConfigError(f"train.epsilon_schedule: {self.epsilon_schedule!r} is not one of "
                               f"{', '.join(EPSILON_SCHEDULES)}")
         for key, allowed in (("alpha_init", ALPHA_INITS), ("class_area_update", CLASS_AREA_UPDATES),
-                             ("local_view_size", LOCAL_VIEW_SIZES)):
+                             ("local_view_size", LOCAL_VIEW_SIZES), ("views_on", VIEWS_ON)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.epsilon_start <= self.epsilon_end:

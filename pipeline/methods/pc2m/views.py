@@ -17,8 +17,24 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.training.augment import colour_jitter, random_affine, render
-from pipeline.training.data import AugmentedViewDataset, LabelledImage, derived_seed, multi_hot, source_image
+from pipeline.training.augment import (
+    JITTER_DRAWS,
+    apply_jitter,
+    draw_jitter,
+    jitter_batch,
+    random_affine,
+    render,
+    render_batch,
+)
+from pipeline.training.data import (
+    AugmentedViewDataset,
+    LabelledImage,
+    derived_seed,
+    multi_hot,
+    source_image,
+    source_pixels,
+    to_unit_range,
+)
 
 # The local view's size in px (train.local_view_size): `equal` to the global view (paper 000: both
 # branches have K = (n/d)^2 patches, Algorithm 1's pg, pl (b, K, C)) or train.local_size.
@@ -40,6 +56,16 @@ class ViewSettings:
 
 
 @dataclass
+class ViewDraws:
+    """Every random choice of one item's two views, in the order they are drawn."""
+
+    theta_global: torch.Tensor  # 2 x 3
+    theta_local: torch.Tensor  # 2 x 3
+    jitter_global: torch.Tensor  # JITTER_DRAWS (unused without train.jitter)
+    jitter_local: torch.Tensor
+
+
+@dataclass
 class ViewPair:
     global_view: torch.Tensor  # 3 x Sg x Sg, in [0, 1]
     local_view: torch.Tensor  # 3 x Sl x Sl, in [0, 1]
@@ -47,32 +73,61 @@ class ViewPair:
     theta_local: torch.Tensor  # 2 x 3
 
 
-def make_views(source: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> ViewPair:
-    """Both views of a 3 x H x W source in [0, 1], every random choice drawn from ``generator``."""
+def draw_views(settings: ViewSettings, generator: torch.Generator) -> ViewDraws:
     theta_g = random_affine(generator, settings.global_scale, settings.max_rotation_deg, settings.flip)
     theta_l = random_affine(generator, settings.local_scale, settings.max_rotation_deg, settings.flip)
-    global_view = render(source, theta_g, settings.global_size)
-    local_view = render(source, theta_l, settings.local_size)
+    no_jitter = torch.zeros(JITTER_DRAWS, dtype=torch.float64)
+    jitter_g = draw_jitter(generator) if settings.jitter else no_jitter
+    jitter_l = draw_jitter(generator) if settings.jitter else no_jitter
+    return ViewDraws(theta_g, theta_l, jitter_g, jitter_l)
+
+
+def make_views(source: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> ViewPair:
+    """Both views of a 3 x H x W source in [0, 1], every random choice drawn from ``generator``."""
+    draws = draw_views(settings, generator)
+    global_view = render(source, draws.theta_global, settings.global_size)
+    local_view = render(source, draws.theta_local, settings.local_size)
     if settings.jitter:
-        global_view = colour_jitter(global_view, generator)
-        local_view = colour_jitter(local_view, generator)
-    return ViewPair(global_view, local_view, theta_g, theta_l)
+        global_view = apply_jitter(global_view, draws.jitter_global)
+        local_view = apply_jitter(local_view, draws.jitter_local)
+    return ViewPair(global_view, local_view, draws.theta_global, draws.theta_local)
+
+
+def render_view_batch(batch: dict[str, torch.Tensor], settings: ViewSettings, mean: torch.Tensor,
+                      std: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised global and local views of a batch of ``TwoViewDataset`` items built with
+    ``render_in_worker=False``, rendered and jittered on ``device``: ``make_views`` per image,
+    batched."""
+    sources = to_unit_range(batch["source"].to(device, non_blocking=True))
+    global_views = render_batch(sources, batch["theta_global"].to(device), settings.global_size)
+    local_views = render_batch(sources, batch["theta_local"].to(device), settings.local_size)
+    if settings.jitter:
+        global_views = jitter_batch(global_views, batch["jitter_global"])
+        local_views = jitter_batch(local_views, batch["jitter_local"])
+    mean, std = mean.to(device), std.to(device)
+    return (global_views - mean) / std, (local_views - mean) / std
 
 
 class TwoViewDataset(AugmentedViewDataset):
-    """Item i: normalised global and local views, their thetas, the multi-hot target, i."""
+    """Item i: normalised global and local views, their thetas, the multi-hot target, i; without
+    ``render_in_worker``, the uint8 source and the jitter draws instead of the views."""
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.images[index]
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
-        pair = make_views(source_image(image.image_path, self.views.global_size), self.views, generator)
+        item = {"target": multi_hot(list(image.labels), self.num_classes), "index": torch.tensor(index)}
+        pixels = source_pixels(image.image_path, self.views.global_size)
+        if not self.render_in_worker:
+            draws = draw_views(self.views, generator)
+            return {**item, "source": pixels, "theta_global": draws.theta_global, "theta_local": draws.theta_local,
+                    "jitter_global": draws.jitter_global, "jitter_local": draws.jitter_local}
+        pair = make_views(to_unit_range(pixels), self.views, generator)
         return {
+            **item,
             "global": (pair.global_view - self.mean) / self.std,
             "local": (pair.local_view - self.mean) / self.std,
             "theta_global": pair.theta_global,
             "theta_local": pair.theta_local,
-            "target": multi_hot(list(image.labels), self.num_classes),
-            "index": torch.tensor(index),
         }
 
 

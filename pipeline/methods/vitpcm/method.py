@@ -11,7 +11,7 @@ from pipeline.methods.pc2m.method import PatchClassifierRun
 from pipeline.methods.pc2m.predict import load_predictor  # noqa: F401 - the same patch-classifier predictor
 from pipeline.methods.pc2m.settings import TrainSettings
 from pipeline.methods.vitpcm.step import vitpcm_step
-from pipeline.methods.vitpcm.views import MosaicViewDataset
+from pipeline.methods.vitpcm.views import MosaicViewDataset, render_mosaic_batch
 from pipeline.training.method import MethodRun, TrainContext
 
 
@@ -28,7 +28,7 @@ class ViTPCMRun(PatchClassifierRun):
         views = self.settings.mosaic_views(self.patch)
         views.check()
         return MosaicViewDataset(self.context.images, self.context.num_classes, views, self.mean, self.std,
-                                 self.context.seed)
+                                 self.context.seed, render_in_worker=not self.views_on_device)
 
     def epsilon(self, epoch: int) -> float:
         return float("nan")
@@ -38,6 +38,10 @@ class ViTPCMRun(PatchClassifierRun):
         return super().epoch_columns(epoch)
 
     def step(self, batch: dict[str, torch.Tensor], epoch: int, index: int) -> dict[str, torch.Tensor]:
+        if self.views_on_device:
+            main, tile = render_mosaic_batch(batch, self.dataset.views, self.dataset.mean, self.dataset.std,
+                                             self.device)
+            batch = {**batch, "image": main, "tile": tile}
         terms, probs = vitpcm_step(self.model, batch, self.settings.vitpcm, self.tile_grid, self.device,
                                    self.reducer)
         self.record_areas(probs)

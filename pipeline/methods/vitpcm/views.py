@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.training.augment import colour_jitter, render
-from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot, source_image
+from pipeline.training.augment import JITTER_DRAWS, apply_jitter, draw_jitter, jitter_batch, render, render_batch
+from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot, source_pixels, to_unit_range
 
 # ---------------------------------------------------------------------------------------------
 # The two branches' views
@@ -79,31 +79,49 @@ def et_affine(generator: torch.Generator, views: MosaicViews) -> torch.Tensor:
 
 
 class MosaicViewDataset(AugmentedViewDataset):
-    """Item i: the normalised main view and ET tile, their thetas, the multi-hot target, i.
+    """Item i: the normalised main view and ET tile, their thetas, the multi-hot target, i; without
+    ``render_in_worker``, the uint8 source and the jitter draws instead of the views.
 
     Every random choice comes from a generator seeded by (seed, epoch, i). Each branch jitters
     the colours of the source independently before its geometric transform (official order).
     """
 
-    def _branch_source(self, source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return colour_jitter(source, generator) if self.views.jitter else source
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.images[index]
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
-        source = source_image(image.image_path, self.views.size)
+        pixels = source_pixels(image.image_path, self.views.size)
+        no_jitter = torch.zeros(JITTER_DRAWS, dtype=torch.float64)
         theta_main = main_affine(generator, self.views.flip)
-        main = render(self._branch_source(source, generator), theta_main, self.views.size)
+        jitter_main = draw_jitter(generator) if self.views.jitter else no_jitter
         theta_tile = et_affine(generator, self.views)
-        tile = render(self._branch_source(source, generator), theta_tile, self.views.tile_size)
-        return {
-            "image": (main - self.mean) / self.std,
-            "tile": (tile - self.mean) / self.std,
-            "theta_main": theta_main,
-            "theta_tile": theta_tile,
-            "target": multi_hot(list(image.labels), self.num_classes),
-            "index": torch.tensor(index),
-        }
+        jitter_tile = draw_jitter(generator) if self.views.jitter else no_jitter
+        item = {"theta_main": theta_main, "theta_tile": theta_tile,
+                "target": multi_hot(list(image.labels), self.num_classes), "index": torch.tensor(index)}
+        if not self.render_in_worker:
+            return {**item, "source": pixels, "jitter_main": jitter_main, "jitter_tile": jitter_tile}
+        source = to_unit_range(pixels)
+        main = render(self._branch_source(source, jitter_main), theta_main, self.views.size)
+        tile = render(self._branch_source(source, jitter_tile), theta_tile, self.views.tile_size)
+        return {**item, "image": (main - self.mean) / self.std, "tile": (tile - self.mean) / self.std}
+
+    def _branch_source(self, source: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+        return apply_jitter(source, jitter) if self.views.jitter else source
+
+
+def render_mosaic_batch(batch: dict[str, torch.Tensor], views: MosaicViews, mean: torch.Tensor, std: torch.Tensor,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised main views and ET tiles of a batch of ``MosaicViewDataset`` items built
+    with ``render_in_worker=False``, jittered and rendered on ``device``: the worker path per
+    image, batched."""
+    sources = to_unit_range(batch["source"].to(device, non_blocking=True))
+    mean, std = mean.to(device), std.to(device)
+
+    def branch(jitter: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+        jittered = jitter_batch(sources, jitter) if views.jitter else sources
+        return (render_batch(jittered, theta.to(device), size) - mean) / std
+
+    return (branch(batch["jitter_main"], batch["theta_main"], views.size),
+            branch(batch["jitter_tile"], batch["theta_tile"], views.tile_size))
 
 
 # ---------------------------------------------------------------------------------------------
