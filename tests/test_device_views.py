@@ -31,6 +31,8 @@ from pipeline.training.trainer import train
 from test_pc2m import BACKBONE, make_demo, train_settings
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The views are checked on the CPU always, and on a GPU where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def hard_images(count: int, seed: int) -> torch.Tensor:
@@ -110,35 +112,37 @@ def collate(dataset, count: int) -> dict[str, torch.Tensor]:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("jitter", [True, False])
-def test_pc2m_views_on_the_device_equal_the_workers_views(demo, jitter):
+def test_pc2m_views_on_the_device_equal_the_workers_views(demo, jitter, device):
     from pipeline.methods.pc2m.settings import TrainSettings
 
     views = TrainSettings.from_params(train_settings(global_size=40, jitter=jitter, max_rotation=15.0)).views()
     workers = TwoViewDataset(demo_images(demo), 3, views, MEAN, STD, seed=5)
-    device = TwoViewDataset(demo_images(demo), 3, views, MEAN, STD, seed=5, render_in_worker=False)
-    workers.epoch = device.epoch = 2
-    expected, batch = collate(workers, 6), collate(device, 6)
+    drawn = TwoViewDataset(demo_images(demo), 3, views, MEAN, STD, seed=5, render_in_worker=False)
+    workers.epoch = drawn.epoch = 2
+    expected, batch = collate(workers, 6), collate(drawn, 6)
     assert batch["source"].dtype == torch.uint8 and "global" not in batch  # the workers only decode
     for key in ("theta_global", "theta_local", "target"):
         assert torch.equal(batch[key], expected[key]), key
-    global_views, local_views = render_view_batch(batch, views, workers.mean, workers.std, torch.device("cpu"))
-    torch.testing.assert_close(global_views, expected["global"], atol=3e-5, rtol=0)
-    torch.testing.assert_close(local_views, expected["local"], atol=3e-5, rtol=0)
+    global_views, local_views = render_view_batch(batch, views, workers.mean, workers.std, torch.device(device))
+    torch.testing.assert_close(global_views.cpu(), expected["global"], atol=3e-5, rtol=0)
+    torch.testing.assert_close(local_views.cpu(), expected["local"], atol=3e-5, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("jitter", [True, False])
-def test_vitpcm_views_on_the_device_equal_the_workers_views(demo, jitter):
+def test_vitpcm_views_on_the_device_equal_the_workers_views(demo, jitter, device):
     views = MosaicViews(size=48, patch=8, crop_size=32, crop_probability=0.5, flip=True, jitter=jitter)
     workers = MosaicViewDataset(demo_images(demo), 3, views, MEAN, STD, seed=7)
-    device = MosaicViewDataset(demo_images(demo), 3, views, MEAN, STD, seed=7, render_in_worker=False)
-    expected, batch = collate(workers, 6), collate(device, 6)
+    drawn = MosaicViewDataset(demo_images(demo), 3, views, MEAN, STD, seed=7, render_in_worker=False)
+    expected, batch = collate(workers, 6), collate(drawn, 6)
     for key in ("theta_main", "theta_tile", "target"):
         assert torch.equal(batch[key], expected[key]), key
     assert not torch.equal(batch["theta_tile"][0], batch["theta_tile"][1])  # draws differ per image
-    main, tile = render_mosaic_batch(batch, views, workers.mean, workers.std, torch.device("cpu"))
-    torch.testing.assert_close(main, expected["image"], atol=3e-5, rtol=0)
-    torch.testing.assert_close(tile, expected["tile"], atol=3e-5, rtol=0)
+    main, tile = render_mosaic_batch(batch, views, workers.mean, workers.std, torch.device(device))
+    torch.testing.assert_close(main.cpu(), expected["image"], atol=3e-5, rtol=0)
+    torch.testing.assert_close(tile.cpu(), expected["tile"], atol=3e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["pc2m", "vitpcm"])
