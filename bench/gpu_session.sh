@@ -41,6 +41,8 @@ echo "== decode tests exit $?" | tee -a "$OUT/log.txt"
 python -m pytest -q -p no:cacheprovider tests/test_device_views.py -k "equal_the_workers" >>"$OUT/log.txt" 2>&1
 echo "== device views tests exit $?" | tee -a "$OUT/log.txt"
 bench spectral 90 spectral.py --device "$DEVICE" "${spectral[@]}"
+# Is the solver launch-bound at batch 32 (465 img/s on the H200)? The same set in batches of 96.
+bench spectral-b96 90 spectral.py --device "$DEVICE" "${spectral[@]}" --batch-size 96
 bench features 170 features.py --device "$DEVICE" "${features[@]}"
 bench features-vitb 120 features.py --model vit_base_patch16_224.dino --device "$DEVICE" "${features_vitb[@]}"
 bench train-pc2m 60 train.py --device "$DEVICE" "${train[@]}"
