@@ -167,7 +167,7 @@ def test_speed_only_keys_rerun_nothing(repo, finished_run):
         features={"num_workers": 1, "batch_size": 2, "device": "cpu"},
         spectral={"batch_size": 3, "device": "cpu"},
         segment_features={"batch_size": 5},
-        train={"num_workers": 1, "keep_checkpoints": 1, "device": "cpu"},
+        train={"num_workers": 1, "keep_checkpoints": 1, "device": "cpu", "views_on": "workers"},
         predict={"batch_size": 3, "num_workers": 1, "device": "cpu"},
         deeplab={"log_every": 1, "checkpoint_every": 1, "num_workers": 1, "device": "cpu"},
     )
