@@ -40,3 +40,22 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     (tmp_path / "c.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(WeightsError, match="c.pt"):
         load_checkpoint(tmp_path / "c.pt")
+
+
+def test_every_method_resumes_across_the_speed_only_train_keys():
+    """A speed-only key reruns nothing (pipeline.stage_settings), so a checkpoint must not be
+    thrown away when one changes (or appears, for checkpoints written before it existed)."""
+    import importlib
+
+    from pipeline.methods import METHODS
+    from pipeline.stage_settings import SPEED_ONLY
+    from pipeline.training.checkpoints import RESUMABLE_KEYS, settings_fingerprint
+
+    for name in METHODS:
+        method = importlib.import_module(f"pipeline.methods.{name}.method")
+        resumable = getattr(method, "RESUMABLE_KEYS", RESUMABLE_KEYS)
+        assert set(SPEED_ONLY["train"]) <= set(resumable), name
+        params = {"backbone": {}, "mode": "weak", "seed": 0,
+                  "train": {"method": name, "lr": 0.1, "views_on": "auto", "device": "cpu"}}
+        faster = {**params, "train": {**params["train"], "views_on": "device", "device": "cuda"}}
+        assert settings_fingerprint(params, [], 2, resumable) == settings_fingerprint(faster, [], 2, resumable)

@@ -24,12 +24,13 @@ from pipeline.methods.cam.puzzle import puzzle_alpha, puzzle_losses
 from pipeline.methods.csrm.model import CAMClassifier, build_features
 from pipeline.methods.rcm_mam.data import CropViewDataset, CropViews
 from pipeline.methods.rcm_mam.method import CAMPredictor
+from pipeline.training.checkpoints import WHOLE_RUN_RESUMABLE_KEYS
 from pipeline.training.method import MethodRun, TrainContext
 from pipeline.training.optim import PSA_GROUPS, param_groups, poly_lr, set_learning_rates
 
 MODEL_FORMAT = "cam-model/1"
 PREDICTION_STRIDE = 8  # the CAMs are averaged onto this grid of the image (finer than the trunk's 16)
-RESUMABLE_KEYS = ("num_workers", "device", "keep_checkpoints")  # the poly rate spans all epochs
+RESUMABLE_KEYS = WHOLE_RUN_RESUMABLE_KEYS  # the poly rate spans all epochs
 # train.cam keys the CAM run reads (epochs / batch_size there are the cam_baseline stage's).
 _KEYS = ("backbone", "weights", "lr", "lr_power", "momentum", "weight_decay", "crop_size", "long_side_range",
          "flip", "jitter", "puzzle_alpha", "puzzle_ramp", "freeze_batchnorm")

@@ -29,6 +29,7 @@ from pipeline.methods.csrm.contrast import NegativeBank
 from pipeline.methods.csrm.data import SquareViewDataset, SquareViews
 from pipeline.methods.csrm.model import REPRESENTATION_DIM, CSRMNet, build_features, load_cam_weights
 from pipeline.methods.csrm.step import CSRMLossSettings, ema_momentum, loss_weights, training_step
+from pipeline.training.checkpoints import WHOLE_RUN_RESUMABLE_KEYS
 from pipeline.training.data import derived_seed
 from pipeline.training.ema import ema_update, teacher_copy
 from pipeline.training.method import MethodRun, TrainContext
@@ -37,7 +38,7 @@ from pipeline.training.optim import CSRM_GROUPS, param_groups, poly_lr, set_lear
 MODEL_FORMAT = "csrm-model/1"
 PREDICTION_STRIDE = 8
 LINEAR = 1.0  # poly power of a linear decay
-RESUMABLE_KEYS = ("num_workers", "device", "keep_checkpoints")  # the rates and ramps span all epochs
+RESUMABLE_KEYS = WHOLE_RUN_RESUMABLE_KEYS  # the rates and ramps span all epochs
 NO_INIT = "none"
 # train.csrm keys that are not CSRMLossSettings fields.
 _RUN_KEYS = ("init", "image_size", "flip", "lr", "weight_decay", "momentum", "nesterov", "ema_momentum", "crf_preset")

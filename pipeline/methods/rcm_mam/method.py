@@ -31,13 +31,14 @@ from pipeline.methods.rcm_mam.losses import PrototypeMemory, loss_weights
 from pipeline.methods.rcm_mam.model import CAMNet
 from pipeline.methods.rcm_mam.resnet38 import ResNet38, load_resnet38_weights, timm_backbone
 from pipeline.methods.rcm_mam.step import RCMMAMSettings, training_step
+from pipeline.training.checkpoints import WHOLE_RUN_RESUMABLE_KEYS
 from pipeline.training.ema import ema_update, teacher_copy
 from pipeline.training.method import MethodRun, TrainContext
 from pipeline.training.optim import param_groups, poly_lr, set_learning_rates
 
 MODEL_FORMAT = "rcm-mam-model/1"
 # The poly rate spans all the epochs: a different `epochs` is another schedule, never resumed.
-RESUMABLE_KEYS = ("num_workers", "device", "keep_checkpoints")
+RESUMABLE_KEYS = WHOLE_RUN_RESUMABLE_KEYS
 RESNET38 = "resnet38"
 # train.rcm_mam keys that are not RCMMAMSettings fields.
 _RUN_KEYS = ("backbone", "weights", "output_stride", "lr", "lr_power", "weight_decay", "crop_size", "resize_range",
