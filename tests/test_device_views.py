@@ -50,7 +50,9 @@ def hard_images(count: int, seed: int) -> torch.Tensor:
 
 def test_colour_jitter_draws_in_the_order_it_always_did():
     """colour_jitter = torchvision's five operations with uniforms drawn brightness, contrast,
-    saturation, hue, then the greyscale coin: the worker path's numbers for a seed do not move."""
+    saturation, hue, then the greyscale coin: the worker path's numbers for a seed do not move.
+    The ranges are ViT-PCM's (PRIOR-ART.md; paper 000 says only "jittering")."""
+    assert (BRIGHTNESS, CONTRAST, SATURATION, HUE, GREYSCALE_P) == (0.2, (0.5, 2.0), (0.5, 1.5), 0.1, 0.1)
     image = hard_images(5, 0)[4]
     for seed in range(8):
         generator = torch.Generator().manual_seed(seed)
