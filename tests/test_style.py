@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -25,3 +26,14 @@ def test_ruff_is_clean(repo):
 
 def test_snakefmt_is_clean(repo):
     _check(repo, "snakefmt", "--check", "--compact-diff", "Snakefile", "workflow/rules/")
+
+
+def test_every_test_docs_fidelity_names_exists(repo):
+    """docs/FIDELITY.md's test column names tests as `tests/file.py::test_name`: each must exist,
+    so a renamed or removed test cannot leave a paper reading claimed as tested."""
+    text = (repo / "docs" / "FIDELITY.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)", text))
+    assert len(named) > 100
+    missing = [f"{path}::{name}" for path, name in sorted(named)
+               if not (repo / path).is_file() or not re.search(rf"def {name}\b", (repo / path).read_text())]
+    assert not missing, missing
