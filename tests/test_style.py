@@ -1,6 +1,6 @@
 """Style: ruff and snakefmt are clean on the whole repository (configuration in pyproject.toml).
 `.ci/run` runs the same two checks before the tests; here they catch a regression in a plain
-`python -m pytest` too. Both take a second or two."""
+`python -m pytest` too. Both take a second or two. And docs/FIDELITY.md names only tests that exist."""
 
 from __future__ import annotations
 
