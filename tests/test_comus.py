@@ -233,6 +233,42 @@ def test_comus_demo_runs_two_self_training_rounds_to_the_report(tmp_path):
         "COMUS round 1 (train)", "COMUS round 2 (train)", "COMUS round 1 (val)", "COMUS round 2 (val)"]
 
 
+def test_comus_with_a_saliency_folder_runs_to_the_report_without_the_feature_stages(tmp_path):
+    """The VOC preset's configuration (comus.saliency_dir) through Snakemake: maps of another size
+    than the images, one train image without a map (it leaves the set, listed); no feature,
+    spectral or clustering job runs. The maps stand in for an unsupervised saliency network's: made
+    here from the demo's masks, which the pipeline itself never reads in this mode."""
+    config = tiny_config(tmp_path / "results")
+    config["dataset"]["images_per_shard"] = 12
+    config["comus"] = {"enabled": True, "crop_size": 32, "rounds": 1, "epochs": [1], "min_object_fraction": 0.0,
+                       "saliency_dir": str(tmp_path / "saliency")}
+    config["pseudo_labels"] = {"method": "spectral", "keep_fraction": 0.8, "n_neighbors": 4}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    index = subprocess.run([*SNAKEMAKE, "index", "--configfile", str(configfile)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert index.returncode == 0, index.stdout[-3000:] + index.stderr[-3000:]
+    dataset = tmp_path / "results" / "dataset"
+    manifest = pd.read_csv(dataset / "manifest.csv", keep_default_na=False)
+    train = manifest[manifest["split"] == "train"]
+    (tmp_path / "saliency").mkdir()
+    for row in train.iloc[1:].itertuples():
+        mask = load_mask(dataset / row.mask_path)
+        salient = Image.fromarray((((mask > 0) & (mask != 255)) * 255).astype(np.uint8))
+        salient.resize((mask.shape[1] // 2, mask.shape[0] // 2)).save(tmp_path / "saliency" / f"{row.image_id}.png")
+    run = subprocess.run([*SNAKEMAKE, "--configfile", str(configfile)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ran = set(re.findall(r"^(?:local)?rule (\w+):$", run.stdout + run.stderr, flags=re.MULTILINE))
+    assert {"comus_proposals", "comus_pseudo_masks", "comus_train_round", "report"} <= ran
+    assert not ran & {"extract_features", "spectral_segments", "segment_features", "pseudo_labels"}
+    results = tmp_path / "results"
+    missing = pd.read_csv(results / "comus" / "proposals" / "without_proposal.csv")
+    assert missing["image_id"].tolist() == [train["image_id"].iloc[0]]
+    kept = set(pd.read_csv(results / "comus" / "clusters.csv").query("kept")["image_id"])
+    assert kept and train["image_id"].iloc[0] not in kept
+    assert "COMUS round 1 (val)" in (results / "reports" / "summary.md").read_text()
+
+
 def test_config_checks_comus_keys():
     from pipeline.config import check_config, load_config
     from pipeline.errors import ConfigError
