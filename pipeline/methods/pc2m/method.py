@@ -125,6 +125,8 @@ class PatchClassifierRun(MethodRun):
         self.patch = patch_size(backbone)
         self.settings = settings.fitted_to_patch(self.patch)
         self.views_on_device = views_on_device(self.settings.views_on, self.device)
+        log.info("training views rendered %s (train.views_on: %s)",
+                 f"on {self.device}" if self.views_on_device else "in the DataLoader workers", self.settings.views_on)
         self.dataset = self.build_dataset()
         # alpha-tilde_0: nu_D (Sec. 3.2) or uniform (Algorithm 1), train.alpha_init.
         self.alpha_tilde = initial_class_areas(self.settings.alpha_init, self.nu_dataset)
