@@ -71,6 +71,12 @@ def draw_jitter(generator: torch.Generator) -> torch.Tensor:
     return torch.tensor([brightness, contrast, saturation, hue, greyscale], dtype=torch.float64)
 
 
+def draw_jitter_if(generator: torch.Generator, enabled: bool) -> torch.Tensor:
+    """``draw_jitter`` when the jitter is on; otherwise nothing is drawn (the later draws stay as
+    they were) and the factors are zeros, never applied."""
+    return draw_jitter(generator) if enabled else torch.zeros(JITTER_DRAWS, dtype=torch.float64)
+
+
 def apply_jitter(image: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """The colour jitter of ``factors`` (``draw_jitter``) on a 3 x H x W image in [0, 1]:
     torchvision's brightness, contrast, saturation, hue, then greyscale."""

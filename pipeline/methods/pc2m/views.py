@@ -17,15 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.training.augment import (
-    JITTER_DRAWS,
-    apply_jitter,
-    draw_jitter,
-    jitter_batch,
-    random_affine,
-    render,
-    render_batch,
-)
+from pipeline.training.augment import apply_jitter, draw_jitter_if, jitter_batch, random_affine, render, render_batch
 from pipeline.training.data import (
     AugmentedViewDataset,
     LabelledImage,
@@ -76,10 +68,8 @@ class ViewPair:
 def draw_views(settings: ViewSettings, generator: torch.Generator) -> ViewDraws:
     theta_g = random_affine(generator, settings.global_scale, settings.max_rotation_deg, settings.flip)
     theta_l = random_affine(generator, settings.local_scale, settings.max_rotation_deg, settings.flip)
-    no_jitter = torch.zeros(JITTER_DRAWS, dtype=torch.float64)
-    jitter_g = draw_jitter(generator) if settings.jitter else no_jitter
-    jitter_l = draw_jitter(generator) if settings.jitter else no_jitter
-    return ViewDraws(theta_g, theta_l, jitter_g, jitter_l)
+    jitter_g = draw_jitter_if(generator, settings.jitter)
+    return ViewDraws(theta_g, theta_l, jitter_g, draw_jitter_if(generator, settings.jitter))
 
 
 def make_views(source: torch.Tensor, settings: ViewSettings, generator: torch.Generator) -> ViewPair:

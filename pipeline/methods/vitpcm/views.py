@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.training.augment import JITTER_DRAWS, apply_jitter, draw_jitter, jitter_batch, render, render_batch
+from pipeline.training.augment import apply_jitter, draw_jitter_if, jitter_batch, render, render_batch
 from pipeline.training.data import AugmentedViewDataset, derived_seed, multi_hot, source_pixels, to_unit_range
 
 # ---------------------------------------------------------------------------------------------
@@ -90,11 +90,10 @@ class MosaicViewDataset(AugmentedViewDataset):
         image = self.images[index]
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
         pixels = source_pixels(image.image_path, self.views.size)
-        no_jitter = torch.zeros(JITTER_DRAWS, dtype=torch.float64)
         theta_main = main_affine(generator, self.views.flip)
-        jitter_main = draw_jitter(generator) if self.views.jitter else no_jitter
+        jitter_main = draw_jitter_if(generator, self.views.jitter)
         theta_tile = et_affine(generator, self.views)
-        jitter_tile = draw_jitter(generator) if self.views.jitter else no_jitter
+        jitter_tile = draw_jitter_if(generator, self.views.jitter)
         item = {"theta_main": theta_main, "theta_tile": theta_tile,
                 "target": multi_hot(list(image.labels), self.num_classes), "index": torch.tensor(index)}
         if not self.render_in_worker:
