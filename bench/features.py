@@ -30,6 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from profiling import profiled
+
 from machine import cpu_model
 from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size
 from pipeline.features import extract_shard, image_geometry, prepare_image, resolve_device
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"], help="features.decode")
     parser.add_argument("--out", type=Path, help="append the table to this Markdown file")
+    parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of a rerun of (a) to this file "
+                        "(bench/profiling.py)")
     return parser.parse_args(argv)
 
 
@@ -179,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         manifest = write_jpegs(folder, args.images, width, height)
         seconds = {"stage": time_stage(args, manifest, folder)}
+        if args.profile:
+            with profiled(args.profile, f"features, whole stage, {args.model}, {args.images} images of {args.size}, "
+                          f"batch {args.batch_size}, {args.workers} workers, {device}"):
+                time_stage(args, manifest, folder)
         if device_decodes(args, device):
             seconds["stage_pil"] = time_stage(argparse.Namespace(**{**vars(args), "decode": "pil"}), manifest, folder)
         torch.manual_seed(0)

@@ -73,6 +73,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from profiling import profiled
+
 from machine import cpu_model
 from pipeline.datasets.demo import generate_demo
 from pipeline.imageio import load_rgb
@@ -110,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-tol", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the Markdown report here (overwrite)")
+    parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of ours on each set's first "
+                        "batch to this file (bench/profiling.py)")
     return parser.parse_args(argv)
 
 
@@ -319,6 +323,9 @@ def batched_solvers(args: argparse.Namespace, device: torch.device) -> dict:
 
 def evaluate_set(name: str, w: torch.Tensor, grid, args: argparse.Namespace, device) -> SetResult:
     solved, ref_results, ref_s = solve_all(w, args, device, batched_solvers(args, device))
+    if args.profile:
+        with profiled(args.profile, f"spectral, ours, {name}, batch {args.batch_size}, {device}"):
+            time_solver(batched_solvers(args, device)["ours"], w[:args.batch_size], args.k, device)
     ours = solved.pop("ours")
     result = SetResult(name, w.shape[0], grid, ours.seconds, ref_s)
     with threadpool_limits(limits=1):  # untimed checks: one thread whatever --threads says

@@ -32,6 +32,7 @@ what a GPU run takes off the CPUs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import resource
 import sys
@@ -45,6 +46,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profiling import profiled
 
 import pipeline.methods.pc2m.losses as losses
 from pipeline.backbone import build_backbone, normalisation, patch_size
@@ -91,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--views-on", choices=VIEWS_ON, default="auto",
                         help="PC2M / ViT-PCM: where the stage settings render the views (train.views_on)")
+    parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of the stage settings' timed "
+                        "steps to this file (bench/profiling.py)")
     return parser.parse_args(argv)
 
 
@@ -218,9 +224,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     iterator = iter(loader)
+    profiling = contextlib.ExitStack()
     for step in range(steps):
         if step == 1:  # the first step (allocations, worker start-up) is not timed
             timer.totals.clear()
+            if stage_settings:
+                profiling.enter_context(profiled(args.profile, f"{args.method} {name}, batch {args.batch_size}, "
+                                                 f"{args.iterations} steps, {device}"))
         began = time.perf_counter()
         batch = next(iterator)
         timer.add("data", time.perf_counter() - began)
@@ -231,6 +241,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         after_step()
         timer.sync()
         timer.add(LAST_PART[args.method], time.perf_counter() - began)
+    profiling.close()
     if args.method == "pc2m":
         timer.totals["loss+backward+step"] -= timer.totals.get("sinkhorn", 0.0)
     total = sum(timer.totals.values())

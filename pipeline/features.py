@@ -276,26 +276,32 @@ def collate_samples(samples: list[Sample]) -> list[Sample]:
 
 
 def prepare_decoded(
-    image: torch.Tensor, geometry: Geometry, mean: Sequence[float], std: Sequence[float]
+    images: torch.Tensor, geometry: Geometry, mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`prepare_image` on a decoded uint8 3 x H x W tensor, on its device: antialiased
-    bicubic resize (torch's ``antialias=True`` bicubic is Pillow's filter), rounded and clipped to
-    uint8 levels as Pillow's resize of a uint8 image is, then the same normalisation and
-    bottom/right crop or pad."""
+    """:func:`prepare_image` on a stack of decoded uint8 n x 3 x H x W images of one size, on their
+    device, in one call per step: antialiased bicubic resize (torch's ``antialias=True`` bicubic is
+    Pillow's filter), rounded and clipped to uint8 levels as Pillow's resize of a uint8 image is,
+    then the same normalisation (``mean`` / ``std``: 3 x 1 x 1 on the images' device) and
+    bottom/right crop or pad. One call for the stack, not one per image: on a GPU, per-image
+    calls are thousands of small kernel launches a shard."""
     rh, rw = geometry.resized
-    pixels = image.float()
+    pixels = images.float()
     if pixels.shape[-2:] != (rh, rw):
         pixels = torch.nn.functional.interpolate(
-            pixels[None], size=(rh, rw), mode="bicubic", antialias=True, align_corners=False
-        )[0].round_().clamp_(0, 255)
-    mean_t = torch.tensor(mean, device=image.device).view(3, 1, 1)
-    std_t = torch.tensor(std, device=image.device).view(3, 1, 1)
-    pixels = (pixels / 255.0 - mean_t) / std_t
+            pixels, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False
+        ).round_().clamp_(0, 255)
+    pixels = (pixels / 255.0 - mean) / std
     fh, fw = geometry.final
-    out = torch.zeros(3, fh, fw, dtype=torch.float32, device=image.device)
+    out = torch.zeros(images.shape[0], 3, fh, fw, dtype=torch.float32, device=images.device)
     h, w = min(rh, fh), min(rw, fw)
-    out[:, :h, :w] = pixels[:, :h, :w]
+    out[..., :h, :w] = pixels[..., :h, :w]
     return out
+
+
+def channel_constants(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-channel constants as a 3 x 1 x 1 tensor on ``device``. Copied without waiting: a
+    blocking copy from pageable memory would stall the host until the device's queue drains."""
+    return torch.tensor(values, dtype=torch.float32).view(3, 1, 1).to(device, non_blocking=True)
 
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -324,10 +330,18 @@ def batch_images(samples: list[Sample], dataset: ShardImages, device: torch.devi
         except RuntimeError as exc:
             log.warning("device JPEG decoder failed on a batch (%s): decoding it with Pillow", exc)
             return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
-        for sample, image in zip(raw, images):
-            if tuple(image.shape[-2:]) != dataset.sizes[sample.index]:
-                return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
-            decoded[sample.index] = prepare_decoded(image, dataset.geometries[sample.index], dataset.mean, dataset.std)
+        if any(tuple(image.shape[-2:]) != dataset.sizes[s.index] for s, image in zip(raw, images)):
+            return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
+        mean, std = channel_constants(dataset.mean, device), channel_constants(dataset.std, device)
+        # Images of one original size share their geometry: prepared as one stack.
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for position, sample in enumerate(raw):
+            by_size.setdefault(dataset.sizes[sample.index], []).append(position)
+        for positions in by_size.values():
+            geometry = dataset.geometries[raw[positions[0]].index]
+            prepared = prepare_decoded(torch.stack([images[p] for p in positions]), geometry, mean, std)
+            for row, position in enumerate(positions):
+                decoded[raw[position].index] = prepared[row]
     return torch.stack([
         decoded[s.index] if s.data is not None else s.image.to(device, non_blocking=True) for s in samples
     ])

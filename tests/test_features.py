@@ -290,6 +290,17 @@ def test_device_decode_on_the_cpu_agrees_with_the_pillow_path(jpegs):
     assert diff.mean() < 0.25 and diff.max() < 1.01
 
 
+def test_device_decode_prepares_each_size_as_one_stack_in_the_batchs_order(jpegs):
+    """The batch is prepared one stack per original size (images 0 and 3 share theirs, and
+    sit apart): every row must be the image's own, as prepared alone."""
+    paths, sizes = jpegs
+    order = [3, 1, 0, 2]
+    batch = decoded_batch([paths[i] for i in order], [sizes[i] for i in order], device_decode=True)
+    for row, index in enumerate(order):
+        assert torch.equal(batch[row], decoded_batch([paths[index]], [sizes[index]], device_decode=True)[0])
+    assert not torch.equal(batch[0], batch[2])  # the two 64x48 images are different pictures
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
 def test_nvjpeg_decode_agrees_with_the_pillow_path(jpegs):
     paths, sizes = jpegs
