@@ -59,6 +59,8 @@ def render_batch(sources: torch.Tensor, thetas: torch.Tensor, size: int) -> torc
 # The random draws of one colour jitter, in the order they are drawn: brightness, contrast,
 # saturation and hue factors, then the greyscale flag (1.0 = greyscale).
 JITTER_DRAWS = 5
+# HSV -> RGB: for each hue sector 0..5, which of (v, p, q, t) each of R, G, B takes.
+HUE_SECTOR_CHANNELS = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]])
 
 
 def draw_jitter(generator: torch.Generator) -> torch.Tensor:
@@ -126,8 +128,7 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     q = (value * (1.0 - saturation * fraction)).clamp(0.0, 1.0)
     t = (value * (1.0 - saturation * (1.0 - fraction))).clamp(0.0, 1.0)
     sector = base.long().remainder(6)
-    # Per sector 0..5, which of (v, p, q, t) each of R, G, B takes.
-    choice = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=images.device)
+    choice = HUE_SECTOR_CHANNELS.to(images.device, non_blocking=True)
     candidates = torch.stack([value, p, q, t], dim=1)
     return candidates.gather(1, choice[:, sector].permute(1, 0, 2, 3))
 
@@ -135,7 +136,7 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def jitter_batch(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``apply_jitter`` of each of B images (B x 3 x H x W in [0, 1]) with its own factors
     (B x ``JITTER_DRAWS``) in one pass, for views rendered on the training device."""
-    column = factors.to(images.device, images.dtype)[:, :, None, None, None].unbind(dim=1)
+    column = factors.to(images.device, images.dtype, non_blocking=True)[:, :, None, None, None].unbind(dim=1)
     brightness, contrast, saturation, hue, greyscale = column
     images = (images * brightness).clamp(0.0, 1.0)
     images = _blend(images, _luma(images).mean(dim=(1, 2, 3), keepdim=True), contrast)
@@ -147,7 +148,9 @@ def jitter_batch(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
     """B x 2 x 3 -> B x 3 x 3."""
-    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device).expand(theta.shape[0], 1, 3)
+    # Filled on the device: a small tensor copied from the host would be a blocking copy.
+    bottom = torch.zeros(theta.shape[0], 1, 3, dtype=theta.dtype, device=theta.device)
+    bottom[..., 2] = 1.0
     return torch.cat([theta, bottom], dim=1)
 
 
@@ -192,7 +195,10 @@ def patches_in_source(theta: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
 def local_to_global(theta_global: torch.Tensor, theta_local: torch.Tensor, local_grid: tuple[int, int]) -> Alignment:
     """Compose inv(theta_g) o theta_l at the local patch centres (B x 2 x 3 thetas)."""
     local_h = _homogeneous_centres(local_grid, theta_local.shape[0], theta_local.device)
-    to_global = torch.linalg.inv(_homogeneous(theta_global.float())) @ _homogeneous(theta_local.float())
+    # inv_ex: linalg.inv's singularity check reads a device value on the host every step; a view's
+    # matrix has a positive scale, so it is always invertible.
+    inverse = torch.linalg.inv_ex(_homogeneous(theta_global.float())).inverse
+    to_global = inverse @ _homogeneous(theta_local.float())
     in_global = torch.einsum("bij,bhwj->bhwi", to_global, local_h)[..., :2]
     valid = (in_global.abs() <= 1).all(dim=-1) & patches_in_source(theta_local, local_grid)
     return Alignment(grid=in_global, valid=valid)

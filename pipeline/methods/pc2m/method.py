@@ -222,8 +222,9 @@ class PC2MRun(PatchClassifierRun):
         else:
             global_views = batch["global"].to(device, non_blocking=True)
             local_views = batch["local"].to(device, non_blocking=True)
-        targets = batch["target"].to(device)
-        theta_global, theta_local = batch["theta_global"].to(device), batch["theta_local"].to(device)
+        targets = batch["target"].to(device, non_blocking=True)
+        theta_global = batch["theta_global"].to(device, non_blocking=True)
+        theta_local = batch["theta_local"].to(device, non_blocking=True)
         with mixed_precision(device):
             global_pred, local_pred = self.model(global_views), self.model(local_views)
         alpha = batch_class_marginal(self.alpha_tilde_device, multi_hot_frequencies(targets, self.reducer),

@@ -89,12 +89,12 @@ def render_view_batch(batch: dict[str, torch.Tensor], settings: ViewSettings, me
     ``render_in_worker=False``, rendered and jittered on ``device``: ``make_views`` per image,
     batched."""
     sources = to_unit_range(batch["source"].to(device, non_blocking=True))
-    global_views = render_batch(sources, batch["theta_global"].to(device), settings.global_size)
-    local_views = render_batch(sources, batch["theta_local"].to(device), settings.local_size)
+    global_views = render_batch(sources, batch["theta_global"].to(device, non_blocking=True), settings.global_size)
+    local_views = render_batch(sources, batch["theta_local"].to(device, non_blocking=True), settings.local_size)
     if settings.jitter:
         global_views = jitter_batch(global_views, batch["jitter_global"])
         local_views = jitter_batch(local_views, batch["jitter_local"])
-    mean, std = mean.to(device), std.to(device)
+    mean, std = mean.to(device, non_blocking=True), std.to(device, non_blocking=True)
     return (global_views - mean) / std, (local_views - mean) / std
 
 

@@ -31,13 +31,14 @@ def vitpcm_step(model: PatchClassifier, batch: dict[str, torch.Tensor], settings
                 reduce: Reducer) -> tuple[ViTPCMTerms, torch.Tensor]:
     """Loss terms of one batch and the main branch's probabilities (detached, for diagnostics)."""
     images = batch["image"].to(device, non_blocking=True)
-    targets = batch["target"].to(device)
+    targets = batch["target"].to(device, non_blocking=True)
     with mixed_precision(device):
         main_pred = model(images)
     branch = None
     if settings.use_et:
         tiles = batch["tile"].to(device, non_blocking=True)
-        alignment = local_to_global(batch["theta_main"].to(device), batch["theta_tile"].to(device), tile_grid)
+        alignment = local_to_global(batch["theta_main"].to(device, non_blocking=True),
+                                    batch["theta_tile"].to(device, non_blocking=True), tile_grid)
         with mixed_precision(device):
             target = et_target(inference_predictions(model, images).probs, alignment, targets)
             mosaic_pred = model(tile_mosaic(tiles))

@@ -113,11 +113,11 @@ def render_mosaic_batch(batch: dict[str, torch.Tensor], views: MosaicViews, mean
     with ``render_in_worker=False``, jittered and rendered on ``device``: the worker path per
     image, batched."""
     sources = to_unit_range(batch["source"].to(device, non_blocking=True))
-    mean, std = mean.to(device), std.to(device)
+    mean, std = mean.to(device, non_blocking=True), std.to(device, non_blocking=True)
 
     def branch(jitter: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
         jittered = jitter_batch(sources, jitter) if views.jitter else sources
-        return (render_batch(jittered, theta.to(device), size) - mean) / std
+        return (render_batch(jittered, theta.to(device, non_blocking=True), size) - mean) / std
 
     return (branch(batch["jitter_main"], batch["theta_main"], views.size),
             branch(batch["jitter_tile"], batch["theta_tile"], views.tile_size))
