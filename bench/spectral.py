@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profiling import profiled
 
+import pipeline.spectral as spectral
 from machine import cpu_model
 from pipeline.datasets.demo import generate_demo
 from pipeline.imageio import load_rgb
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (ours and eigh; eigsh is CPU)")
     parser.add_argument("--solver", default="auto", choices=SOLVERS, help="smallest_eigenpairs' solver")
     parser.add_argument("--no-eigh", action="store_true", help="on a GPU, skip the float32 eigh baseline")
+    parser.add_argument("--subspace-block", type=int, help="vectors in the subspace solver's block "
+                        "(pipeline.spectral.SUBSPACE_BLOCK; default 2K + 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch and BLAS/LAPACK threads")
     parser.add_argument("--ref-dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--eig-tol", type=float, default=1e-4)
@@ -393,7 +396,7 @@ def baseline_rows(r: SetResult) -> list[str]:
 def report(results: list[SetResult], args, device, load_before, load_after, wall: float) -> str:
     lines = [
         f"Spectral solver: ours (`smallest_eigenpairs`, solver {args.solver}, batch {args.batch_size}, "
-        f"device {device}) vs "
+        f"subspace block {args.subspace_block or 2 * args.k + 8}, device {device}) vs "
         f"Deep Spectral Methods' per-image `eigsh(D - W, k={args.k}, sigma=0, which='LM', M=D)` "
         f"({args.ref_dtype}, CPU), same float32 W = `key_affinity(keys)`; affinity construction not "
         f"timed on either side. {args.threads} torch/BLAS thread(s).",
@@ -438,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    spectral.SUBSPACE_BLOCK = args.subspace_block
     load_before = os.getloadavg()
     begin = time.perf_counter()
     results = []

@@ -128,6 +128,9 @@ SUBSPACE_GROWTH = float(np.log(1e8))
 SUBSPACE_MAX_ROUNDS = 40  # then the images not certified are solved densely
 LANCZOS_STEPS = 12  # for the lower end of the spectrum the filter damps
 SUBSPACE_SEED = 0  # start block: reproducible results for reproducible inputs
+# Vectors in the iterated block; None: 2K + 8. Up to 32, the Rayleigh-Ritz eigensolves stay on a
+# GPU (cuSOLVER's batched Jacobi); above, they go to LAPACK on the host (`_small_eigh`).
+SUBSPACE_BLOCK: int | None = None
 SOLVERS = ("auto", "lapack", "subspace")
 
 
@@ -140,15 +143,26 @@ def _normalized_affinity(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
 
 def _orthonormalise(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning x's (B×N×b). Columns are scaled to unit norm first — after
-    filtering they are nearly orthogonal but of very different lengths — then Cholesky-QR twice
-    (two batched GEMMs and a batched b×b Cholesky: no per-matrix Householder loop on the GPU);
-    a batch whose Gram matrix is not positive definite in float64 takes Householder QR."""
+    filtering they are nearly orthogonal but of very different lengths — then shifted
+    Cholesky-QR (Fukaya et al. 2020): Cholesky-QR of the Gram matrix plus a small shift takes
+    a block's condition number κ to about sqrt(κ · shift) whatever κ (a filtered block
+    reaches 1e14, far past plain Cholesky-QR's 1/sqrt(u)); two such passes, then two plain ones
+    that make the columns orthonormal to rounding. Batched GEMMs and b×b Cholesky factors: no
+    per-matrix Householder loop on the GPU. A batch with a Gram matrix that is not positive
+    definite even so (an exactly rank-deficient block) takes Householder QR."""
     x = x / x.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    for _ in range(2):
-        factor, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ x, upper=True)
-        if bool((info != 0).any()):
-            return torch.linalg.qr(x).Q
+    n, b = x.shape[-2:]
+    # The paper's shift 11 (N·b + b(b+1)) u ||X||², with ||X||² ≤ b for unit columns.
+    shift = 11 * (n * b + b * (b + 1)) * torch.finfo(x.dtype).eps * b
+    identity = torch.eye(b, dtype=x.dtype, device=x.device)
+    failed = torch.zeros((), dtype=torch.bool, device=x.device)
+    original = x
+    for extra in (shift, shift, 0.0, 0.0):
+        factor, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ x + extra * identity, upper=True)
+        failed = failed | (info != 0).any()
         x = torch.linalg.solve_triangular(factor, x, upper=True, left=False)
+    if bool(failed):  # one host read for the four passes
+        return torch.linalg.qr(original).Q
     return x
 
 
@@ -174,15 +188,27 @@ def _rayleigh_ritz(m: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return theta, vectors, residuals
 
 
-def _spectrum_lower_bound(m: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _start_vectors(n: int, block: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Lanczos start vector (N×1, unit) and the orthonormal start block (N×b) of every image,
+    random from a fixed seed. One for the whole batch: drawn, orthonormalised and copied once,
+    not per image (per-image draws were most of a batch's time on a GPU: bench/RESULTS.md), and
+    an image's start does not depend on the batch it is in."""
+    generator = torch.Generator().manual_seed(SUBSPACE_SEED)
+    lanczos = torch.randn(n, 1, generator=generator, dtype=dtype)
+    block_start = torch.linalg.qr(torch.randn(n, block, generator=generator, dtype=dtype)).Q
+    return ((lanczos / lanczos.norm()).to(device, non_blocking=True),
+            block_start.to(device, non_blocking=True))
+
+
+def _spectrum_lower_bound(m: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """A lower bound of M's smallest eigenvalue per matrix (B), from a few Lanczos steps: the
     smallest Ritz value minus its residual |β_k y_k| (Zhou & Saad's bound estimator), never
     below -1, M's true bound. A tight bound matters: the filter's power to separate eigenvalues
     scales with their gap over the width of the damped interval."""
     batch, n, _ = m.shape
     steps = min(LANCZOS_STEPS, n)
-    q = torch.randn(batch, n, 1, generator=generator, dtype=m.dtype).to(m.device)
-    q = q / q.norm(dim=-2, keepdim=True)
+    q = start.expand(batch, n, 1)
     previous = torch.zeros_like(q)
     alphas, betas = [], []
     beta = torch.zeros(batch, 1, 1, dtype=m.dtype, device=m.device)
@@ -268,14 +294,13 @@ def _subspace_top(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     """
     m, inv_sqrt = _normalized_affinity(w, torch.float64)
     batch, n, _ = m.shape
-    block = min(n, 2 * k + 8)
+    block = min(n, max(k + 1, SUBSPACE_BLOCK or 2 * k + 8))
     if 2 * block >= n:  # small graphs: the dense solve is as cheap, and exact
         theta, vectors = _dense_top(m, k)
         return 1.0 - theta, vectors, inv_sqrt, batch
-    generator = torch.Generator().manual_seed(SUBSPACE_SEED)
-    lower = _spectrum_lower_bound(m, generator)
-    x = torch.randn(batch, n, block, generator=generator, dtype=m.dtype).to(m.device)
-    theta, x, residuals = _rayleigh_ritz(m, _orthonormalise(x))
+    lanczos_start, block_start = _start_vectors(n, block, m.dtype, m.device)
+    lower = _spectrum_lower_bound(m, lanczos_start)
+    theta, x, residuals = _rayleigh_ritz(m, block_start.expand(batch, n, block))
     for _ in range(SUBSPACE_MAX_ROUNDS):
         if bool((residuals[:, :k] <= SUBSPACE_RESIDUAL_TOL).all()):
             break

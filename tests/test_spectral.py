@@ -163,3 +163,26 @@ def test_subspace_solver_is_reproducible():
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver 'magma'"):
         smallest_eigenpairs(torch.ones(1, 4, 4), 2, solver="magma")
+
+
+def test_orthonormalise_takes_a_filtered_blocks_conditioning_without_householder(monkeypatch):
+    """A filtered block reaches κ ≈ 1e14 (past plain Cholesky-QR's 1/sqrt(u) ≈ 7e7): shifted
+    Cholesky-QR must still return orthonormal columns that span the block, with no per-matrix
+    Householder QR (its GPU loop was most of a batch's solve time)."""
+    generator = torch.Generator().manual_seed(0)
+    n, b = 300, 24
+    u = torch.linalg.qr(torch.randn(2, n, b, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(2, b, b, generator=generator, dtype=torch.float64)).Q
+    sigma = torch.logspace(0, -14, b, dtype=torch.float64)
+    x = u @ torch.diag(sigma) @ v.transpose(-1, -2)
+    assert torch.linalg.cond(x).min() > 1e13
+
+    def no_householder(*args, **kwargs):
+        raise AssertionError("Householder QR fallback")
+
+    monkeypatch.setattr(torch.linalg, "qr", no_householder)
+    q = spectral._orthonormalise(x)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, torch.eye(b, dtype=torch.float64).expand(2, b, b),
+                               atol=1e-13, rtol=0)
+    unit = x / x.norm(dim=-2, keepdim=True)
+    assert (unit - q @ (q.transpose(-1, -2) @ unit)).norm(dim=-2).max() < 1e-12  # span(q) holds x's columns
