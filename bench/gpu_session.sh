@@ -5,33 +5,41 @@
 #   OUT=/tmp/gpu bash bench/gpu_session.sh            # on the GPU machine
 #   OUT=/tmp/gpu DEVICE=cpu SMALL=1 bash bench/gpu_session.sh   # dry run of the script on a CPU
 # Sized from the 2026-11-26 H200 session (bench/RESULTS.md): each bench prints its table only at its
-# end, so a limit that is too short loses the whole table. The GPU image lacks PyYAML (tests) and
-# jsonschema (the start-up bench's training child): carry their cp312 wheels (.whl, see the device README).
+# end, so a limit that is too short loses the whole table. The GPU image lacks jsonschema (with
+# jsonschema-specifications, referencing, rpds-py: the start-up bench's training child) and POT
+# (tests/test_pc2m.py, imported by the device-view tests), and may lack PyYAML: carry their cp312
+# wheels (.whl, see the device README; 35 MB together).
 #   PARTS="tests spectral train" OUT=... bash bench/gpu_session.sh      # only these parts
-#   PROFILE=1 ...                       # also torch.profiler's tables (bench/profiling.py)
+#   PROFILE="train-pc2m spectral" ...   # also torch.profiler's tables of these benches (bench/profiling.py)
 # A call brings back at most 8 files from $OUT: every table goes to results.md, every profile to
-# profiles.txt, the logs to log.txt.
+# profiles.txt, the logs to log.txt. The parts run in order of importance, so a call cut short at
+# its limit loses the least.
 set -u
 OUT=${OUT:?set OUT to a folder}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
-PARTS=${PARTS:-tests spectral features train startup}
-PROFILE=${PROFILE:-0}
+PARTS=${PARTS:-tests train spectral features lstm startup train-4w features-vitb}
+PROFILE=${PROFILE:-}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if [ "$SMALL" = 1 ]; then
     features=(--images 16 --batch-size 8 --size 224x224 --workers 1)
     spectral=(--voc-images 8 --demo-images 4 --voc-grid 28x28 --batch-size 4)
     spectral_big=(--voc-images 8 --demo-images 0 --voc-grid 28x28 --batch-size 8 --no-eigh)
+    spectral_b32=(--voc-images 8 --demo-images 4 --voc-grid 28x28 --batch-size 8 --no-eigh --subspace-block 32)
     train=(--batch-size 2 --iterations 1 --models vit_small_patch16_224)
+    lstm=(--batch-size 2 --calls 1)
     startup=(--batch-size 2 --batches 1)
     features_vitb=(--images 8 --batch-size 4 --size 496x368 --workers 1)
 else
-    features=(--images 2048 --batch-size 256 --size 224x224 --workers 12)
-    spectral=(--voc-images 96 --demo-images 16 --voc-grid 28x28 --batch-size 32)  # 46 s
-    # Is the solver launch-bound at batch 32 (465 img/s on the H200)? The same kind of set in batches of 96.
-    spectral_big=(--voc-images 192 --demo-images 0 --voc-grid 28x28 --batch-size 96 --no-eigh)
-    train=(--batch-size 32 --iterations 8 --num-workers 14 --models vit_base_patch16_224)  # ~20 s each
+    features=(--images 4096 --batch-size 256 --size 224x224 --workers 12)
+    spectral=(--voc-images 96 --demo-images 16 --voc-grid 28x28 --batch-size 32)  # 47 s on the H200
+    # Batches of 96 (launch-bound at 32?), with the default block (48: Rayleigh-Ritz eigensolves
+    # on the host) and with 32 (they stay on the GPU, one more round), the hard set included.
+    spectral_big=(--voc-images 96 --demo-images 0 --voc-grid 28x28 --batch-size 96 --no-eigh)
+    spectral_b32=(--voc-images 96 --demo-images 16 --voc-grid 28x28 --batch-size 96 --no-eigh --subspace-block 32)
+    train=(--batch-size 32 --iterations 8 --num-workers 14 --models vit_base_patch16_224)  # ~40 s each
+    lstm=(--batch-size 32 --calls 10)
     startup=(--batch-size 64 --batches 5)
     features_vitb=(--images 1024 --batch-size 64 --size 496x368 --workers 12)
 fi
@@ -40,7 +48,7 @@ bench() {  # name seconds args...: the table appended to results.md, stderr to l
     local name=$1 seconds=$2
     shift 2
     local profile=()
-    [ "$PROFILE" = 1 ] && profile=(--profile "$OUT/profiles.txt")
+    [[ " $PROFILE " == *" $name "* ]] && profile=(--profile "$OUT/profiles.txt")
     echo "== $name: python bench/$* ($(date +%T))" | tee -a "$OUT/log.txt"
     printf '\n## %s: `python bench/%s`\n\n' "$name" "$*" >>"$OUT/results.md"
     timeout "$seconds" python "bench/$@" "${profile[@]}" >>"$OUT/results.md" 2>>"$OUT/log.txt"
@@ -53,27 +61,33 @@ wants() { [[ " $PARTS " == *" $1 "* ]]; }
 if wants tests; then
     python -m pytest -q -p no:cacheprovider tests/test_features.py -k "decode" >>"$OUT/log.txt" 2>&1
     echo "== decode tests exit $?" | tee -a "$OUT/log.txt"
-    python -m pytest -q -p no:cacheprovider tests/test_device_views.py -k "equal_the_workers" >>"$OUT/log.txt" 2>&1
-    echo "== device views tests exit $?" | tee -a "$OUT/log.txt"
-fi
-if wants spectral; then
-    bench spectral 90 spectral.py --device "$DEVICE" "${spectral[@]}"
-    bench spectral-b96 60 spectral.py --device "$DEVICE" "${spectral_big[@]}"
-fi
-if wants features; then
-    bench features 120 features.py --device "$DEVICE" "${features[@]}"
-fi
-if wants features-vitb; then
-    bench features-vitb 120 features.py --model vit_base_patch16_224.dino --device "$DEVICE" "${features_vitb[@]}"
+    # test_device_views imports test_pc2m, which needs POT (carried as a wheel).
+    python -m pytest -q -p no:cacheprovider tests/test_device_views.py tests/test_vitpcm.py \
+        -k "equal_the_workers or at_once" >>"$OUT/log.txt" 2>&1
+    echo "== device views and concurrent LSTM tests exit $?" | tee -a "$OUT/log.txt"
 fi
 if wants train; then
-    bench train-pc2m 60 train.py --device "$DEVICE" "${train[@]}"
-    bench train-vitpcm 60 train.py --method vitpcm --device "$DEVICE" "${train[@]}"
+    bench train-pc2m 70 train.py --device "$DEVICE" "${train[@]}"
+    bench train-vitpcm 70 train.py --method vitpcm --device "$DEVICE" "${train[@]}"
+fi
+if wants spectral; then
+    bench spectral 70 spectral.py --device "$DEVICE" "${spectral[@]}"
+    bench spectral-b96 45 spectral.py --device "$DEVICE" "${spectral_big[@]}"
+    bench spectral-b96-block32 50 spectral.py --device "$DEVICE" "${spectral_b32[@]}"
+fi
+if wants features; then
+    bench features 110 features.py --device "$DEVICE" "${features[@]}"
+fi
+if wants lstm; then
+    bench lstm 30 lstm.py --device "$DEVICE" "${lstm[@]}"
+fi
+if wants startup; then
+    bench startup 70 startup.py --device "$DEVICE" "${startup[@]}"
 fi
 if wants train-4w; then
     # A cluster's few CPUs per GPU: 4 workers, where rendering the views on the GPU pays most.
     bench train-pc2m-4w 60 train.py --device "$DEVICE" "${train[@]}" --num-workers 4
 fi
-if wants startup; then
-    bench startup 60 startup.py --device "$DEVICE" "${startup[@]}"
+if wants features-vitb; then
+    bench features-vitb 90 features.py --model vit_base_patch16_224.dino --device "$DEVICE" "${features_vitb[@]}"
 fi
