@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--solver", default="auto", choices=SOLVERS, help="smallest_eigenpairs' solver")
     parser.add_argument("--no-eigh", action="store_true", help="on a GPU, skip the float32 eigh baseline")
     parser.add_argument("--subspace-block", type=int, help="vectors in the subspace solver's block "
-                        "(pipeline.spectral.SUBSPACE_BLOCK; default 2K + 8)")
+                        "(pipeline.spectral.SUBSPACE_BLOCK; default: _block_size, 32 for K = 20)")
     parser.add_argument("--threads", type=int, default=2, help="torch and BLAS/LAPACK threads")
     parser.add_argument("--ref-dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--eig-tol", type=float, default=1e-4)
@@ -396,7 +396,7 @@ def baseline_rows(r: SetResult) -> list[str]:
 def report(results: list[SetResult], args, device, load_before, load_after, wall: float) -> str:
     lines = [
         f"Spectral solver: ours (`smallest_eigenpairs`, solver {args.solver}, batch {args.batch_size}, "
-        f"subspace block {args.subspace_block or 2 * args.k + 8}, device {device}) vs "
+        f"subspace block {spectral._block_size(10**6, args.k)} (fewer on graphs of fewer patches), device {device}) vs "
         f"Deep Spectral Methods' per-image `eigsh(D - W, k={args.k}, sigma=0, which='LM', M=D)` "
         f"({args.ref_dtype}, CPU), same float32 W = `key_affinity(keys)`; affinity construction not "
         f"timed on either side. {args.threads} torch/BLAS thread(s).",

@@ -111,7 +111,8 @@ def child_code(module: str, build: str, step: str, device: str, batch: int, batc
 def measure(stage: str, args: argparse.Namespace) -> dict[str, float]:
     module, build, step = STAGES[stage]
     code = child_code(module, build, step, args.device, args.batch_size, args.batches, args.threads)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The repository first, then what the caller's PYTHONPATH holds (wheels carried to a GPU machine).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     began = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                             check=False)

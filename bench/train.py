@@ -225,22 +225,28 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     model.to(device).train()
     if args.method not in SETUPS:
         optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
-    steps = 2 * args.iterations + 1  # warm-up, the timed breakdown, as many free-running steps
+    # Warm-up, the breakdown's steps, as many free-running ones, and with --profile as many again
+    # under the profiler (its overhead stays out of the timings).
+    steps = total_steps(args)
     batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(steps)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=fast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     iterator = iter(loader)
     profiling = contextlib.ExitStack()
+    free_ends = 1 + 2 * args.iterations
     for step in range(steps):
         if step == 1:  # the first step (allocations, worker start-up) is not timed
             timer.totals.clear()
         if step == 1 + args.iterations:
             timer.sync()
             timer.breakdown, free_began = False, time.perf_counter()
-            if stage_settings:
-                profiling.enter_context(profiled(args.profile, f"{args.method} {name}, batch {args.batch_size}, "
-                                                 f"{args.iterations} free-running steps, {device}"))
+        if step == free_ends:
+            timer.sync()
+            free_s = time.perf_counter() - free_began
+            profiling.enter_context(profiled(args.profile if stage_settings else None,
+                                             f"{args.method} {name}, batch {args.batch_size}, "
+                                             f"{args.iterations} free-running steps, {device}"))
         began = time.perf_counter()
         batch = next(iterator)
         timer.add("data", time.perf_counter() - began)
@@ -253,7 +259,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         timer.add(LAST_PART[args.method], time.perf_counter() - began)
     timer.breakdown = True
     timer.sync()
-    free_s = time.perf_counter() - free_began
+    if steps == free_ends:
+        free_s = time.perf_counter() - free_began
     profiling.close()
     if args.method == "pc2m":
         timer.totals["loss+backward+step"] -= timer.totals.get("sinkhorn", 0.0)
@@ -265,6 +272,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     return {"model": label, "images/s": images_done / free_s, "images/s with waits": images_done / total,
             "views": 0.0, "worker ms/item": item_ms,
             **{k: v / args.iterations for k, v in timer.totals.items()}, "peak MiB": peak}
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    return 1 + (3 if args.profile else 2) * args.iterations
 
 
 def worker_ms_per_item(dataset: torch.utils.data.Dataset, count: int) -> float:
@@ -362,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as folder:
-        images = synthetic_images(Path(folder), args.batch_size * (2 * args.iterations + 1))
+        images = synthetic_images(Path(folder), args.batch_size * total_steps(args))
         rows = []
         default = {"rcm_mam": ["resnet38"], "csrm": ["resnest101e"]}.get(args.method, list(MODELS))
         models = default if args.models == list(MODELS) else args.models

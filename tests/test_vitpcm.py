@@ -37,25 +37,6 @@ def vitpcm_settings(**overrides) -> dict:
 # HV-BiLSTM
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_hv_bilstm_scans_rows_and_columns_at_once_on_a_gpu_with_the_same_numbers():
-    """The two scans on two streams: outputs and gradients equal to the scans in turn (training
-    mode: the dropout draws too), on a non-square grid."""
-    results = []
-    for concurrent in (False, True):
-        torch.manual_seed(0)
-        lstm = HVBiLSTM(in_features=8, hidden=5, dropout=0.2).cuda().train()
-        lstm.concurrent = concurrent
-        grid = torch.randn(3, 4, 6, 8, device="cuda", requires_grad=True)
-        out = lstm(grid)
-        out.square().sum().backward()
-        results.append((out.detach(), grid.grad, lstm.columns.weight_hh_l0.grad, lstm.rows.weight_ih_l0.grad))
-    assert torch.equal(results[0][0], results[1][0])
-    for sequential, concurrent in zip(results[0][1:], results[1][1:], strict=True):
-        # cuDNN's backward may sum in another order.
-        torch.testing.assert_close(concurrent, sequential, rtol=1e-5, atol=1e-7)
-
-
 def test_hv_bilstm_conditions_each_patch_on_its_row_and_column():
     """Output: [row BiLSTM | column BiLSTM] per patch. Perturbing patch (r, c) changes the row
     half along row r only (every column: bidirectional) and the column half along column c only."""

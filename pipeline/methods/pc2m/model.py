@@ -48,16 +48,6 @@ class Architecture:
     backbone: str = ""
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per GPU, made once (a module attribute would not survive deepcopy)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
 class HVBiLSTM(nn.Module):
     """ViT-PCM's patch conditioning (paper 001 Sec. 5): a bidirectional LSTM along every row and
     another along every column of the patch grid, their outputs concatenated per patch
@@ -74,7 +64,6 @@ class HVBiLSTM(nn.Module):
         self.columns = nn.LSTM(in_features, hidden, batch_first=True, bidirectional=True)
         self.dropout = dropout
         self.out_features = 4 * hidden
-        self.concurrent = True  # on a GPU, the row and column scans run at once (bench/lstm.py: False)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         b, gh, gw, e = grid.shape
@@ -82,32 +71,10 @@ class HVBiLSTM(nn.Module):
         # cuDNN's RNN kernels do not take every reduced-precision input.
         with torch.autocast(grid.device.type, enabled=False):
             grid = F.dropout(grid.float(), self.dropout, self.training)
-            along_rows = grid.reshape(b * gh, gw, e)
-            along_columns = grid.transpose(1, 2).reshape(b * gw, gh, e)
-            if grid.device.type == "cuda" and self.concurrent:
-                rows, columns = self._scan_concurrently(along_rows, along_columns)
-            else:
-                rows, columns = self._scan(self.rows, along_rows), self._scan(self.columns, along_columns)
-        rows = rows.reshape(b, gh, gw, -1)
-        columns = columns.reshape(b, gw, gh, -1).transpose(1, 2)
+            rows = self._scan(self.rows, grid.reshape(b * gh, gw, e)).reshape(b, gh, gw, -1)
+            columns = self._scan(self.columns, grid.transpose(1, 2).reshape(b * gw, gh, e))
+            columns = columns.reshape(b, gw, gh, -1).transpose(1, 2)
         return torch.cat([rows, columns], dim=-1)
-
-    def _scan_concurrently(self, along_rows: torch.Tensor,
-                           along_columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both scans at once on a GPU: the column LSTM on a side stream while the row LSTM runs
-        on the current one (autograd runs their backward passes on the same streams). cuDNN's
-        float32 LSTM kernels use a small part of a data-centre GPU and were a third of a ViT-PCM
-        step on an H200 one after the other (bench/RESULTS.md). Same arithmetic as in turn."""
-        current = torch.cuda.current_stream(along_rows.device)
-        side = _side_stream(along_rows.device)
-        side.wait_stream(current)
-        rows = self._scan(self.rows, along_rows)  # first, as in turn: the dropout draws keep their order
-        with torch.cuda.stream(side):
-            columns = self._scan(self.columns, along_columns)
-        current.wait_stream(side)
-        along_columns.record_stream(side)  # made on the current stream, read on the side one
-        columns.record_stream(current)  # made on the side stream, read on the current one
-        return rows, columns
 
     def _scan(self, lstm: nn.LSTM, sequences: torch.Tensor) -> torch.Tensor:
         """Both directions' outputs at every step of N x L x e sequences: N x L x 2 hidden."""
