@@ -91,10 +91,11 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_stage(args: argparse.Namespace, manifest: Path, folder: Path) -> float:
+def time_stage(args: argparse.Namespace, manifest: Path, folder: Path) -> tuple[float, dict[str, float]]:
+    """The whole stage's seconds and its phases' (``extract_shard``'s model / features / write)."""
     start = time.perf_counter()
-    extract_shard(manifest, 0, folder / "shard.safetensors", stage_params(args), threads=args.threads)
-    return time.perf_counter() - start
+    phases = extract_shard(manifest, 0, folder / "shard.safetensors", stage_params(args), threads=args.threads)
+    return time.perf_counter() - start, phases
 
 
 def device_decodes(args: argparse.Namespace, device: torch.device) -> bool:
@@ -147,7 +148,8 @@ def machine(device: torch.device, load_before: float) -> str:
 
 
 def table(
-    args: argparse.Namespace, device: torch.device, seconds: dict[str, float], load_before: float
+    args: argparse.Namespace, device: torch.device, seconds: dict[str, float], phases: dict[str, dict[str, float]],
+    load_before: float,
 ) -> str:
     rate = {name: args.images / value for name, value in seconds.items()}
     lines = [
@@ -170,6 +172,12 @@ def table(
         lines.append(
             f"| {label} | {seconds[name]:.2f} | {rate[name]:.2f} | {rate['stage'] / rate[name]:.2f} |"
         )
+    lines += ["", "Phases of the whole stage (extract_shard's own clock; the rest of (a) is the process's):", "",
+              "| run | model s (manifest, build, to device) | batches s | batches images/s | write s |",
+              "|---|---:|---:|---:|---:|"]
+    for name, phase in phases.items():
+        lines.append(f"| {name[:3]} | {phase['model']:.2f} | {phase['features']:.2f} | "
+                     f"{args.images / phase['features']:.0f} | {phase['write']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,19 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
         folder = Path(tmp)
         manifest = write_jpegs(folder, args.images, width, height)
-        seconds = {"stage": time_stage(args, manifest, folder)}
+        seconds, phases = {}, {}
+        seconds["stage"], phases["(a)"] = time_stage(args, manifest, folder)
         if args.profile:
             with profiled(args.profile, f"features, whole stage, {args.model}, {args.images} images of {args.size}, "
                           f"batch {args.batch_size}, {args.workers} workers, {device}"):
                 time_stage(args, manifest, folder)
         if device_decodes(args, device):
-            seconds["stage_pil"] = time_stage(argparse.Namespace(**{**vars(args), "decode": "pil"}), manifest, folder)
+            pil = argparse.Namespace(**{**vars(args), "decode": "pil"})
+            seconds["stage_pil"], phases["(d)"] = time_stage(pil, manifest, folder)
         torch.manual_seed(0)
         model = build_backbone(args.model, args.weights).to(device)
         final = image_geometry(height, width, args.max_size, patch_size(model), "crop").final
         seconds["forward"] = time_bare_forward(model, device, args, final)
         seconds["naive"] = time_naive_loop(model, device, args, manifest, folder)
-    text = table(args, device, seconds, load_before)
+    text = table(args, device, seconds, phases, load_before)
     print(text)
     if args.out:
         with open(args.out, "a", encoding="utf-8") as fh:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -383,8 +384,12 @@ def shard_rows(manifest_path: Path, shard: int) -> pd.DataFrame:
 
 def extract_shard(
     manifest_path: Path, shard: int, out_path: Path, params: dict, threads: int
-) -> None:
-    """Write the features of the manifest's ``shard`` to ``out_path`` (one safetensors file)."""
+) -> dict[str, float]:
+    """Write the features of the manifest's ``shard`` to ``out_path`` (one safetensors file).
+    Returns the seconds of its phases — ``model`` (reading the manifest, building the model and
+    moving it to the device), ``features`` (the batches), ``write`` (the shard) — also logged:
+    on a GPU the fixed phases weigh on a shard's time as much as its images do (bench/features.py)."""
+    began = time.perf_counter()
     settings = FeatureSettings.from_params(params["features"])
     backbone = params["backbone"]
     torch.set_num_threads(max(1, int(threads)))
@@ -407,11 +412,17 @@ def extract_shard(
         "shard %s: %d images, %s (%s) on %s, keep %s",
         shard, len(rows), backbone["name"], backbone["weights"], device, ",".join(settings.keep),
     )
+    built = time.perf_counter()
     per_image = compute_features(model, rows, geometries, settings, device, desc=f"shard {shard}")
+    computed = time.perf_counter()
     tensors = shard_tensors(list(rows["image_id"]), per_image, geometries)
     metadata = shard_metadata(model, params, settings, list(rows["image_id"]), shard)
     shards.write_shard(Path(out_path), tensors, metadata)
-    log.info("wrote %s (%d tensors)", out_path, len(tensors))
+    seconds = {"model": built - began, "features": computed - built, "write": time.perf_counter() - computed}
+    log.info("wrote %s (%d tensors); model %.1f s, features %.1f s (%.0f images/s), write %.1f s", out_path,
+             len(tensors), seconds["model"], seconds["features"], len(rows) / max(seconds["features"], 1e-9),
+             seconds["write"])
+    return seconds
 
 
 def compute_features(
