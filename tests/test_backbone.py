@@ -155,6 +155,32 @@ def test_weight_formats_load_exactly(tmp_path, layout):
     assert not loaded.training
 
 
+def test_a_loaded_model_is_all_file_and_skips_the_random_initialisation(tmp_path, monkeypatch):
+    """Built to be loaded, the model is not randomly initialised (it is allocated, then filled):
+    every tensor of its state is the file's; a model with a buffer no file holds is initialised
+    as before, so that buffer keeps its value."""
+    source = tiny(seed=1)
+    path = tmp_path / "model.pth"
+    torch.save(state_dict(source), path)
+    torch.manual_seed(0)
+    loaded = load(path)
+    after_load = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after_load, torch.rand(4))  # no random initialisation drew from the generator
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    real_create = bb._create_model
+
+    def with_a_buffer(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+        model.register_buffer("scale", torch.full((3,), 7.0, device=model.cls_token.device), persistent=False)
+        return model
+
+    monkeypatch.setattr(bb, "_create_model", with_a_buffer)
+    assert torch.equal(load(path).scale, torch.full((3,), 7.0))
+
+
 def test_full_dino_checkpoint_teacher_and_student(tmp_path):
     teacher, student = tiny(seed=1), tiny(seed=2)
     path = tmp_path / "checkpoint.pth"
