@@ -9,10 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import shards
+from pipeline.backbone import build_backbone
 from pipeline.errors import ConfigError
-from pipeline.methods.pc2m.model import HVBiLSTM, PatchPredictions, image_class_probabilities, multilabel_bce
+from pipeline.methods.pc2m.model import (
+    Architecture,
+    HVBiLSTM,
+    PatchPredictions,
+    build_network,
+    image_class_probabilities,
+    multilabel_bce,
+    same_in_train_and_eval,
+)
 from pipeline.methods.vitpcm.losses import ETBranch, condition_on_labels, et_target, vitpcm_loss
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
+from pipeline.methods.vitpcm.step import inference_predictions
 from pipeline.methods.vitpcm.views import (
     MosaicViews,
     crop_window,
@@ -72,6 +82,25 @@ def tf_style_view(maps: torch.Tensor, lr: bool, ud: bool, transpose: bool) -> to
     if ud:
         maps = maps.flip(-2)
     return maps.transpose(-1, -2) if transpose else maps
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.5])
+def test_the_stop_gradient_pass_equals_the_whole_network_in_eval_mode(drop_path):
+    """The inference pass reuses the main branch's backbone tokens when the backbone's forward is
+    the same in both modes (the DINO ViTs): its predictions must equal a full eval-mode forward,
+    and a backbone with drop-path (mode-dependent) must run again."""
+    torch.manual_seed(0)
+    kwargs = {**BACKBONE["model_kwargs"], "drop_path_rate": drop_path}
+    backbone = build_backbone(BACKBONE["name"], "random", model_kwargs=kwargs)
+    model = build_network(backbone, Architecture("vitpcm", NUM_CLASSES, 6), dropout=0.2).train()
+    images = torch.randn(2, 3, 32, 40)
+    tokens = model.patch_tokens(images)
+    assert same_in_train_and_eval(model.backbone) == (drop_path == 0.0)
+    reused = inference_predictions(model, images, tokens)
+    assert model.training  # back in training mode
+    with torch.no_grad():
+        expected = model.eval()(images)
+    assert torch.equal(reused.log_probs, expected.log_probs)
 
 
 @pytest.mark.parametrize("crop_patches", [12, 8])

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, PatchDropout
 from torch import nn
 
 from pipeline.backbone import embed_dim, num_prefix_tokens, patch_size
@@ -103,12 +104,32 @@ class PatchClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> PatchPredictions:
         """Eq. 1 of paper 000 / eq. 2 of paper 001: P = softmax(F W) per patch; F = the final
         patch tokens (after the last norm), conditioned by the HV-BiLSTM for ViT-PCM."""
+        return self.classify(self.patch_tokens(images))
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's final patch tokens as a B x gh x gw x e grid."""
         size = patch_size(self.backbone)
         grid = (images.shape[-2] // size, images.shape[-1] // size)
         tokens = self.backbone.forward_features(images)[:, num_prefix_tokens(self.backbone) :]
-        features = self.conditioning(tokens.reshape(images.shape[0], *grid, -1))
-        logits = self.classifier(self.dropout(features)).float()
+        return tokens.reshape(images.shape[0], *grid, -1)
+
+    def classify(self, tokens: torch.Tensor) -> PatchPredictions:
+        """Patch predictions from a token grid: the conditioning, then the dense layer W."""
+        logits = self.classifier(self.dropout(self.conditioning(tokens))).float()
         return PatchPredictions(F.log_softmax(logits, dim=-1).permute(0, 3, 1, 2).contiguous())
+
+
+def same_in_train_and_eval(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is the same in both modes: no dropout, drop-path or patch
+    dropout with a non-zero rate and no batch norm (the DINO ViTs have none of them)."""
+    for part in module.modules():
+        if isinstance(part, nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(part, nn.modules.dropout._DropoutNd) and part.p > 0:
+            return False
+        if isinstance(part, (DropPath, PatchDropout)) and (getattr(part, "drop_prob", 0) or getattr(part, "prob", 0)):
+            return False
+    return True
 
 
 def build_network(backbone: nn.Module, arch: Architecture, dropout: float = 0.0) -> PatchClassifier:

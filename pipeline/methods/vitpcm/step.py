@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.devices import mixed_precision
-from pipeline.methods.pc2m.model import PatchClassifier, PatchPredictions
+from pipeline.methods.pc2m.model import PatchClassifier, PatchPredictions, same_in_train_and_eval
 from pipeline.methods.vitpcm.losses import ETBranch, ViTPCMTerms, et_target, vitpcm_loss
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.views import tile_mosaic, untile_mosaic
@@ -17,10 +17,15 @@ from pipeline.training.distributed import Reducer
 
 
 @torch.no_grad()
-def inference_predictions(model: PatchClassifier, images: torch.Tensor) -> PatchPredictions:
-    """The stop-gradient pass of the official code (``training=False``: no dropout)."""
+def inference_predictions(model: PatchClassifier, images: torch.Tensor, tokens: torch.Tensor) -> PatchPredictions:
+    """The stop-gradient pass of the official code (``training=False``: no dropout). ``tokens``:
+    the main branch's backbone tokens of the same images. A backbone without dropout or batch
+    norm gives the same tokens in both modes, so only the HV-BiLSTM and the classifier run again
+    (one ViT forward of three a step saved); any other backbone runs again in eval mode."""
     model.eval()
     try:
+        if same_in_train_and_eval(model.backbone):
+            return model.classify(tokens.detach())
         return model(images)
     finally:
         model.train()
@@ -33,14 +38,15 @@ def vitpcm_step(model: PatchClassifier, batch: dict[str, torch.Tensor], settings
     images = batch["image"].to(device, non_blocking=True)
     targets = batch["target"].to(device, non_blocking=True)
     with mixed_precision(device):
-        main_pred = model(images)
+        tokens = model.patch_tokens(images)
+        main_pred = model.classify(tokens)
     branch = None
     if settings.use_et:
         tiles = batch["tile"].to(device, non_blocking=True)
         alignment = local_to_global(batch["theta_main"].to(device, non_blocking=True),
                                     batch["theta_tile"].to(device, non_blocking=True), tile_grid)
         with mixed_precision(device):
-            target = et_target(inference_predictions(model, images).probs, alignment, targets)
+            target = et_target(inference_predictions(model, images, tokens).probs, alignment, targets)
             mosaic_pred = model(tile_mosaic(tiles))
         tile_pred = PatchPredictions(untile_mosaic(mosaic_pred.log_probs, tiles.shape[0]))
         branch = ETBranch(tile_pred, target, alignment.valid)
