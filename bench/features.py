@@ -176,7 +176,7 @@ def table(
               "| run | model s (manifest, build, to device) | batches s | batches images/s | write s |",
               "|---|---:|---:|---:|---:|"]
     for name, phase in phases.items():
-        lines.append(f"| {name[:3]} | {phase['model']:.2f} | {phase['features']:.2f} | "
+        lines.append(f"| {name} | {phase['model']:.2f} | {phase['features']:.2f} | "
                      f"{args.images / phase['features']:.0f} | {phase['write']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,6 @@ what a GPU run takes off the CPUs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import resource
 import sys
@@ -97,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--views-on", choices=VIEWS_ON, default="auto",
                         help="PC2M / ViT-PCM: where the stage settings render the views (train.views_on)")
-    parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of the stage settings' timed "
-                        "steps to this file (bench/profiling.py)")
+    parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of as many extra free-running "
+                        "steps of the stage settings to this file (bench/profiling.py)")
     return parser.parse_args(argv)
 
 
@@ -227,41 +226,38 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
         optimizer = torch.optim.Adam(set_trainable(model, 5), lr=1e-4, fused=fast or None)
     # Warm-up, the breakdown's steps, as many free-running ones, and with --profile as many again
     # under the profiler (its overhead stays out of the timings).
-    steps = total_steps(args)
-    batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(steps)]
+    batches = [list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(total_steps(args))]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=fast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     iterator = iter(loader)
-    profiling = contextlib.ExitStack()
-    free_ends = 1 + 2 * args.iterations
-    for step in range(steps):
-        if step == 1:  # the first step (allocations, worker start-up) is not timed
-            timer.totals.clear()
-        if step == 1 + args.iterations:
+
+    def run_steps(count: int) -> None:
+        for _ in range(count):
+            began = time.perf_counter()
+            batch = next(iterator)
+            timer.add("data", time.perf_counter() - began)
+            loss, began = step_losses(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            after_step()
             timer.sync()
-            timer.breakdown, free_began = False, time.perf_counter()
-        if step == free_ends:
-            timer.sync()
-            free_s = time.perf_counter() - free_began
-            profiling.enter_context(profiled(args.profile if stage_settings else None,
-                                             f"{args.method} {name}, batch {args.batch_size}, "
-                                             f"{args.iterations} free-running steps, {device}"))
-        began = time.perf_counter()
-        batch = next(iterator)
-        timer.add("data", time.perf_counter() - began)
-        loss, began = step_losses(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        after_step()
-        timer.sync()
-        timer.add(LAST_PART[args.method], time.perf_counter() - began)
+            timer.add(LAST_PART[args.method], time.perf_counter() - began)
+
+    run_steps(1)  # the first step (allocations, worker start-up) is not timed
+    timer.totals.clear()
+    run_steps(args.iterations)
+    timer.breakdown, free_began = False, time.perf_counter()
+    run_steps(args.iterations)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    free_s = time.perf_counter() - free_began
+    if args.profile and stage_settings:
+        with profiled(args.profile, f"{args.method} {name}, batch {args.batch_size}, "
+                      f"{args.iterations} free-running steps, {device}"):
+            run_steps(args.iterations)
     timer.breakdown = True
-    timer.sync()
-    if steps == free_ends:
-        free_s = time.perf_counter() - free_began
-    profiling.close()
     if args.method == "pc2m":
         timer.totals["loss+backward+step"] -= timer.totals.get("sinkhorn", 0.0)
     total = sum(timer.totals.values())
