@@ -28,6 +28,9 @@ from workflow_runs import digests, reference_run, run_and_kill_when, snakemake, 
 
 pytestmark = pytest.mark.slow
 
+# One job at a time, as the kill points expect (a shard's job finishes while the next one runs).
+CORES = 2
+
 
 def _running(results: Path, stage: str, outputs: str) -> bool:
     """A job of ``stage`` has started (its log exists) and its output is not there yet."""
@@ -100,20 +103,21 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path_factory):
     for number, (name, condition) in enumerate(kill_points):
         if number > 0:
             # What a user does after the kill: unlock, then the same command again.
-            unlock = snakemake(*args, "--unlock", cwd=work)
+            unlock = snakemake(*args, "--unlock", cwd=work, cores=CORES)
             assert unlock.returncode == 0, unlock.stdout[-3000:]
-        killed, output = run_and_kill_when(functools.partial(condition, results), *args, cwd=work)
+        killed, output = run_and_kill_when(functools.partial(condition, results), *args, cwd=work,
+                                           cores=CORES)
         assert killed, f"the run finished before the {name} kill point:\n{output[-3000:]}"
         assert_every_artifact_complete(results)
         if number == 0:
             # The lock of the killed run stops a plain rerun, with a message saying what to do.
-            locked = snakemake(*args, cwd=work)
+            locked = snakemake(*args, cwd=work, cores=CORES)
             assert locked.returncode != 0
             assert "cannot be locked" in locked.stdout and "--unlock" in locked.stdout, locked.stdout[-3000:]
 
-    unlock = snakemake(*args, "--unlock", cwd=work)
+    unlock = snakemake(*args, "--unlock", cwd=work, cores=CORES)
     assert unlock.returncode == 0, unlock.stdout[-3000:]
-    final = snakemake(*args, cwd=work)
+    final = snakemake(*args, cwd=work, cores=CORES)
     assert final.returncode == 0, final.stdout[-6000:]
 
     assert_every_artifact_complete(results)
@@ -126,5 +130,5 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path_factory):
     differing = sorted(k for k in reference if got[k] != reference[k])
     assert differing == [], f"differs from the uninterrupted run: {differing}"
 
-    again = snakemake(*args, cwd=work)
+    again = snakemake(*args, cwd=work, cores=CORES)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout[-3000:]

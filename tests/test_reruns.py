@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from pipeline.datasets.demo import generate_demo
-from workflow_runs import job_counts
+from workflow_runs import SNAKEMAKE, job_counts
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +58,9 @@ def index_reruns(counts: dict[str, int]) -> bool:
     return counts.get("dataset_index") == 1 and counts.get("report") == 1
 
 
-def snakemake(repo: Path, work: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(work: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
     # targets and flags first: --configfile takes every word after it
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--cores", "2", *args,
-           "--configfile", str(configfile)]
+    cmd = [*SNAKEMAKE, *args, "--configfile", str(configfile)]
     return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
 
 
@@ -78,14 +77,14 @@ def write_config(path: Path, base: dict, **changes) -> Path:
     return path
 
 
-def planned(repo: Path, work: Path, configfile: Path) -> dict[str, int]:
-    plan = snakemake(repo, work, configfile, "-n")
+def planned(work: Path, configfile: Path) -> dict[str, int]:
+    plan = snakemake(work, configfile, "-n")
     assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
     return {k: v for k, v in job_counts(plan.stdout + plan.stderr).items() if k != "all"}
 
 
 @pytest.fixture(scope="module")
-def finished_run(repo, tmp_path_factory):
+def finished_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("reruns")
     generate_demo(work / "demo", seed=5, n_train=6, n_val=2, width=80, height=64)
     data = work / "data"
@@ -101,66 +100,66 @@ def finished_run(repo, tmp_path_factory):
         "class_names": ["background", "disc", "square", "triangle", "cross"]}}
     base["backbone"] = {**TINY["backbone"], "weights": str(weights)}
     configfile = write_config(work / "tiny.yaml", base)
-    first = snakemake(repo, work, configfile)
+    first = snakemake(work, configfile)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     return work, configfile, base
 
 
-def test_rerun_with_nothing_changed_runs_nothing(repo, finished_run):
+def test_rerun_with_nothing_changed_runs_nothing(finished_run):
     work, configfile, _ = finished_run
-    again = snakemake(repo, work, configfile)
+    again = snakemake(work, configfile)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
-def test_changed_crf_parameter_reruns_crf_and_downstream_only(repo, finished_run):
+def test_changed_crf_parameter_reruns_crf_and_downstream_only(finished_run):
     work, _, base = finished_run
-    counts = planned(repo, work, write_config(work / "crf.yaml", base, crf={"iterations": 3}))
+    counts = planned(work, write_config(work / "crf.yaml", base, crf={"iterations": 3}))
     assert counts == {"dense_crf": 2, "evaluate_split": 3, "train_deeplab": 1, "predict_deeplab": 1, "report": 1}
     assert not UPSTREAM_OF_CRF & set(counts)
 
 
-def test_changed_pseudo_label_parameter_keeps_features_and_segments(repo, finished_run):
+def test_changed_pseudo_label_parameter_keeps_features_and_segments(finished_run):
     work, _, base = finished_run
-    counts = planned(repo, work, write_config(work / "pl.yaml", base, pseudo_labels={"keep_fraction": 0.8}))
+    counts = planned(work, write_config(work / "pl.yaml", base, pseudo_labels={"keep_fraction": 0.8}))
     assert counts.get("pseudo_labels") == 1 and counts.get("train_model") == 1, counts
     assert not {"dataset_index", "extract_features", "spectral_segments", "segment_features"} & set(counts)
 
 
-def test_regression_deeplab_iterations_retrain_deeplab(repo, finished_run):
+def test_regression_deeplab_iterations_retrain_deeplab(finished_run):
     """Once only re-predicted with the model trained for the old number of iterations."""
     work, _, base = finished_run
-    counts = planned(repo, work, write_config(work / "it.yaml", base, deeplab={"iterations": 3}))
+    counts = planned(work, write_config(work / "it.yaml", base, deeplab={"iterations": 3}))
     assert counts == {"train_deeplab": 1, "predict_deeplab": 1, "evaluate_split": 1, "report": 1}
-    counts = planned(repo, work, write_config(work / "bb.yaml", base, deeplab={"backbone": "resnet34"}))
+    counts = planned(work, write_config(work / "bb.yaml", base, deeplab={"backbone": "resnet34"}))
     assert counts == {"train_deeplab": 1, "predict_deeplab": 1, "evaluate_split": 1, "report": 1}
 
 
-def test_another_methods_settings_retrain_nothing(repo, finished_run):
+def test_another_methods_settings_retrain_nothing(finished_run):
     """The run trains PC2M: tuning CSRM, its CAM baseline, RCM+MAM or ViT-PCM plans no job."""
     work, _, base = finished_run
     other = {"csrm": {"lr": 0.01}, "cam": {"lr": 0.2}, "rcm_mam": {"lr": 0.02}, "vitpcm": {"dropout": 0.3}}
-    assert planned(repo, work, write_config(work / "other.yaml", base, train=other)) == {}
+    assert planned(work, write_config(work / "other.yaml", base, train=other)) == {}
 
 
-def test_regression_the_folders_classes_rerun_the_index_and_everything(repo, finished_run):
+def test_regression_the_folders_classes_rerun_the_index_and_everything(finished_run):
     """Once "Nothing to be done" (the index's params were a function)."""
     work, _, base = finished_run
     names = ["background", "a", "b", "c", "d"]
-    counts = planned(repo, work, write_config(work / "cls.yaml", base, dataset={"folder": {"class_names": names}}))
+    counts = planned(work, write_config(work / "cls.yaml", base, dataset={"folder": {"class_names": names}}))
     assert index_reruns(counts), counts
-    counts = planned(repo, work, write_config(work / "shards.yaml", base, dataset={"images_per_shard": 3}))
+    counts = planned(work, write_config(work / "shards.yaml", base, dataset={"images_per_shard": 3}))
     assert counts["dataset_index"] == 1 and counts["report"] == 1, counts
 
 
 @pytest.mark.parametrize("key,value", [("matching", "majority"), ("discovered_iou", 0.5)])
-def test_evaluation_keys_rerun_the_evaluations(repo, finished_run, key, value):
+def test_evaluation_keys_rerun_the_evaluations(finished_run, key, value):
     work, _, base = finished_run
-    counts = planned(repo, work, write_config(work / f"ev-{key}.yaml", base, evaluate={key: value}))
+    counts = planned(work, write_config(work / f"ev-{key}.yaml", base, evaluate={key: value}))
     assert counts == {"evaluate_split": 5, "report": 1}
 
 
-def test_speed_only_keys_rerun_nothing(repo, finished_run):
+def test_speed_only_keys_rerun_nothing(finished_run):
     work, _, base = finished_run
     changed = write_config(
         work / "speed.yaml", base,
@@ -171,7 +170,7 @@ def test_speed_only_keys_rerun_nothing(repo, finished_run):
         predict={"batch_size": 3, "num_workers": 1, "device": "cpu"},
         deeplab={"log_every": 1, "checkpoint_every": 1, "num_workers": 1, "device": "cpu"},
     )
-    assert planned(repo, work, changed) == {}
+    assert planned(work, changed) == {}
 
 
 def replace_keeping(path: Path, content: bytes, check) -> None:
@@ -187,7 +186,7 @@ def replace_keeping(path: Path, content: bytes, check) -> None:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_replaced_weights_rerun_features_segments_and_training(repo, finished_run):
+def test_replaced_weights_rerun_features_segments_and_training(finished_run):
     work, configfile, _ = finished_run
     weights = work / "weights.pth"
     other = work / "other.pth"
@@ -195,7 +194,7 @@ def test_replaced_weights_rerun_features_segments_and_training(repo, finished_ru
     torch.save(timm.create_model("vit_small_patch16_224.dino", num_classes=0, **TINY_MODEL).state_dict(), other)
 
     def check():
-        counts = planned(repo, work, configfile)
+        counts = planned(work, configfile)
         assert {k: counts.get(k) for k in ("extract_features", "segment_features", "train_model")} == {
             "extract_features": 2, "segment_features": 2, "train_model": 1}, counts
         assert "dataset_index" not in counts
@@ -204,7 +203,7 @@ def test_replaced_weights_rerun_features_segments_and_training(repo, finished_ru
 
 
 @pytest.mark.parametrize("what", ["labels CSV", "mask", "image"])
-def test_edited_dataset_files_rerun_the_index_and_what_follows(repo, finished_run, what):
+def test_edited_dataset_files_rerun_the_index_and_what_follows(finished_run, what):
     work, configfile, _ = finished_run
     data = work / "data"
     path = {"labels CSV": data / "labels.csv", "mask": data / "masks" / "val" / "val_0001.png",
@@ -213,17 +212,17 @@ def test_edited_dataset_files_rerun_the_index_and_what_follows(repo, finished_ru
                "mask": (data / "masks" / "val" / "val_0000.png").read_bytes(),
                "image": (data / "images" / "train" / "train_0002.png").read_bytes()}[what]
     def check():
-        counts = planned(repo, work, configfile)
+        counts = planned(work, configfile)
         assert index_reruns(counts), (what, counts)
 
     replace_keeping(path, content, check)
 
 
-def test_another_working_directory_sees_the_same_rerun_state(repo, finished_run, tmp_path):
+def test_another_working_directory_sees_the_same_rerun_state(finished_run, tmp_path):
     """Rerun state lives with the results, not in the working directory's .snakemake/."""
     _, configfile, base = finished_run
-    assert planned(repo, tmp_path, configfile) == {}
-    counts = planned(repo, tmp_path, write_config(tmp_path / "crf.yaml", base, crf={"iterations": 3}))
+    assert planned(tmp_path, configfile) == {}
+    counts = planned(tmp_path, write_config(tmp_path / "crf.yaml", base, crf={"iterations": 3}))
     assert counts.get("dense_crf") == 2, counts
 
 
@@ -236,7 +235,7 @@ def test_a_second_run_on_the_same_results_folder_is_refused(repo, finished_run, 
         cwd=repo, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        refused = snakemake(repo, tmp_path, configfile, "--forcerun", "report")
+        refused = snakemake(tmp_path, configfile, "--forcerun", "report")
         assert refused.returncode != 0
         output = refused.stdout + refused.stderr
         lines = [line for line in output.splitlines() if "is in use by another snakemake run" in line]
@@ -246,15 +245,15 @@ def test_a_second_run_on_the_same_results_folder_is_refused(repo, finished_run, 
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    assert planned(repo, tmp_path, configfile) == {}  # the lock went with the process
+    assert planned(tmp_path, configfile) == {}  # the lock went with the process
 
 
-def test_forcerun_until_redoes_exactly_one_stage(repo, finished_run):
+def test_forcerun_until_redoes_exactly_one_stage(finished_run):
     """Last of the module: it really reruns the CRF, which leaves the downstream stages older."""
     work, configfile, _ = finished_run
     masks = sorted((work / "results" / "crf" / "masks").glob("shard-*"))
     before = {p: p.stat().st_mtime_ns for p in (work / "results" / "model").rglob("*") if p.is_file()}
-    redo = snakemake(repo, work, configfile, "--forcerun", "dense_crf", "--until", "dense_crf")
+    redo = snakemake(work, configfile, "--forcerun", "dense_crf", "--until", "dense_crf")
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert job_counts(redo.stdout + redo.stderr) == {"dense_crf": len(masks)}
     assert len(masks) == 2 and all(m.is_dir() for m in masks)
@@ -262,7 +261,7 @@ def test_forcerun_until_redoes_exactly_one_stage(repo, finished_run):
     assert before == {p: p.stat().st_mtime_ns for p in (work / "results" / "model").rglob("*") if p.is_file()}
 
 
-def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, finished_run):
+def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(finished_run):
     """Last of the module (it really runs): 3 new train images land in a new shard; the 2 shards of
     the 8 indexed images keep their features, segments and crops. Dataset-level stages (clustering,
     training) rerun, and with the new model every shard's prediction, as they must."""
@@ -274,7 +273,7 @@ def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, 
     generate_demo(work / "more", seed=9, n_train=3, n_val=0, width=72, height=56)
     for path in sorted((work / "more" / "images" / "train").glob("*.png")):
         shutil.copy(path, work / "data" / "images" / "train" / f"new_{path.name}")
-    run = snakemake(repo, work, configfile)
+    run = snakemake(work, configfile)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ran = Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", run.stdout + run.stderr, flags=re.MULTILINE))
     assert {k: ran[k] for k in ("dataset_index", "extract_features", "spectral_segments", "segment_features")} == {
@@ -288,9 +287,9 @@ def test_added_images_rerun_only_their_shard_and_the_dataset_level_stages(repo, 
     replaced = work / "data" / "images" / "train" / "train_0001.png"
     shard = int(manifest.set_index("image_id").loc["train/train_0001", "shard"])
     replaced.write_bytes((work / "data" / "images" / "train" / "train_0002.png").read_bytes())
-    plan = snakemake(repo, work, configfile, "-n")
+    plan = snakemake(work, configfile, "-n")
     assert job_counts(plan.stdout + plan.stderr).get("dataset_index") == 1
-    rerun = snakemake(repo, work, configfile, "features")
+    rerun = snakemake(work, configfile, "features")
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-3000:]
     ran = Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", output, flags=re.MULTILINE))

@@ -2,7 +2,9 @@
 
 Not a conftest: test modules import it (``from workflow_runs import ...``; pytest puts ``tests/``
 on ``sys.path`` in its default rootdir-based import mode). The uninterrupted reference run of a
-seed is made once per session and shared by every module that asks for it (:func:`reference_run`).
+seed is made once per session and shared by every module that asks for it (:func:`reference_run`),
+and so is a second, independent run of the same configuration in another working folder
+(``reference_run(..., replica=1)``: determinism compares the two, test_workflow reruns in it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What a user runs: `snakemake --cores N` from a working folder, the workflow's default profile
 # (workflow/profiles/default: --rerun-incomplete, printshellcmds, ...) picked up automatically.
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]
+# Four cores on the 2-core test machines: every rule asks for 2 threads, so `--cores 2` ran one job
+# at a time, and a tiny job is ~75% single-threaded imports (torch, timm) that left a core idle.
+# Each job still gets its 2 threads (same numbers as with `--cores 2`); a tiny DAG runs in ~0.7 of
+# the time (73 s -> 52 s for tiny_config). The fault test keeps 2: its kill points wait for one
+# shard's job to finish while the next one runs.
+CORES = 4
+
+
+def snakemake_command(cores: int = CORES) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", str(cores)]
+
+
+SNAKEMAKE = snakemake_command()
 
 # Artifacts compared byte for byte between runs.
 COMPARED_GLOBS = (
@@ -77,10 +91,10 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def snakemake(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path, timeout: float = 600, cores: int = CORES) -> subprocess.CompletedProcess:
     """Run snakemake to completion (its own process group, killed whole on timeout)."""
-    proc = subprocess.Popen([*SNAKEMAKE, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=_env())
+    proc = subprocess.Popen([*snakemake_command(cores), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=_env())
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -108,13 +122,13 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_and_kill_when(condition: Callable[[], bool], *args: str, cwd: Path, timeout: float = 600,
-                      poll: float = 0.05) -> tuple[bool, str]:
+                      poll: float = 0.05, cores: int = CORES) -> tuple[bool, str]:
     """Start snakemake, SIGKILL its whole process group as soon as ``condition()`` holds.
 
     Returns (killed, output). ``killed`` is False when the run ended before the condition held."""
     log_path = cwd / f"snakemake-{time.monotonic_ns()}.out"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([*SNAKEMAKE, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*snakemake_command(cores), *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=_env())
         deadline = time.monotonic() + timeout
         killed = False
@@ -140,18 +154,22 @@ def digests(results: Path) -> dict[str, str]:
     return out
 
 
-_REFERENCE: dict[int, Path] = {}
+_REFERENCE: dict[tuple[int, int], Path] = {}
 
 
-def reference_run(tmp_path_factory, seed: int = 0) -> Path:
-    """The results folder of one uninterrupted tiny run with ``seed`` (made once per session)."""
-    if seed not in _REFERENCE:
-        work = tmp_path_factory.mktemp(f"reference-seed{seed}")
+def reference_run(tmp_path_factory, seed: int = 0, replica: int = 0) -> Path:
+    """The results folder of one uninterrupted tiny run with ``seed`` (made once per session).
+
+    ``replica`` 1, 2, ...: another run of the same configuration from scratch in its own working
+    folder (``<work>/tiny.yaml`` beside its results), also made once per session."""
+    key = (seed, replica)
+    if key not in _REFERENCE:
+        work = tmp_path_factory.mktemp(f"reference-seed{seed}" + (f"-replica{replica}" if replica else ""))
         config = write_config(work / "tiny.yaml", tiny_config(work / "results", seed=seed))
         result = snakemake("--configfile", str(config), cwd=work)
         assert result.returncode == 0, result.stdout[-6000:]
-        _REFERENCE[seed] = work / "results"
-    return _REFERENCE[seed]
+        _REFERENCE[key] = work / "results"
+    return _REFERENCE[key]
 
 
 def job_counts(output: str) -> dict[str, int]:
