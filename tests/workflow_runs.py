@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,6 +171,15 @@ def reference_run(tmp_path_factory, seed: int = 0, replica: int = 0) -> Path:
         assert result.returncode == 0, result.stdout[-6000:]
         _REFERENCE[key] = work / "results"
     return _REFERENCE[key]
+
+
+def reference_copy(tmp_path_factory, name: str, seed: int = 0) -> Path:
+    """A copy of the reference run's results folder (files, mtimes and rerun state) in a new working
+    folder: a test that runs another configuration there reruns only what its changes touch, as a
+    user's results folder would (copied from the run of ``seed``; returns the new results path)."""
+    work = tmp_path_factory.mktemp(name)
+    shutil.copytree(reference_run(tmp_path_factory, seed), work / "results", symlinks=True)
+    return work / "results"
 
 
 def job_counts(output: str) -> dict[str, int]:
