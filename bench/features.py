@@ -92,7 +92,8 @@ def synchronise(device: torch.device) -> None:
 
 
 def time_stage(args: argparse.Namespace, manifest: Path, folder: Path) -> tuple[float, dict[str, float]]:
-    """The whole stage's seconds and its phases' (``extract_shard``'s model / features / write)."""
+    """The whole stage's seconds and its phases' (``extract_shard``'s model / features / write:
+    the batches are written to the shard as they come back; ``write`` is closing it)."""
     start = time.perf_counter()
     phases = extract_shard(manifest, 0, folder / "shard.safetensors", stage_params(args), threads=args.threads)
     return time.perf_counter() - start, phases
@@ -173,7 +174,8 @@ def table(
             f"| {label} | {seconds[name]:.2f} | {rate[name]:.2f} | {rate['stage'] / rate[name]:.2f} |"
         )
     lines += ["", "Phases of the whole stage (extract_shard's own clock; the rest of (a) is the process's):", "",
-              "| run | model s (manifest, build, to device) | batches s | batches images/s | write s |",
+              "| run | model s (manifest, build, to device) | batches s (written as they come) | batches images/s "
+              "| closing the shard s |",
               "|---|---:|---:|---:|---:|"]
     for name, phase in phases.items():
         lines.append(f"| {name} | {phase['model']:.2f} | {phase['features']:.2f} | "

@@ -398,6 +398,11 @@ def extract_features(
     return out
 
 
+def key_dim(model: VisionTransformer) -> int:
+    """Width of :func:`extract_features`' keys: the last block's heads concatenated."""
+    return model.blocks[-1].attn.qkv.out_features // 3
+
+
 def _keys_from_qkv(qkv: torch.Tensor, attn: nn.Module) -> torch.Tensor:
     """B x T x D keys (heads concatenated) from the B x T x 3D qkv projection, k-norm applied."""
     batch, tokens, triple = qkv.shape

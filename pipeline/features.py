@@ -44,7 +44,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.backbone import build_backbone, embed_dim, extract_features, normalisation, num_prefix_tokens, patch_size
+from pipeline.backbone import (
+    build_backbone,
+    embed_dim,
+    extract_features,
+    key_dim,
+    normalisation,
+    num_prefix_tokens,
+    patch_size,
+)
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb_resized
@@ -387,8 +395,9 @@ def extract_shard(
 ) -> dict[str, float]:
     """Write the features of the manifest's ``shard`` to ``out_path`` (one safetensors file).
     Returns the seconds of its phases — ``model`` (reading the manifest, building the model and
-    moving it to the device), ``features`` (the batches), ``write`` (the shard) — also logged:
-    on a GPU the fixed phases weigh on a shard's time as much as its images do (bench/features.py)."""
+    moving it to the device), ``features`` (the batches, each written to the shard as it comes
+    back), ``write`` (closing the shard) — also logged: on a GPU the fixed phases weigh on a
+    shard's time as much as its images do (bench/features.py)."""
     began = time.perf_counter()
     settings = FeatureSettings.from_params(params["features"])
     backbone = params["backbone"]
@@ -412,16 +421,21 @@ def extract_shard(
         "shard %s: %d images, %s (%s) on %s, keep %s",
         shard, len(rows), backbone["name"], backbone["weights"], device, ",".join(settings.keep),
     )
+    image_ids = list(rows["image_id"])
+    fixed = shard_fixed_tensors(image_ids, geometries)
+    specs = {**{key: shards.tensor_spec(value) for key, value in fixed.items()},
+             **feature_specs(model, image_ids, geometries, settings.keep)}
+    metadata = shard_metadata(model, params, settings, image_ids, shard)
     built = time.perf_counter()
-    per_image = compute_features(model, rows, geometries, settings, device, desc=f"shard {shard}")
-    computed = time.perf_counter()
-    tensors = shard_tensors(list(rows["image_id"]), per_image, geometries)
-    metadata = shard_metadata(model, params, settings, list(rows["image_id"]), shard)
-    shards.write_shard(Path(out_path), tensors, metadata)
+    with shards.shard_writer(Path(out_path), specs, metadata) as write:
+        for key, value in fixed.items():
+            write(key, value)
+        compute_features(model, rows, geometries, settings, device, write, desc=f"shard {shard}")
+        computed = time.perf_counter()
     seconds = {"model": built - began, "features": computed - built, "write": time.perf_counter() - computed}
-    log.info("wrote %s (%d tensors); model %.1f s, features %.1f s (%.0f images/s), write %.1f s", out_path,
-             len(tensors), seconds["model"], seconds["features"], len(rows) / max(seconds["features"], 1e-9),
-             seconds["write"])
+    log.info("wrote %s (%d tensors); model %.1f s, features %.1f s (%.0f images/s, written as they came), "
+             "closing the shard %.1f s", out_path, len(specs), seconds["model"], seconds["features"],
+             len(rows) / max(seconds["features"], 1e-9), seconds["write"])
     return seconds
 
 
@@ -431,13 +445,15 @@ def compute_features(
     geometries: list[Geometry],
     settings: FeatureSettings,
     device: torch.device,
+    write: shards.ShardWrite,
     desc: str = "features",
-) -> list[dict[str, torch.Tensor]]:
-    """Per image (in ``rows`` order): the kept features as float16 CPU tensors.
+) -> None:
+    """Per image (in ``rows`` order): the kept features as float16, handed to ``write`` as
+    ``"{image_id}/{name}"`` while the next batch runs.
 
     Overlap: workers read (and, on the CPU path, decode) the next batches while the main process
     runs this one; a batch's features are copied back without waiting (pinned memory, an event)
-    and collected only after the next batch has been queued on the device.
+    and written only after the next batch has been queued on the device.
     """
     mean, std = normalisation(model)
     sizes = [(int(h), int(w)) for h, w in zip(rows["height"], rows["width"])]
@@ -445,20 +461,18 @@ def compute_features(
                           device_decode=settings.device_decode(device))
     batches = batches_by_size([g.final for g in geometries], settings.batch_size)
     loader = make_loader(dataset, batches, settings.num_workers, pin_memory=device.type == "cuda")
-    results: list[dict[str, torch.Tensor] | None] = [None] * len(dataset)
+    image_ids = list(rows["image_id"])
     wants = {name: name in settings.keep for name in KEEP_CHOICES}
     in_flight: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None
 
     def collect(indices: list[int], host: dict[str, torch.Tensor], ready) -> None:
         if ready is not None:
             ready.synchronize()
-        # From a GPU the batch comes back in page-locked memory, which the caching host allocator
-        # hands to the next batches: the batch keeps one pageable copy, its images are rows of
-        # it: one allocation and copy a batch. Per-image copies took 1.1 s for 2,048 images on the
-        # H200 machine (bench/RESULTS.md), three times the bare forward pass.
-        kept = {name: host[name].clone() if ready is not None else host[name] for name in settings.keep}
+        # Written straight from the (page-locked, from a GPU) copy: nothing of the batch is kept,
+        # so the caching host allocator hands its memory to the next batches.
         for row, index in enumerate(indices):
-            results[index] = {name: kept[name][row] for name in settings.keep}
+            for name in settings.keep:
+                write(f"{image_ids[index]}/{name}", host[name][row])
         progress.update(len(indices))
 
     # Unattended runs (cluster logs) get a line every 30 s instead of a redrawn bar.
@@ -479,16 +493,27 @@ def compute_features(
             in_flight = ([s.index for s in samples], host, ready)
         if in_flight is not None:
             collect(*in_flight)
-    return results
 
 
-def shard_tensors(
-    image_ids: list[str], per_image: list[dict[str, torch.Tensor]], geometries: list[Geometry]
-) -> dict[str, torch.Tensor]:
+def feature_specs(
+    model: torch.nn.Module, image_ids: list[str], geometries: list[Geometry], keep: Sequence[str]
+) -> dict[str, shards.TensorSpec]:
+    """The float16 features' shapes per image before they are computed (the shard's header goes
+    first): keys and tokens one row per patch of the grid, cls one vector."""
+    widths = {"keys": key_dim(model), "cls": embed_dim(model), "tokens": embed_dim(model)}
+    specs = {}
+    for image_id, geometry in zip(image_ids, geometries):
+        patches = geometry.grid[0] * geometry.grid[1]
+        for name in keep:
+            shape = (widths[name],) if name == "cls" else (patches, widths[name])
+            specs[f"{image_id}/{name}"] = (torch.float16, shape)
+    return specs
+
+
+def shard_fixed_tensors(image_ids: list[str], geometries: list[Geometry]) -> dict[str, torch.Tensor]:
+    """Each image's patch grid and resize geometry (known before any feature)."""
     tensors: dict[str, torch.Tensor] = {}
-    for image_id, features, geometry in zip(image_ids, per_image, geometries):
-        for name, value in features.items():
-            tensors[f"{image_id}/{name}"] = value
+    for image_id, geometry in zip(image_ids, geometries):
         tensors[f"{image_id}/grid"] = torch.tensor(geometry.grid, dtype=torch.int32)
         tensors[f"{image_id}/geometry"] = geometry.as_tensor()
     return tensors

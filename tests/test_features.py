@@ -186,6 +186,65 @@ def test_shard_writer_takes_batch_views_without_sharing_storage(tmp_path):
     assert torch.equal(loaded["t"]["keys"], batch[:, 1].T)
 
 
+def test_shard_written_tensor_by_tensor_in_any_order_is_the_file_of_write_shard(tmp_path):
+    tensors = {"x/keys": torch.randn(4, 3).half(), "x/grid": torch.tensor([2, 2], dtype=torch.int32),
+               "y/keys": torch.randn(2, 3).half(), "y/geometry": torch.rand(5, dtype=torch.float64),
+               "y/empty": torch.zeros(0, 3, dtype=torch.float16)}
+    meta = {"image_ids": ["x", "y"], "n": 2}
+    whole, streamed = tmp_path / "whole.safetensors", tmp_path / "streamed.safetensors"
+    shards.write_shard(whole, tensors, meta)
+    specs = {key: shards.tensor_spec(value) for key, value in tensors.items()}
+    with shards.shard_writer(streamed, specs, meta) as write:
+        assert not streamed.exists()  # nothing under the final name before the last tensor
+        for key in reversed(list(tensors)):
+            write(key, tensors[key])
+    assert streamed.read_bytes() == whole.read_bytes()
+
+
+def test_shard_writer_refuses_what_the_header_has_no_room_for_and_leaves_no_file(tmp_path):
+    specs = {"x/keys": (torch.float16, (4, 3)), "x/cls": (torch.float16, (3,))}
+    out = tmp_path / "s.safetensors"
+    for wrong, match in ((("x/keys", torch.zeros(4, 2, dtype=torch.float16)), "room for"),
+                         (("x/keys", torch.zeros(4, 3)), "room for"),
+                         (("x/tokens", torch.zeros(3, dtype=torch.float16)), "not in the shard")):
+        with pytest.raises(ValueError, match=match), shards.shard_writer(out, specs, {}) as write:
+            write(*wrong)
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="written twice"), shards.shard_writer(out, specs, {}) as write:
+        write("x/cls", torch.zeros(3, dtype=torch.float16))
+        write("x/cls", torch.zeros(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"1 tensors were never written \(e\.g\. x/keys\)"):
+        with shards.shard_writer(out, specs, {}) as write:
+            write("x/cls", torch.zeros(3, dtype=torch.float16))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_features_are_written_batch_by_batch_while_the_next_batches_run(manifest, tmp_path, monkeypatch):
+    """The stage never holds the shard: each batch reaches the writer once the next is queued."""
+    import pipeline.features as features
+
+    forwards = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    written_after = {}
+
+    def write(key: str, tensor: torch.Tensor) -> None:
+        written_after[key] = len(forwards)
+
+    rows = features.shard_rows(manifest, 0)
+    settings = features.FeatureSettings.from_params(params()["features"])  # batches of 2
+    torch.manual_seed(0)
+    model = features.build_backbone("vit_small_patch16_224.dino", "random", model_kwargs=TINY)
+    geometries = [image_geometry(int(h), int(w), 64, 16, "crop") for h, w in zip(rows["height"], rows["width"])]
+    features.compute_features(model, rows, geometries, settings, torch.device("cpu"), write)
+    batches = batches_by_size([g.final for g in geometries], 2)
+    assert len(forwards) == len(batches) == 4
+    for number, batch in enumerate(batches):
+        for index in batch:
+            for name in ("keys", "cls"):  # written after the next batch's forward, before the one after
+                assert written_after[f"{rows['image_id'].iloc[index]}/{name}"] == min(number + 2, len(batches))
+
+
 def test_keep_list_is_respected(manifest, tmp_path):
     out = tmp_path / "tokens.safetensors"
     extract_shard(manifest, 1, out, params(keep=["tokens"]), threads=1)
@@ -198,11 +257,17 @@ def test_keep_list_is_respected(manifest, tmp_path):
 
 
 def test_failed_write_leaves_no_shard(manifest, tmp_path, monkeypatch):
-    def write_half_then_die(path: Path, parts) -> None:
-        path.write_bytes(bytes(parts[0])[: len(parts[0]) // 2])
+    real_pwrite_all = shards._pwrite_all
+    calls = []
+
+    def write_header_then_half_a_tensor_and_die(fd: int, data: memoryview, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 1:
+            return real_pwrite_all(fd, data, offset)
+        real_pwrite_all(fd, data[: len(data) // 2], offset)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, "_write_parts", write_half_then_die)
+    monkeypatch.setattr(shards, "_pwrite_all", write_header_then_half_a_tensor_and_die)
     out = tmp_path / "features" / "shard-00000.safetensors"
     with pytest.raises(KeyboardInterrupt):
         extract_shard(manifest, 0, out, params(), threads=1)
