@@ -34,6 +34,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--images", "48"],
         ["--device", "cuda", "--images", "8192", "--batch-size", "256", "--size", "224x224", "--workers", "12"],
     ),
+    "shard_memory": (
+        "Peak memory of a feature job: the shard written batch by batch (the stage) vs held and written at the "
+        "end (the stage before 2026-11-27); the same bytes either way. Target: the shard's size off the peak.",
+        ["--images", "2048", "--threads", "2"],
+        ["--device", "cuda", "--images", "8192", "--batch-size", "256", "--workers", "12", "--depth", "12"],
+    ),
     "spectral": (
         "Batched dense Laplacian eigensolver vs one shift-invert eigsh per image (Deep Spectral Methods), "
         "same affinities. Target: >= 4x on CPU at VOC size, never a wrong subspace; "
