@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profiling import profiled
 
-from machine import cpu_model
+from machine import cpu_model, print_and_append
 from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size
 from pipeline.features import extract_shard, image_geometry, prepare_image, resolve_device
 
@@ -206,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         final = image_geometry(height, width, args.max_size, patch_size(model), "crop").final
         seconds["forward"] = time_bare_forward(model, device, args, final)
         seconds["naive"] = time_naive_loop(model, device, args, manifest, folder)
-    text = table(args, device, seconds, phases, load_before)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+    print_and_append(table(args, device, seconds, phases, load_before), args.out)
     return 0
 
 

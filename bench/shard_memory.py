@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from features import write_jpegs
 
-from machine import cpu_model
+from machine import cpu_model, print_and_append
 
 APPROACHES = {"streamed": "the stage: each batch written as it comes back",
               "held": "reference: every batch held, the shard written at the end"}
@@ -123,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run = runs[name]
         lines.append(f"| {label} | {run['peak_mib']:.0f} | {run['peak_mib'] / runs['held']['peak_mib']:.2f} | "
                      f"{run['seconds']:.1f} | {run['phases']['features']:.1f} | {run['phases']['write']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+    print_and_append("\n".join(lines) + "\n", args.out)
     return 0
 
 
