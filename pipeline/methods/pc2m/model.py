@@ -100,6 +100,8 @@ class PatchClassifier(nn.Module):
         # ViT-PCM's head initialiser (N(0, 0.05), PRIOR-ART.md); paper 000 does not say.
         nn.init.normal_(self.classifier.weight, std=0.05)
         self.num_classes = num_classes
+        # Checked once (a walk over every module): ViT-PCM's stop-gradient pass asks every step.
+        self.backbone_same_in_both_modes = same_in_train_and_eval(backbone)
 
     def forward(self, images: torch.Tensor) -> PatchPredictions:
         """Eq. 1 of paper 000 / eq. 2 of paper 001: P = softmax(F W) per patch; F = the final

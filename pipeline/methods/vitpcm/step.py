@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.devices import mixed_precision
-from pipeline.methods.pc2m.model import PatchClassifier, PatchPredictions, same_in_train_and_eval
+from pipeline.methods.pc2m.model import PatchClassifier, PatchPredictions
 from pipeline.methods.vitpcm.losses import ETBranch, ViTPCMTerms, et_target, vitpcm_loss
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.views import tile_mosaic, untile_mosaic
@@ -24,7 +24,7 @@ def inference_predictions(model: PatchClassifier, images: torch.Tensor, tokens: 
     (one ViT forward of three a step saved); any other backbone runs again in eval mode."""
     model.eval()
     try:
-        if same_in_train_and_eval(model.backbone):
+        if model.backbone_same_in_both_modes:
             return model.classify(tokens.detach())
         return model(images)
     finally:
