@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,24 +54,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"], help="features.decode")
+    parser.add_argument("--naive-images", type=int, default=0,
+                        help="time (c) on the first N images only, scaled to --images (0: all; it runs ~100 "
+                        "images/s on a GPU)")
     parser.add_argument("--out", type=Path, help="append the table to this Markdown file")
     parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of a rerun of (a) to this file "
                         "(bench/profiling.py)")
     return parser.parse_args(argv)
 
 
-def write_jpegs(folder: Path, count: int, width: int, height: int) -> Path:
-    """Photo-like synthetic JPEGs (smooth gradients plus noise) and a one-shard manifest."""
-    rng = np.random.default_rng(0)
+def write_jpeg(folder: Path, index: int, width: int, height: int) -> list:
+    """One photo-like synthetic JPEG (a smooth gradient plus noise, drawn from ``index``) and its
+    manifest row."""
+    rng = np.random.default_rng(index)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    rows = []
-    for index in range(count):
-        phase = rng.uniform(0, 2 * np.pi, size=3)
-        base = 127 + 100 * np.sin(xx[..., None] / 40 + yy[..., None] / 60 + phase)
-        rgb = np.clip(base + rng.normal(0, 20, size=base.shape), 0, 255).astype(np.uint8)
-        path = folder / f"img{index:05d}.jpg"
-        Image.fromarray(rgb).save(path, quality=90)
-        rows.append([f"img{index:05d}", str(path), "", "", False, "train", width, height, 0])
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    base = 127 + 100 * np.sin(xx[..., None] / 40 + yy[..., None] / 60 + phase)
+    rgb = np.clip(base + rng.normal(0, 20, size=base.shape), 0, 255).astype(np.uint8)
+    path = folder / f"img{index:05d}.jpg"
+    Image.fromarray(rgb).save(path, quality=90)
+    return [f"img{index:05d}", str(path), "", "", False, "train", width, height, 0]
+
+
+def write_jpegs(folder: Path, count: int, width: int, height: int) -> Path:
+    """``count`` synthetic JPEGs, written in parallel (a lent GPU machine's minutes went to
+    writing them one by one), and a one-shard manifest."""
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        rows = list(pool.map(write_jpeg, itertools.repeat(folder), range(count), itertools.repeat(width),
+                             itertools.repeat(height), chunksize=64))
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(manifest, index=False)
     return manifest
@@ -94,8 +106,10 @@ def synchronise(device: torch.device) -> None:
 def time_stage(args: argparse.Namespace, manifest: Path, folder: Path) -> tuple[float, dict[str, float]]:
     """The whole stage's seconds and its phases' (``extract_shard``'s model / features / write:
     the batches are written to the shard as they come back; ``write`` is closing it)."""
+    shard = folder / "shard.safetensors"
+    shard.unlink(missing_ok=True)  # as Snakemake does before a job: replacing a big file is slow
     start = time.perf_counter()
-    phases = extract_shard(manifest, 0, folder / "shard.safetensors", stage_params(args), threads=args.threads)
+    phases = extract_shard(manifest, 0, shard, stage_params(args), threads=args.threads)
     return time.perf_counter() - start, phases
 
 
@@ -125,6 +139,8 @@ def time_naive_loop(
     out_dir = folder / "naive"
     out_dir.mkdir()
     start = time.perf_counter()
+    if args.naive_images:
+        rows = rows.head(args.naive_images)
     columns = (rows["image_id"], rows["image_path"], rows["width"], rows["height"])
     for image_id, path, width, height in zip(*columns):
         rgb = np.asarray(Image.open(path).convert("RGB"))
@@ -134,7 +150,7 @@ def time_naive_loop(
             out = extract_features(model, image, keys=True, cls=True)
         torch.save({"keys": out.keys[0].to("cpu", torch.float16), "cls": out.cls[0].to("cpu", torch.float16)},
                    out_dir / f"{image_id}.pt")
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) * args.images / len(rows)  # scaled to all the images
 
 
 def machine(device: torch.device, load_before: float) -> str:

@@ -68,13 +68,19 @@ def hold_the_shard() -> None:
 
     real_writer = shards.shard_writer
 
+    class Holder:
+        def __init__(self) -> None:
+            self.held = []
+
+        def batches(self, batches) -> None:
+            self.held += batches
+
     @contextlib.contextmanager
     def holding_writer(out_path, specs, metadata):
-        held = {}
-        yield held.__setitem__
+        holder = Holder()
+        yield holder
         with real_writer(out_path, specs, metadata) as write:
-            for key, tensor in held.items():
-                write(key, tensor)
+            write.batches(holder.held)
 
     shards.shard_writer = holding_writer
 

@@ -24,7 +24,9 @@ manifest order. Files are byte-identical for identical inputs on the same machin
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -196,12 +198,34 @@ class Sample:
     index: int
     image: torch.Tensor | None
     error: str | None
-    data: torch.Tensor | None = None
+    data: bytes | None = None
 
-    def pin_memory(self) -> Sample:
+
+@dataclass
+class SampleBatch:
+    """A batch as it crosses from a worker: the JPEG bytes of the images the device decodes,
+    end to end in one tensor, and the CPU-prepared images in one stack (a batch has one final
+    size). Two tensors a batch, not one per image: every tensor a worker hands over costs a
+    file-descriptor exchange with the main process, which on a GPU took more of a feature job's
+    time than the model."""
+
+    indices: list[int]
+    errors: list[str | None]
+    jpeg_positions: list[int]  # positions in the batch of the images in ``jpeg``
+    jpeg_ends: list[int]  # where each one's bytes end in ``jpeg``
+    jpeg: torch.Tensor | None
+    prepared_positions: list[int]  # positions in the batch of the images in ``prepared``
+    prepared: torch.Tensor | None
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """Each image's bytes: views of ``jpeg``."""
+        starts = [0, *self.jpeg_ends[:-1]]
+        return [self.jpeg[start:end] for start, end in zip(starts, self.jpeg_ends)]
+
+    def pin_memory(self) -> SampleBatch:
         """Called by the DataLoader's pin-memory thread: page-locked tensors copy to the GPU
         asynchronously."""
-        return Sample(self.index, _pinned(self.image), self.error, _pinned(self.data))
+        return dataclasses.replace(self, jpeg=_pinned(self.jpeg), prepared=_pinned(self.prepared))
 
 
 def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -256,7 +280,7 @@ class ShardImages(Dataset):
             except OSError:
                 data = b""  # Pillow's path below reports it by name
             if device_decodable(data, self.sizes[index]):
-                return Sample(index, None, None, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                return Sample(index, None, None, data)
         return self.prepared(index)
 
     def prepared(self, index: int) -> Sample:
@@ -278,10 +302,21 @@ class ShardImages(Dataset):
         return Sample(index, prepare_image(rgb, self.geometries[index], self.mean, self.std), None)
 
 
-def collate_samples(samples: list[Sample]) -> list[Sample]:
-    """The batch stays a list: its images may still be JPEG bytes, and a failed one carries its
-    error (raised by :func:`batch_images` in the main process)."""
-    return samples
+def collate_samples(samples: list[Sample]) -> SampleBatch:
+    """The worker's samples packed into a :class:`SampleBatch`; a failed one keeps its error
+    (raised by :func:`batch_images` in the main process)."""
+    jpeg = [position for position, s in enumerate(samples) if s.data is not None]
+    prepared = [position for position, s in enumerate(samples) if s.image is not None]
+    data = b"".join(samples[p].data for p in jpeg)
+    return SampleBatch(
+        indices=[s.index for s in samples],
+        errors=[s.error for s in samples],
+        jpeg_positions=jpeg,
+        jpeg_ends=list(itertools.accumulate(len(samples[p].data) for p in jpeg)),
+        jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None,
+        prepared_positions=prepared,
+        prepared=torch.stack([samples[p].image for p in prepared]) if prepared else None,
+    )
 
 
 def prepare_decoded(
@@ -324,36 +359,46 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-def batch_images(samples: list[Sample], dataset: ShardImages, device: torch.device) -> torch.Tensor:
+def batch_images(batch: SampleBatch, dataset: ShardImages, device: torch.device) -> torch.Tensor:
     """The batch as one normalised tensor on ``device``: CPU-prepared images copied there, JPEG
     bytes decoded there in one call. If the device decoder refuses the batch, its images take
     Pillow's path (whose error, for a really bad file, is the one raised)."""
-    for sample in samples:
-        if sample.error is not None:
-            raise BadInputError(sample.error)
-    raw = [s for s in samples if s.data is not None]
-    decoded: dict[int, torch.Tensor] = {}
-    if raw:
-        try:
-            images = decode_jpegs([s.data for s in raw], device)
-        except RuntimeError as exc:
-            log.warning("device JPEG decoder failed on a batch (%s): decoding it with Pillow", exc)
-            return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
-        if any(tuple(image.shape[-2:]) != dataset.sizes[s.index] for s, image in zip(raw, images)):
-            return batch_images([dataset.prepared(s.index) for s in samples], dataset, device)
-        mean, std = channel_constants(dataset.mean, device), channel_constants(dataset.std, device)
-        # Images of one original size share their geometry: prepared as one stack.
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for position, sample in enumerate(raw):
-            by_size.setdefault(dataset.sizes[sample.index], []).append(position)
-        for positions in by_size.values():
-            geometry = dataset.geometries[raw[positions[0]].index]
-            prepared = prepare_decoded(torch.stack([images[p] for p in positions]), geometry, mean, std)
-            for row, position in enumerate(positions):
-                decoded[raw[position].index] = prepared[row]
-    return torch.stack([
-        decoded[s.index] if s.data is not None else s.image.to(device, non_blocking=True) for s in samples
-    ])
+    for error in batch.errors:
+        if error is not None:
+            raise BadInputError(error)
+    final = dataset.geometries[batch.indices[0]].final
+    out = torch.empty(len(batch.indices), 3, *final, device=device)
+    if batch.prepared is not None:
+        _put_rows(out, batch.prepared_positions, batch.prepared.to(device, non_blocking=True))
+    if batch.jpeg is None:
+        return out
+    indices = [batch.indices[position] for position in batch.jpeg_positions]
+    try:
+        images = decode_jpegs(batch.jpegs(), device)
+    except RuntimeError as exc:
+        log.warning("device JPEG decoder failed on a batch (%s): decoding it with Pillow", exc)
+        return batch_images(collate_samples([dataset.prepared(i) for i in batch.indices]), dataset, device)
+    if any(tuple(image.shape[-2:]) != dataset.sizes[index] for index, image in zip(indices, images)):
+        return batch_images(collate_samples([dataset.prepared(i) for i in batch.indices]), dataset, device)
+    mean, std = channel_constants(dataset.mean, device), channel_constants(dataset.std, device)
+    # Images of one original size share their geometry: prepared as one stack.
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for member, index in enumerate(indices):
+        by_size.setdefault(dataset.sizes[index], []).append(member)
+    for members in by_size.values():
+        prepared = prepare_decoded(torch.stack([images[m] for m in members]), dataset.geometries[indices[members[0]]],
+                                   mean, std)
+        _put_rows(out, [batch.jpeg_positions[m] for m in members], prepared)
+    return out
+
+
+def _put_rows(out: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
+    """``out[positions] = rows``; a run of consecutive positions (the usual batch: one source
+    size, one decoder) as a slice, without an index tensor to copy to the device."""
+    if positions == list(range(positions[0], positions[0] + len(positions))):
+        out[positions[0] : positions[0] + len(positions)] = rows
+    else:
+        out[torch.tensor(positions, device=out.device)] = rows
 
 
 def make_loader(
@@ -423,13 +468,12 @@ def extract_shard(
     )
     image_ids = list(rows["image_id"])
     fixed = shard_fixed_tensors(image_ids, geometries)
-    specs = {**{key: shards.tensor_spec(value) for key, value in fixed.items()},
+    specs = {**{key: (batch.dtype, tuple(batch.shape[1:])) for keys, batch in fixed for key in keys},
              **feature_specs(model, image_ids, geometries, settings.keep)}
     metadata = shard_metadata(model, params, settings, image_ids, shard)
     built = time.perf_counter()
     with shards.shard_writer(Path(out_path), specs, metadata) as write:
-        for key, value in fixed.items():
-            write(key, value)
+        write.batches(fixed)
         compute_features(model, rows, geometries, settings, device, write, desc=f"shard {shard}")
         computed = time.perf_counter()
     seconds = {"model": built - began, "features": computed - built, "write": time.perf_counter() - computed}
@@ -445,7 +489,7 @@ def compute_features(
     geometries: list[Geometry],
     settings: FeatureSettings,
     device: torch.device,
-    write: shards.ShardWrite,
+    write: shards.ShardWriter,
     desc: str = "features",
 ) -> None:
     """Per image (in ``rows`` order): the kept features as float16, handed to ``write`` as
@@ -470,16 +514,14 @@ def compute_features(
             ready.synchronize()
         # Written straight from the (page-locked, from a GPU) copy: nothing of the batch is kept,
         # so the caching host allocator hands its memory to the next batches.
-        for row, index in enumerate(indices):
-            for name in settings.keep:
-                write(f"{image_ids[index]}/{name}", host[name][row])
+        write.batches([([f"{image_ids[index]}/{name}" for index in indices], host[name]) for name in settings.keep])
         progress.update(len(indices))
 
     # Unattended runs (cluster logs) get a line every 30 s instead of a redrawn bar.
     progress = tqdm(total=len(dataset), desc=desc, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
     with progress:
-        for samples in loader:
-            images = batch_images(samples, dataset, device)
+        for batch in loader:
+            images = batch_images(batch, dataset, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = extract_features(model, images, **wants)
             host = {name: getattr(out, name).to(torch.float16).to("cpu", non_blocking=True)
@@ -490,7 +532,7 @@ def compute_features(
                 ready.record()
             if in_flight is not None:
                 collect(*in_flight)
-            in_flight = ([s.index for s in samples], host, ready)
+            in_flight = (batch.indices, host, ready)
         if in_flight is not None:
             collect(*in_flight)
 
@@ -510,13 +552,15 @@ def feature_specs(
     return specs
 
 
-def shard_fixed_tensors(image_ids: list[str], geometries: list[Geometry]) -> dict[str, torch.Tensor]:
-    """Each image's patch grid and resize geometry (known before any feature)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for image_id, geometry in zip(image_ids, geometries):
-        tensors[f"{image_id}/grid"] = torch.tensor(geometry.grid, dtype=torch.int32)
-        tensors[f"{image_id}/geometry"] = geometry.as_tensor()
-    return tensors
+def shard_fixed_tensors(image_ids: list[str], geometries: list[Geometry]) -> list[tuple[list[str], torch.Tensor]]:
+    """Each image's patch grid and resize geometry (known before any feature), as the shard
+    writer's batches: (keys, one row per image)."""
+    return [
+        ([f"{image_id}/grid" for image_id in image_ids],
+         torch.tensor([g.grid for g in geometries], dtype=torch.int32).view(-1, 2)),
+        ([f"{image_id}/geometry" for image_id in image_ids],
+         torch.tensor([[g.scale, *g.resized, *g.final] for g in geometries], dtype=torch.float32).view(-1, 5)),
+    ]
 
 
 def shard_metadata(

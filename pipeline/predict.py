@@ -174,9 +174,9 @@ def predict_shard(
     tensors: dict[str, torch.Tensor] = {}
     # The masks folder appears complete or not at all (a killed job leaves no partial folder).
     with atomic_dir(out_masks_dir) as masks_tmp, mixed_precision(device):
-        for samples in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
-            probs = predictor.predict(batch_images(samples, dataset, device), settings.flip).cpu()
-            for index, image_probs in zip((sample.index for sample in samples), probs):
+        for batch in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
+            probs = predictor.predict(batch_images(batch, dataset, device), settings.flip).cpu()
+            for index, image_probs in zip(batch.indices, probs):
                 image_id = rows["image_id"][index]
                 if image_id in allowed:
                     image_probs = restrict(image_probs, allowed[image_id])

@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -28,10 +28,11 @@ _DTYPES = {
 }
 
 
+# Buffers one pwritev call takes (Linux: 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+
 # A tensor's place in a shard before its values exist: dtype and shape.
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
-# Puts one tensor of a shard being written in its place (:func:`shard_writer`).
-ShardWrite = Callable[[str, torch.Tensor], None]
 
 
 def tensor_spec(tensor: torch.Tensor) -> TensorSpec:
@@ -73,38 +74,90 @@ def write_shard(out_path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     # Only CPU, contiguous tensors can be written from memory; copies are made only where needed.
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     with shard_writer(out_path, {key: tensor_spec(value) for key, value in tensors.items()}, metadata) as write:
-        for key, value in tensors.items():
-            write(key, value)
+        write.batches([([key], value.unsqueeze(0)) for key, value in tensors.items()])
 
+
+class ShardWriter:
+    """Puts the tensors of a shard being written (:func:`shard_writer`) at their places, checked
+    against the header: a tensor the header has no room for, or one written twice, is refused."""
+
+    def __init__(self, fd: int, out_path: Path, specs: dict[str, TensorSpec], starts: dict[str, int]) -> None:
+        self.fd, self.out_path, self.specs, self.starts = fd, out_path, specs, starts
+        self.missing = set(specs)
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> None:
+        """One tensor at its place."""
+        self.batches([([key], tensor.unsqueeze(0))])
+
+    def batches(self, batches: Sequence[tuple[Sequence[str], torch.Tensor]]) -> None:
+        """Row ``i`` of each ``(keys, batch)`` at the place of ``keys[i]``. The shape is checked
+        once per batch and each row's bytes are a slice of the batch's: a shard of 8,192 images
+        is 16,384 tensors, and per-tensor work was a tenth of a GPU feature job's time. Rows that
+        lie end to end in the file (an image's tensors, consecutive images) go in one call."""
+        pieces = []
+        for keys, batch in batches:
+            if len(keys) != batch.shape[0]:
+                raise ValueError(f"{self.out_path}: {len(keys)} keys for a batch of {batch.shape[0]} rows")
+            row_spec = (batch.dtype, tuple(batch.shape[1:]))
+            for key in keys:
+                if key not in self.missing:
+                    raise ValueError(f"{self.out_path}: tensor {key} is "
+                                     f"{'written twice' if key in self.specs else 'not in the shard'}")
+                if self.specs[key] != row_spec:
+                    raise ValueError(f"{self.out_path}: tensor {key} is {row_spec}, the shard has room for "
+                                     f"{self.specs[key]}")
+                self.missing.remove(key)
+            data = _raw_bytes(batch.detach().cpu().contiguous())
+            size = len(data) // len(keys) if keys else 0
+            pieces += [(self.starts[key], data[row * size : (row + 1) * size]) for row, key in enumerate(keys)]
+        _pwrite_pieces(self.fd, sorted(pieces, key=lambda piece: piece[0]))
 
 @contextlib.contextmanager
-def shard_writer(out_path: Path, specs: dict[str, TensorSpec], metadata: dict) -> Iterator[ShardWrite]:
+def shard_writer(out_path: Path, specs: dict[str, TensorSpec], metadata: dict) -> Iterator[ShardWriter]:
     """A shard written while its tensors are made: the header goes first, from ``specs``; each
-    ``write(key, tensor)`` puts the tensor's bytes at its place, in any order, so a stage never
-    holds the whole shard (the feature stage writes every batch as it comes back). The file is
-    the one :func:`write_shard` writes for the same tensors, and appears (atomically) only when
-    the block ends with every tensor written."""
+    tensor written (:class:`ShardWriter`) goes to its place, in any order, so a stage never holds
+    the whole shard (the feature stage writes every batch as it comes back). The file is the one
+    :func:`write_shard` writes for the same tensors, and appears (atomically) only when the block
+    ends with every tensor written."""
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in metadata.items()}
     header, starts = safetensors_header(specs, encoded)
-    missing = set(specs)
-
-    def write(key: str, tensor: torch.Tensor) -> None:
-        if key not in missing:
-            raise ValueError(f"{out_path}: tensor {key} is {'written twice' if key in specs else 'not in the shard'}")
-        if tensor_spec(tensor) != specs[key]:
-            raise ValueError(f"{out_path}: tensor {key} is {tensor_spec(tensor)}, the shard has room for {specs[key]}")
-        _pwrite_all(fd, _raw_bytes(tensor.detach().cpu().contiguous()), starts[key])
-        missing.discard(key)
-
     with atomic_path(out_path) as tmp:
         fd = os.open(tmp, os.O_WRONLY)
         try:
             _pwrite_all(fd, memoryview(header), 0)
-            yield write
+            writer = ShardWriter(fd, out_path, specs, starts)
+            yield writer
         finally:
             os.close(fd)
-        if missing:
-            raise ValueError(f"{out_path}: {len(missing)} tensors were never written (e.g. {min(missing)})")
+        if writer.missing:
+            raise ValueError(f"{out_path}: {len(writer.missing)} tensors were never written "
+                             f"(e.g. {min(writer.missing)})")
+
+
+def _pwrite_pieces(fd: int, pieces: list[tuple[int, memoryview]]) -> None:
+    """``(offset, bytes)`` pieces sorted by offset: each run of pieces that lie end to end in one
+    ``pwritev`` call (at most IOV_MAX buffers)."""
+    run: list[memoryview] = []
+    run_start = run_end = 0
+    for offset, data in pieces:
+        if run and (offset != run_end or len(run) == _IOV_MAX):
+            _pwritev_all(fd, run, run_start)
+            run = []
+        if not run:
+            run_start = run_end = offset
+        run.append(data)
+        run_end += len(data)
+    if run:
+        _pwritev_all(fd, run, run_start)
+
+
+def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """``buffers`` end to end at ``offset``; what a partial write leaves goes buffer by buffer."""
+    written = os.pwritev(fd, buffers, offset) if hasattr(os, "pwritev") else 0
+    for data in buffers:
+        if written < len(data):
+            _pwrite_all(fd, data[written:], offset + written)
+        offset, written = offset + len(data), max(0, written - len(data))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

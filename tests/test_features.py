@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,36 @@ def test_shard_written_tensor_by_tensor_in_any_order_is_the_file_of_write_shard(
     assert streamed.read_bytes() == whole.read_bytes()
 
 
+def test_shard_written_in_batches_of_rows_is_the_file_of_write_shard(tmp_path, monkeypatch):
+    """Rows of batches, two names interleaved in the file, in as few calls as their places allow
+    (each image's cls and keys lie end to end, and the images too), partial writes completed."""
+    keys, cls = torch.randn(5, 4, 3).half(), torch.randn(5, 3).half()
+    ids = [f"im{i}" for i in range(5)]
+    tensors = {f"{i}/keys": keys[n] for n, i in enumerate(ids)} | {f"{i}/cls": cls[n] for n, i in enumerate(ids)}
+    whole, batched = tmp_path / "whole.safetensors", tmp_path / "batched.safetensors"
+    shards.write_shard(whole, tensors, {"n": 5})
+    calls, real_pwritev = [], os.pwritev
+
+    def partial_pwritev(fd, buffers, offset):  # writes at most 7 bytes a call, as a real one may
+        calls.append(len(buffers))
+        return os.pwrite(fd, b"".join(buffers)[:7], offset)
+
+    monkeypatch.setattr(os, "pwritev", partial_pwritev)
+    specs = {key: shards.tensor_spec(value) for key, value in tensors.items()}
+    with shards.shard_writer(batched, specs, {"n": 5}) as write:
+        write.batches([([f"{i}/keys" for i in ids[3:]], keys[3:]), ([f"{i}/cls" for i in ids[3:]], cls[3:])])
+        write.batches([([f"{i}/cls" for i in ids[:3]], cls[:3]), ([f"{i}/keys" for i in ids[:3]], keys[:3])])
+    assert batched.read_bytes() == whole.read_bytes()
+    assert calls == [4, 6]  # one call a batch: its rows lie end to end
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    out = tmp_path / "s.safetensors"
+    for wrong, match in ((["im0/cls", "im0/cls"], "written twice"), (["im0/cls"], "1 keys for a batch of 2"),
+                         (["im0/keys", "im1/keys"], "room for")):
+        with pytest.raises(ValueError, match=match), shards.shard_writer(out, specs, {}) as write:
+            write.batches([(wrong, cls[:2])])
+        assert not out.exists()
+
+
 def test_shard_writer_refuses_what_the_header_has_no_room_for_and_leaves_no_file(tmp_path):
     specs = {"x/keys": (torch.float16, (4, 3)), "x/cls": (torch.float16, (3,))}
     out = tmp_path / "s.safetensors"
@@ -228,15 +259,17 @@ def test_features_are_written_batch_by_batch_while_the_next_batches_run(manifest
     monkeypatch.setattr(features, "extract_features", lambda *a, **k: forwards.append(1) or real(*a, **k))
     written_after = {}
 
-    def write(key: str, tensor: torch.Tensor) -> None:
-        written_after[key] = len(forwards)
+    class Writer:
+        def batches(self, batches: list[tuple[list[str], torch.Tensor]]) -> None:
+            for keys, _ in batches:
+                written_after.update(dict.fromkeys(keys, len(forwards)))
 
     rows = features.shard_rows(manifest, 0)
     settings = features.FeatureSettings.from_params(params()["features"])  # batches of 2
     torch.manual_seed(0)
     model = features.build_backbone("vit_small_patch16_224.dino", "random", model_kwargs=TINY)
     geometries = [image_geometry(int(h), int(w), 64, 16, "crop") for h, w in zip(rows["height"], rows["width"])]
-    features.compute_features(model, rows, geometries, settings, torch.device("cpu"), write)
+    features.compute_features(model, rows, geometries, settings, torch.device("cpu"), Writer())
     batches = batches_by_size([g.final for g in geometries], 2)
     assert len(forwards) == len(batches) == 4
     for number, batch in enumerate(batches):
@@ -257,17 +290,11 @@ def test_keep_list_is_respected(manifest, tmp_path):
 
 
 def test_failed_write_leaves_no_shard(manifest, tmp_path, monkeypatch):
-    real_pwrite_all = shards._pwrite_all
-    calls = []
-
-    def write_header_then_half_a_tensor_and_die(fd: int, data: memoryview, offset: int) -> None:
-        calls.append(offset)
-        if len(calls) == 1:
-            return real_pwrite_all(fd, data, offset)
-        real_pwrite_all(fd, data[: len(data) // 2], offset)
+    def write_half_a_tensor_and_die(fd: int, buffers: list[memoryview], offset: int) -> None:
+        os.pwrite(fd, buffers[0][: len(buffers[0]) // 2], offset)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, "_pwrite_all", write_header_then_half_a_tensor_and_die)
+    monkeypatch.setattr(shards, "_pwritev_all", write_half_a_tensor_and_die)
     out = tmp_path / "features" / "shard-00000.safetensors"
     with pytest.raises(KeyboardInterrupt):
         extract_shard(manifest, 0, out, params(), threads=1)
@@ -336,7 +363,7 @@ def decoded_batch(paths, sizes, device_decode: bool, device: str = "cpu") -> tor
     dataset = fx.ShardImages(paths, sizes, geometries, MEAN, STD, device_decode=device_decode)
     samples = [dataset[i] for i in range(len(paths))]
     assert all((s.data is not None) == device_decode for s in samples)  # every one took the path asked for
-    return fx.batch_images(samples, dataset, torch.device(device)).cpu()
+    return fx.batch_images(fx.collate_samples(samples), dataset, torch.device(device)).cpu()
 
 
 def as_levels(normalised: torch.Tensor) -> torch.Tensor:
@@ -364,6 +391,27 @@ def test_device_decode_prepares_each_size_as_one_stack_in_the_batchs_order(jpegs
     for row, index in enumerate(order):
         assert torch.equal(batch[row], decoded_batch([paths[index]], [sizes[index]], device_decode=True)[0])
     assert not torch.equal(batch[0], batch[2])  # the two 64x48 images are different pictures
+
+
+def test_a_batch_crosses_from_its_worker_as_two_tensors_whatever_mixes_in_it(jpegs, tmp_path):
+    """JPEGs for the device decoder and images Pillow prepared (a PNG) in one batch: the worker
+    hands over one tensor of bytes and one stack, and every row is still the image's own."""
+    paths, sizes = jpegs
+    png = tmp_path / "p.png"
+    Image.fromarray(photo(64, 48, 5)).save(png)
+    order = [str(png), paths[0], paths[3], str(png)]
+    order_sizes = [(48, 64)] * 4
+    geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in order_sizes]
+    dataset = fx.ShardImages(order, order_sizes, geometries, MEAN, STD, device_decode=True)
+    batch = fx.collate_samples([dataset[i] for i in range(4)])
+    assert batch.indices == [0, 1, 2, 3] and batch.errors == [None] * 4
+    assert batch.jpeg_positions == [1, 2] and batch.prepared_positions == [0, 3]
+    assert [bytes(b.numpy()) for b in batch.jpegs()] == [Path(paths[i]).read_bytes() for i in (0, 3)]
+    assert batch.prepared.shape == (2, 3, 48, 64)
+    images = fx.batch_images(batch, dataset, torch.device("cpu"))
+    for row, path in enumerate(order):
+        alone = decoded_batch([path], [(48, 64)], device_decode=path.endswith(".jpg"))[0]
+        assert torch.equal(images[row], alone)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
