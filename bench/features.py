@@ -190,8 +190,8 @@ def table(
             f"| {label} | {seconds[name]:.2f} | {rate[name]:.2f} | {rate['stage'] / rate[name]:.2f} |"
         )
     lines += ["", "Phases of the whole stage (extract_shard's own clock; the rest of (a) is the process's):", "",
-              "| run | model s (manifest, build, to device) | batches s (written as they come) | batches images/s "
-              "| closing the shard s |",
+              "| run | model s (manifest, build) | batches s (workers start, model to device, batches written as "
+              "they come) | batches images/s | closing the shard s |",
               "|---|---:|---:|---:|---:|"]
     for name, phase in phases.items():
         lines.append(f"| {name} | {phase['model']:.2f} | {phase['features']:.2f} | "

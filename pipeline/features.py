@@ -439,9 +439,9 @@ def extract_shard(
     manifest_path: Path, shard: int, out_path: Path, params: dict, threads: int
 ) -> dict[str, float]:
     """Write the features of the manifest's ``shard`` to ``out_path`` (one safetensors file).
-    Returns the seconds of its phases — ``model`` (reading the manifest, building the model and
-    moving it to the device), ``features`` (the batches, each written to the shard as it comes
-    back), ``write`` (closing the shard) — also logged: on a GPU the fixed phases weigh on a
+    Returns the seconds of its phases — ``model`` (reading the manifest, building the model),
+    ``features`` (starting the workers, moving the model to the device, the batches, each written
+    to the shard as it comes back), ``write`` (closing the shard) — also logged: on a GPU the fixed phases weigh on a
     shard's time as much as its images do (bench/features.py)."""
     began = time.perf_counter()
     settings = FeatureSettings.from_params(params["features"])
@@ -456,7 +456,7 @@ def extract_shard(
         backbone["weights"],
         checkpoint_key=backbone.get("checkpoint_key", "teacher"),
         model_kwargs=backbone.get("model_kwargs") or {},
-    ).to(device)
+    )  # moved to the device by compute_features, once its workers have started
     patch = patch_size(model)
     geometries = [
         image_geometry(int(h), int(w), settings.max_size, patch, settings.fit)
@@ -497,7 +497,9 @@ def compute_features(
 
     Overlap: workers read (and, on the CPU path, decode) the next batches while the main process
     runs this one; a batch's features are copied back without waiting (pinned memory, an event)
-    and written only after the next batch has been queued on the device.
+    and written only after the next batch has been queued on the device. The workers start
+    before ``model`` moves to ``device``: forked before the process has a CUDA context, they
+    start faster, and read their first batches while the context is made.
     """
     mean, std = normalisation(model)
     sizes = [(int(h), int(w)) for h, w in zip(rows["height"], rows["width"])]
@@ -508,6 +510,8 @@ def compute_features(
     image_ids = list(rows["image_id"])
     wants = {name: name in settings.keep for name in KEEP_CHOICES}
     in_flight: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None
+    loaded = iter(loader)
+    model.to(device)
 
     def collect(indices: list[int], host: dict[str, torch.Tensor], ready) -> None:
         if ready is not None:
@@ -520,7 +524,7 @@ def compute_features(
     # Unattended runs (cluster logs) get a line every 30 s instead of a redrawn bar.
     progress = tqdm(total=len(dataset), desc=desc, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
     with progress:
-        for batch in loader:
+        for batch in loaded:
             images = batch_images(batch, dataset, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = extract_features(model, images, **wants)
