@@ -29,6 +29,17 @@ reference, the bench before them (pageable copies, for-each Adam, views in the w
 column compares the two. On the CPU both are the same code, unless ``--views-on device`` asks for
 the views rendered in the main process: then both rows again (the workers' share of the work is
 what a GPU run takes off the CPUs).
+
+PC2M / ViT-PCM stage settings: ``--compile`` (train.compile: the backbone's blocks compiled with
+torch.compile; auto = on CUDA; off by default, as the stage) and ``--lstm-precision`` (ViT-PCM's
+train.vitpcm.lstm_precision); several values give one stage row each, in one process. The
+reference row is never compiled and keeps float32 LSTMs. Either asked on the CPU gives both rows
+too. The untimed warm-up (2 steps when compiling, so every view size and the backward are
+compiled before the clock starts; 1 otherwise) is the "warm-up s" column: with compile, what
+compiling costs. A compile inside the timed steps is reported under the table.
+
+    python bench/train.py --device cuda --batch-size 32 --iterations 24 --models B/16 --compile off on
+    python bench/train.py --method vitpcm --device cuda --batch-size 32 --lstm-precision float32 bfloat16
 """
 
 from __future__ import annotations
@@ -62,7 +73,7 @@ from pipeline.methods.csrm.model import REPRESENTATION_DIM, CSRMNet
 from pipeline.methods.csrm.model import build_features as csrm_features
 from pipeline.methods.csrm.step import CSRMLossSettings
 from pipeline.methods.csrm.step import training_step as csrm_step
-from pipeline.methods.pc2m.model import Architecture, build_network, set_trainable
+from pipeline.methods.pc2m.model import LSTM_PRECISIONS, Architecture, build_network, set_trainable
 from pipeline.methods.pc2m.ot import batch_class_marginal, multi_hot_frequencies, sinkhorn
 from pipeline.methods.pc2m.views import TwoViewDataset, ViewSettings, render_view_batch
 from pipeline.methods.rcm_mam.data import CropViewDataset, CropViews, imagenet_normalisation
@@ -74,6 +85,7 @@ from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.step import vitpcm_step
 from pipeline.methods.vitpcm.views import MosaicViewDataset, MosaicViews, render_mosaic_batch
 from pipeline.training.augment import local_to_global
+from pipeline.training.compile import COMPILE_SETTINGS, compile_blocks, compile_wanted
 from pipeline.training.data import VIEWS_ON, LabelledImage, views_on_device
 from pipeline.training.distributed import LOCAL
 from pipeline.training.ema import ema_update, teacher_copy
@@ -91,11 +103,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--global-size", type=int, default=384)
     parser.add_argument("--local-size", type=int, default=192, help="PC2M's local view; RCM+MAM's crop")
-    parser.add_argument("--iterations", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="timed steps (after one warm-up step, two when compiling)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--views-on", choices=VIEWS_ON, default="auto",
                         help="PC2M / ViT-PCM: where the stage settings render the views (train.views_on)")
+    parser.add_argument("--compile", choices=COMPILE_SETTINGS, nargs="+", default=["off"],
+                        help="PC2M / ViT-PCM: compile the stage settings' backbone blocks (train.compile); "
+                        "several: one stage row each")
+    parser.add_argument("--lstm-precision", choices=LSTM_PRECISIONS, nargs="+", default=["float32"],
+                        help="ViT-PCM: the stage settings' HV-BiLSTM precision (train.vitpcm.lstm_precision); "
+                        "several: one stage row each")
     parser.add_argument("--profile", type=Path, help="append torch.profiler's tables of as many extra free-running "
                         "steps of the stage settings to this file (bench/profiling.py)")
     return parser.parse_args(argv)
@@ -186,7 +205,7 @@ SETUPS = {"rcm_mam": rcm_mam_setup, "csrm": csrm_setup}
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, images: list[LabelledImage],
-                stage_settings: bool = True) -> dict:
+                stage_settings: bool = True, compile_setting: str = "off", lstm_precision: str = "float32") -> dict:
     torch.manual_seed(0)
     timer = Timer(device)
     fast = stage_settings and device.type == "cuda"  # as the training stage (pipeline/methods/pc2m/method.py)
@@ -199,9 +218,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     # train.views_on: the stage renders the views on the device (a GPU, or asked); the reference
     # renders them in the workers, as the bench before issue 15's item 3.
     on_device = stage_settings and args.method in ("pc2m", "vitpcm") and views_on_device(args.views_on, device)
+    # train.compile: the stage's blocks compiled (a GPU, or asked); the reference stays eager.
+    compiled = compiling(args.method, compile_setting, device) and stage_settings and compile_blocks(backbone)
     if args.method == "vitpcm":
-        vitpcm = ViTPCMSettings()
-        model = build_network(backbone, Architecture("vitpcm", NUM_CLASSES, vitpcm.lstm_hidden), vitpcm.dropout)
+        vitpcm = ViTPCMSettings(lstm_precision=lstm_precision if stage_settings else "float32")
+        model = build_network(backbone, Architecture("vitpcm", NUM_CLASSES, vitpcm.lstm_hidden), vitpcm.dropout,
+                              vitpcm.lstm_precision)
         views = MosaicViews(args.global_size, patch, vitpcm.crop_size, vitpcm.crop_probability, True, True)
         dataset = MosaicViewDataset(images, NUM_CLASSES, views, *normalisation(backbone), seed=0,
                                     render_in_worker=not on_device)
@@ -245,7 +267,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
             timer.sync()
             timer.add(LAST_PART[args.method], time.perf_counter() - began)
 
-    run_steps(1)  # the first step (allocations, worker start-up) is not timed
+    # The first step (allocations, worker start-up; with compile, the compilation of both views'
+    # shapes forward and backward) is not timed; compiling, a second one makes sure of it.
+    warmup_began = time.perf_counter()
+    run_steps(warmup_steps(compiled))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - warmup_began
+    graphs = compiled_graphs()
     timer.totals.clear()
     run_steps(args.iterations)
     timer.breakdown, free_began = False, time.perf_counter()
@@ -253,6 +282,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
     if device.type == "cuda":
         torch.cuda.synchronize()
     free_s = time.perf_counter() - free_began
+    graphs_timed = compiled_graphs() - graphs
     if args.profile and stage_settings:
         with profiled(args.profile, f"{args.method} {name}, batch {args.batch_size}, "
                       f"{args.iterations} free-running steps, {device}"):
@@ -266,12 +296,27 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, image
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     label = f"{name} ({'stage settings' if stage_settings else 'reference'})" if two_rows(args, device) else name
     return {"model": label, "images/s": images_done / free_s, "images/s with waits": images_done / total,
-            "views": 0.0, "worker ms/item": item_ms,
+            "views": 0.0, "worker ms/item": item_ms, "warm-up s": warmup_s, "compiled blocks": int(compiled),
+            "graphs compiled in timed steps": graphs_timed,
             **{k: v / args.iterations for k, v in timer.totals.items()}, "peak MiB": peak}
 
 
+def compiling(method: str, setting: str, device: torch.device) -> bool:
+    """Whether the stage settings compile the backbone's blocks (train.compile = ``setting``)."""
+    return method in ("pc2m", "vitpcm") and compile_wanted(setting, device)
+
+
+def warmup_steps(compiled: int) -> int:
+    return 2 if compiled else 1
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process (its ``unique_graphs`` counter)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def total_steps(args: argparse.Namespace) -> int:
-    return 1 + (3 if args.profile else 2) * args.iterations
+    return warmup_steps(1) + (3 if args.profile else 2) * args.iterations
 
 
 def worker_ms_per_item(dataset: torch.utils.data.Dataset, count: int) -> float:
@@ -290,8 +335,17 @@ def worker_ms_per_item(dataset: torch.utils.data.Dataset, count: int) -> float:
 
 
 def two_rows(args: argparse.Namespace, device: torch.device) -> bool:
-    """Whether the stage settings differ from the reference: on CUDA, or views asked on the CPU device."""
-    return device.type == "cuda" or (args.method in ("pc2m", "vitpcm") and views_on_device(args.views_on, device))
+    """Whether the stage settings differ from the reference: on CUDA, or on the CPU views asked on
+    the device, compiled blocks or bf16 LSTMs (ViT-PCM)."""
+    return (device.type == "cuda" or any(compiling(args.method, setting, device) for setting in args.compile)
+            or (args.method in ("pc2m", "vitpcm") and views_on_device(args.views_on, device))
+            or (args.method == "vitpcm" and args.lstm_precision != ["float32"]))
+
+
+def stage_variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(train.compile, lstm precision) of each stage-settings row."""
+    precisions = args.lstm_precision if args.method == "vitpcm" else ["float32"]
+    return [(setting, precision) for setting in args.compile for precision in precisions]
 
 
 def rendered_first(step_losses: StepLosses, timer: Timer, device: torch.device,
@@ -373,13 +427,22 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         default = {"rcm_mam": ["resnet38"], "csrm": ["resnest101e"]}.get(args.method, list(MODELS))
         models = default if args.models == list(MODELS) else args.models
+        variants = stage_variants(args)
         for model in models:
-            rows.append(bench_model(MODELS.get(model, model), args, device, images))
-            rows[-1]["vs reference"] = 1.0
-            if two_rows(args, device):
-                rows.append(bench_model(MODELS.get(model, model), args, device, images, stage_settings=False))
-                rows[-2]["vs reference"] = rows[-2]["images/s"] / rows[-1]["images/s"]
-                rows[-1]["vs reference"] = 1.0
+            stage_rows = []
+            for setting, precision in variants:
+                stage_rows.append(bench_model(MODELS.get(model, model), args, device, images,
+                                              compile_setting=setting, lstm_precision=precision))
+                if len(variants) > 1:
+                    stage_rows[-1]["model"] += f", compile {setting}" + (
+                        f", LSTM {precision}" if args.method == "vitpcm" else "")
+            reference = (bench_model(MODELS.get(model, model), args, device, images, stage_settings=False)
+                         if two_rows(args, device) else None)
+            for row in stage_rows:
+                row["vs reference"] = row["images/s"] / reference["images/s"] if reference else 1.0
+            rows += stage_rows
+            if reference:
+                rows.append({**reference, "vs reference": 1.0})
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process (cumulative)"
     if args.method == "rcm_mam":
         what, keys = f"RCM+MAM, crops {args.local_size}, scales 0.5/1/2", ["data", "forward", "backward+step"]
@@ -390,15 +453,23 @@ def main(argv: list[str] | None = None) -> None:
     else:
         what, keys = f"PC2M, views {args.global_size}/{args.local_size}", ["data", "views", "forward", "sinkhorn",
                                                                          "loss+backward+step"]
+    stage = (f"stage settings: train.compile {' / '.join(args.compile)}"
+             + (f", train.vitpcm.lstm_precision {' / '.join(args.lstm_precision)}" if args.method == "vitpcm" else ""))
     print(f"# {what} training step, {device} ({platform.processor() or platform.machine()}, {args.threads} threads), "
           f"batch {args.batch_size}, {args.iterations} timed steps; images/s: {args.iterations} more steps run free "
           "(as the stage: no waits for the device); with waits: the breakdown's steps, which wait for the device "
-          f"after each part (the parts' columns, seconds per step); peak memory: {memory}\n")
-    keys = ["model", "images/s", "vs reference", "images/s with waits", *keys, "peak MiB", "worker ms/item"]
+          f"after each part (the parts' columns, seconds per step); peak memory: {memory}; {stage}; warm-up s: "
+          "the untimed first step (2 steps with compiled blocks: their compile time)\n")
+    keys = ["model", "images/s", "vs reference", "images/s with waits", *keys, "peak MiB", "worker ms/item",
+            "warm-up s"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
+    for row in rows:
+        if row["compiled blocks"]:
+            print(f"\n{row['model']}: {row['compiled blocks']} blocks compiled; "
+                  f"{row['graphs compiled in timed steps']} graphs compiled during the timed steps (0 expected)")
 
 
 if __name__ == "__main__":

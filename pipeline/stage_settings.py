@@ -29,7 +29,7 @@ SPEED_ONLY = {
     "features": ("batch_size", "num_workers", "device"),
     "spectral": ("batch_size", "device"),
     "segment_features": ("batch_size",),
-    "train": ("num_workers", "keep_checkpoints", "device", "views_on"),
+    "train": ("num_workers", "keep_checkpoints", "device", "views_on", "compile"),
     "predict": ("batch_size", "num_workers", "device"),
     "deeplab": ("log_every", "checkpoint_every", "num_workers", "device"),
     "affinity": ("num_workers", "device"),  # AffinityNet random walk

@@ -25,7 +25,7 @@ from pipeline.training.data import LabelledImage
 CHECKPOINT_FORMAT = "training-checkpoint/2"
 # Settings that may change when a run is resumed (they do not change the result); a method whose
 # schedule spans the whole run (a poly rate) leaves ``epochs`` out (its ``RESUMABLE_KEYS``).
-RESUMABLE_KEYS = ("epochs", "num_workers", "device", "keep_checkpoints", "views_on")
+RESUMABLE_KEYS = ("epochs", "num_workers", "device", "keep_checkpoints", "views_on", "compile")
 # Those of a method whose schedule spans the whole run: every one but ``epochs``.
 WHOLE_RUN_RESUMABLE_KEYS = tuple(key for key in RESUMABLE_KEYS if key != "epochs")
 

@@ -49,6 +49,7 @@ from pipeline.methods.pc2m.predict import load_predictor  # noqa: F401 - the met
 from pipeline.methods.pc2m.settings import TrainSettings
 from pipeline.methods.pc2m.views import PlainImageDataset, TwoViewDataset, render_view_batch
 from pipeline.training.augment import local_to_global, patches_in_source
+from pipeline.training.compile import compile_blocks, compile_wanted
 from pipeline.training.data import TRAIN_SPLIT, views_on_device
 from pipeline.training.method import MethodRun, TrainContext
 
@@ -120,7 +121,11 @@ class PatchClassifierRun(MethodRun):
                                   params["backbone"].get("checkpoint_key", "teacher"),
                                   params["backbone"].get("model_kwargs") or {})
         self.arch = settings.architecture(num_classes, params["backbone"]["name"])
-        self.model = build_network(backbone, self.arch, settings.head_dropout())
+        self.model = build_network(backbone, self.arch, settings.head_dropout(), settings.lstm_precision())
+        compiled = compile_blocks(backbone) if compile_wanted(settings.compile, self.device) else 0
+        log.info("backbone blocks %s (train.compile: %s)",
+                 f"compiled: {compiled} (torch.compile, at their first call)" if compiled else "eager",
+                 settings.compile)
         self.mean, self.std = normalisation(backbone)
         self.patch = patch_size(backbone)
         self.settings = settings.fitted_to_patch(self.patch)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # log(0) guard for the BCE on max-pooled probabilities.
 _PROB_FLOOR = 1e-6
 MODEL_FORMAT = "pc2m-model/1"
+# The HV-BiLSTM's precisions (train.vitpcm.lstm_precision).
+LSTM_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -59,22 +61,30 @@ class HVBiLSTM(nn.Module):
     that mask per direction; here both directions of a BiLSTM share it (one fused ``nn.LSTM``).
     """
 
-    def __init__(self, in_features: int, hidden: int, dropout: float) -> None:
+    def __init__(self, in_features: int, hidden: int, dropout: float, precision: str = "float32") -> None:
         super().__init__()
+        if precision not in LSTM_PRECISIONS:
+            raise ValueError(f"HV-BiLSTM precision {precision!r} is not one of {', '.join(LSTM_PRECISIONS)}")
         self.rows = nn.LSTM(in_features, hidden, batch_first=True, bidirectional=True)
         self.columns = nn.LSTM(in_features, hidden, batch_first=True, bidirectional=True)
         self.dropout = dropout
+        self.precision = precision
         self.out_features = 4 * hidden
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         b, gh, gw, e = grid.shape
-        # LSTMs in float32 even under bf16 autocast: recurrent state accumulates rounding, and
-        # cuDNN's RNN kernels do not take every reduced-precision input.
-        with torch.autocast(grid.device.type, enabled=False):
+        # float32 (default): LSTMs in float32 even under bf16 autocast, as the official code's Keras
+        # LSTM; recurrent state accumulates rounding. bfloat16 (train.vitpcm.lstm_precision): the
+        # two scans under bf16 autocast on whatever device (cuDNN on CUDA, also on the CPU), the
+        # weights kept in float32, the output returned in float32.
+        reduced = self.precision == "bfloat16"
+        with torch.autocast(grid.device.type, dtype=torch.bfloat16, enabled=reduced):
             grid = F.dropout(grid.float(), self.dropout, self.training)
             rows = self._scan(self.rows, grid.reshape(b * gh, gw, e)).reshape(b, gh, gw, -1)
             columns = self._scan(self.columns, grid.transpose(1, 2).reshape(b * gw, gh, e))
             columns = columns.reshape(b, gw, gh, -1).transpose(1, 2)
+        if reduced:
+            rows, columns = rows.float(), columns.float()
         return torch.cat([rows, columns], dim=-1)
 
     def _scan(self, lstm: nn.LSTM, sequences: torch.Tensor) -> torch.Tensor:
@@ -134,8 +144,12 @@ def same_in_train_and_eval(module: nn.Module) -> bool:
     return True
 
 
-def build_network(backbone: nn.Module, arch: Architecture, dropout: float = 0.0) -> PatchClassifier:
-    conditioning = HVBiLSTM(embed_dim(backbone), arch.lstm_hidden, dropout) if arch.lstm_hidden > 0 else None
+def build_network(backbone: nn.Module, arch: Architecture, dropout: float = 0.0,
+                  lstm_precision: str = "float32") -> PatchClassifier:
+    """The network of ``arch``; ``lstm_precision`` (training only, not saved: prediction runs the
+    HV-BiLSTM in float32) as ``HVBiLSTM``'s."""
+    conditioning = (HVBiLSTM(embed_dim(backbone), arch.lstm_hidden, dropout, lstm_precision)
+                    if arch.lstm_hidden > 0 else None)
     return PatchClassifier(backbone, arch.num_classes, conditioning, dropout)
 
 

@@ -20,6 +20,7 @@ from pipeline.methods.pc2m.views import LOCAL_VIEW_SIZES, ViewSettings
 from pipeline.methods.vitpcm.settings import ViTPCMSettings
 from pipeline.methods.vitpcm.views import MosaicViews
 from pipeline.patch_sizes import fit_view_sizes
+from pipeline.training.compile import COMPILE_SETTINGS, compile_setting
 from pipeline.training.data import VIEWS_ON
 
 PATCH_METHODS = ("pc2m", "vitpcm")
@@ -58,6 +59,8 @@ class TrainSettings:
     num_workers: int
     device: str
     views_on: str
+    # Speed only: regional compilation of the backbone's blocks (pipeline.training.compile).
+    compile: str = "off"
     # ViT-PCM's own values (``train.vitpcm``; its defaults are in ViTPCMSettings).
     vitpcm: ViTPCMSettings = field(default_factory=ViTPCMSettings)
 
@@ -69,6 +72,7 @@ class TrainSettings:
         values["global_scale"] = tuple(float(v) for v in values["global_scale"])
         values["local_scale"] = tuple(float(v) for v in values["local_scale"])
         values["vitpcm"] = ViTPCMSettings(**(values.get("vitpcm") or {}))
+        values["compile"] = compile_setting(values.get("compile", "off"))
         settings = cls(**values)
         settings.check()
         return settings
@@ -86,7 +90,8 @@ class TrainSettings:
             raise ConfigError(f"train.epsilon_schedule: {self.epsilon_schedule!r} is not one of "
                               f"{', '.join(EPSILON_SCHEDULES)}")
         for key, allowed in (("alpha_init", ALPHA_INITS), ("class_area_update", CLASS_AREA_UPDATES),
-                             ("local_view_size", LOCAL_VIEW_SIZES), ("views_on", VIEWS_ON)):
+                             ("local_view_size", LOCAL_VIEW_SIZES), ("views_on", VIEWS_ON),
+                             ("compile", COMPILE_SETTINGS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.epsilon_start <= self.epsilon_end:
@@ -128,6 +133,11 @@ class TrainSettings:
 
     def head_dropout(self) -> float:
         return self.vitpcm.dropout if self.method == "vitpcm" else 0.0
+
+    def lstm_precision(self) -> str:
+        """The HV-BiLSTM's precision in training (``train.vitpcm.lstm_precision``; not part of the
+        architecture: a trained model predicts with float32 LSTMs)."""
+        return self.vitpcm.lstm_precision
 
     def phase(self, epoch: int) -> int:
         """Number of unfrozen backbone blocks in ``epoch`` (0 during the warm-up)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
+from pipeline.methods.pc2m.model import LSTM_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,14 @@ class ViTPCMSettings:
     et_weight: float = 1.0  # eq. 9: L = L_MCE + L_ET
     use_hv_bilstm: bool = True  # Table 1 ablations: false = the plain linear patch classifier
     use_et: bool = True  # Table 1 ablations: false = L_MCE only (no ET branch)
+    # HV-BiLSTM scans in training: float32 (the official code's Keras LSTM) or bfloat16 (autocast;
+    # faster with cuDNN, changes the numbers).
+    lstm_precision: str = "float32"
 
     def check(self, global_size: int) -> None:
+        if self.lstm_precision not in LSTM_PRECISIONS:
+            raise ConfigError(f"train.vitpcm.lstm_precision: {self.lstm_precision!r} is not one of "
+                              f"{', '.join(LSTM_PRECISIONS)}")
         if self.lstm_hidden < 1:
             raise ConfigError(f"train.vitpcm.lstm_hidden: {self.lstm_hidden} must be >= 1")
         if not 0 <= self.dropout < 1:
