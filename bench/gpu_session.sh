@@ -4,8 +4,9 @@
 # $OUT, so a bench that overruns costs only its own rows.
 #   OUT=/tmp/gpu bash bench/gpu_session.sh            # on the GPU machine
 #   OUT=/tmp/gpu DEVICE=cpu SMALL=1 bash bench/gpu_session.sh   # dry run of the script on a CPU
-# Sized from the 2026-11-26 H200 session (bench/RESULTS.md): each bench prints its table only at its
-# end, so a limit that is too short loses the whole table. The GPU image lacks jsonschema (with
+# Sized from the 2026-11-26 and 2026-11-27 H200 sessions (bench/RESULTS.md): each bench prints its
+# table only at its end, so a limit that is too short loses the whole table. All parts together can
+# take ~13 minutes, more than one call's 10 and most of a session's 15: name the PARTS a call needs. The GPU image lacks jsonschema (with
 # jsonschema-specifications, referencing, rpds-py: the start-up bench's training child) and POT
 # (tests/test_pc2m.py, imported by the device-view tests), and may lack PyYAML: carry their cp312
 # wheels (.whl, see the device README; 35 MB together).
@@ -23,25 +24,30 @@ PROFILE=${PROFILE:-}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if [ "$SMALL" = 1 ]; then
-    features=(--images 16 --batch-size 8 --size 224x224 --workers 1)
+    features=(--images 16 --batch-size 8 --size 224x224 --workers 1 --naive-images 4)
     spectral=(--voc-images 8 --demo-images 4 --voc-grid 28x28 --batch-size 4)
     spectral_big=(--voc-images 8 --demo-images 0 --voc-grid 28x28 --batch-size 8 --no-eigh)
     spectral_b32=(--voc-images 8 --demo-images 4 --voc-grid 28x28 --batch-size 8 --no-eigh --subspace-block 32)
     train=(--batch-size 2 --iterations 1 --models vit_small_patch16_224)
+    variants=(--compile off)
     lstm=(--batch-size 2 --calls 1)
     startup=(--batch-size 2 --batches 1)
-    features_vitb=(--images 8 --batch-size 4 --size 496x368 --workers 1)
+    features_vitb=(--images 8 --batch-size 4 --size 496x368 --workers 1 --naive-images 2)
 else
-    features=(--images 4096 --batch-size 256 --size 224x224 --workers 12)
+    # JPEGs written in parallel, (c) timed on 256 images: ~60 s on the H200 (2026-11-27).
+    features=(--images 8192 --batch-size 256 --size 224x224 --workers 12 --naive-images 256)
     spectral=(--voc-images 96 --demo-images 16 --voc-grid 28x28 --batch-size 32)  # 47 s on the H200
     # Batches of 96 (launch-bound at 32?), with the default block (48: Rayleigh-Ritz eigensolves
     # on the host) and with 32 (they stay on the GPU, one more round), the hard set included.
     spectral_big=(--voc-images 96 --demo-images 0 --voc-grid 28x28 --batch-size 96 --no-eigh)
     spectral_b32=(--voc-images 96 --demo-images 16 --voc-grid 28x28 --batch-size 96 --no-eigh --subspace-block 32)
-    train=(--batch-size 32 --iterations 8 --num-workers 14 --models vit_base_patch16_224)  # ~40 s each
+    # 24 steps: 8 were too few for a steady free-running rate (2026-11-27). ~60 s each; compile on
+    # adds ~20 s of compiling.
+    train=(--batch-size 32 --iterations 24 --num-workers 14 --models vit_base_patch16_224)
+    variants=(--compile off on)
     lstm=(--batch-size 32 --calls 10)
     startup=(--batch-size 64 --batches 5)
-    features_vitb=(--images 1024 --batch-size 64 --size 496x368 --workers 12)
+    features_vitb=(--images 2048 --batch-size 64 --size 496x368 --workers 12 --naive-images 64)  # ~35 s
 fi
 
 bench() {  # name seconds args...: the table appended to results.md, stderr to log.txt
@@ -59,7 +65,9 @@ wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; } >>"$OUT/log.txt" 2>&1
 if wants tests; then
-    python -m pytest -q -p no:cacheprovider tests/test_features.py -k "decode" >>"$OUT/log.txt" 2>&1
+    # nvjpeg decode, a packed batch, and train.compile's inductor kernels against the eager blocks.
+    python -m pytest -q -p no:cacheprovider tests/test_features.py tests/test_compile_precision.py \
+        -k "decode or two_tensors or inductor" >>"$OUT/log.txt" 2>&1
     echo "== decode tests exit $?" | tee -a "$OUT/log.txt"
     # test_device_views imports test_pc2m, which needs POT (carried as a wheel).
     python -m pytest -q -p no:cacheprovider tests/test_device_views.py \
@@ -67,8 +75,9 @@ if wants tests; then
     echo "== device views tests exit $?" | tee -a "$OUT/log.txt"
 fi
 if wants train; then
-    bench train-pc2m 70 train.py --device "$DEVICE" "${train[@]}"
-    bench train-vitpcm 70 train.py --method vitpcm --device "$DEVICE" "${train[@]}"
+    bench train-pc2m 100 train.py --device "$DEVICE" "${train[@]}" "${variants[@]}"
+    bench train-vitpcm 120 train.py --method vitpcm --device "$DEVICE" "${train[@]}" "${variants[@]}" \
+        --lstm-precision float32 bfloat16
 fi
 if wants spectral; then
     bench spectral 70 spectral.py --device "$DEVICE" "${spectral[@]}"
@@ -89,5 +98,5 @@ if wants train-4w; then
     bench train-pc2m-4w 60 train.py --device "$DEVICE" "${train[@]}" --num-workers 4
 fi
 if wants features-vitb; then
-    bench features-vitb 90 features.py --model vit_base_patch16_224.dino --device "$DEVICE" "${features_vitb[@]}"
+    bench features-vitb 60 features.py --model vit_base_patch16_224.dino --device "$DEVICE" "${features_vitb[@]}"
 fi
