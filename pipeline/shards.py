@@ -48,21 +48,28 @@ def safetensors_header(specs: dict[str, TensorSpec], metadata: dict[str, str]) -
     size, as safetensors' writer arranges too.
     """
     order = sorted(specs, key=lambda key: (-specs[key][0].itemsize, key))
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    # The JSON is assembled entry by entry (a shard of 8,192 images has 32,768): the same text
+    # json.dumps gives for the nested dicts, in a third of its time.
+    entries = [f'"__metadata__":{_json(dict(sorted(metadata.items())))}'] if metadata else []
     offsets, offset = {}, 0
     for key in order:
         dtype, shape = specs[key]
         if dtype not in _DTYPES:
             raise TypeError(f"{key}: dtype {dtype} has no safetensors name")
         size = math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        entries.append(f'{_json(key)}:{{"dtype":"{_DTYPES[dtype]}","shape":[{",".join(map(str, shape))}],'
+                       f'"data_offsets":[{offset},{offset + size}]}}')
         offsets[key] = offset
         offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = ("{" + ",".join(entries) + "}").encode("utf-8")
     # The format wants the data to start 8-byte aligned; pad the header with spaces as it does.
     text += b" " * (-len(text) % 8)
     start = 8 + len(text)
     return len(text).to_bytes(8, "little") + text, {key: start + offset for key, offset in offsets.items()}
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def write_shard(out_path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -176,6 +177,27 @@ def test_shard_file_is_canonical_safetensors_whatever_the_metadata_order(tmp_pat
     loaded = load_file(paths[0])  # safetensors' own reader takes the file
     assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
     assert shards.read_meta(paths[0]) == meta
+
+
+def test_shard_header_is_the_json_of_its_nested_dicts():
+    """The header text is assembled entry by entry for speed: it must be json.dumps' text of the
+    header as a dict, escapes, non-ASCII names, 0-d and empty tensors included."""
+    specs = {"é\"x\\/ü/keys": (torch.float16, (3, 4)), "a/flag": (torch.bool, ()),
+             "a/empty": (torch.float16, (0, 3)), "b/geometry": (torch.float64, (5,))}
+    metadata = {"z": '["x", 1]', "a": "é\"q\n"}
+    header, starts = shards.safetensors_header(specs, metadata)
+    order = sorted(specs, key=lambda key: (-specs[key][0].itemsize, key))
+    expected, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
+    names = {torch.float16: "F16", torch.bool: "BOOL", torch.float64: "F64"}
+    for key in order:
+        size = math.prod(specs[key][1]) * specs[key][0].itemsize
+        expected[key] = {"dtype": names[specs[key][0]], "shape": list(specs[key][1]),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    assert header == len(text).to_bytes(8, "little") + text
+    assert starts == {key: 8 + len(text) + expected[key]["data_offsets"][0] for key in specs}
 
 
 def test_shard_writer_takes_batch_views_without_sharing_storage(tmp_path):
