@@ -29,7 +29,9 @@ _DTYPES = {
 
 
 # Buffers one pwritev call takes (Linux: 1024).
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16  # POSIX's least
+if _IOV_MAX <= 0:  # -1: no limit
+    _IOV_MAX = 1024
 
 # A tensor's place in a shard before its values exist: dtype and shape.
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
@@ -101,23 +103,25 @@ class ShardWriter:
         once per batch and each row's bytes are a slice of the batch's: a shard of 8,192 images
         is 16,384 tensors, and per-tensor work was a tenth of a GPU feature job's time. Rows that
         lie end to end in the file (an image's tensors, consecutive images) go in one call."""
-        pieces = []
+        pieces, written = [], set()
         for keys, batch in batches:
             if len(keys) != batch.shape[0]:
                 raise ValueError(f"{self.out_path}: {len(keys)} keys for a batch of {batch.shape[0]} rows")
             row_spec = (batch.dtype, tuple(batch.shape[1:]))
             for key in keys:
-                if key not in self.missing:
+                if key not in self.missing or key in written:
                     raise ValueError(f"{self.out_path}: tensor {key} is "
                                      f"{'written twice' if key in self.specs else 'not in the shard'}")
                 if self.specs[key] != row_spec:
                     raise ValueError(f"{self.out_path}: tensor {key} is {row_spec}, the shard has room for "
                                      f"{self.specs[key]}")
-                self.missing.remove(key)
+                written.add(key)
             data = _raw_bytes(batch.detach().cpu().contiguous())
             size = len(data) // len(keys) if keys else 0
             pieces += [(self.starts[key], data[row * size : (row + 1) * size]) for row, key in enumerate(keys)]
         _pwrite_pieces(self.fd, sorted(pieces, key=lambda piece: piece[0]))
+        # Only now: a call refused or failed halfway leaves its tensors still to be written.
+        self.missing -= written
 
 @contextlib.contextmanager
 def shard_writer(out_path: Path, specs: dict[str, TensorSpec], metadata: dict) -> Iterator[ShardWriter]:

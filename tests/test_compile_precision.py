@@ -5,9 +5,6 @@ result key). No real inductor compile here: the compiled blocks use dynamo's ``e
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pandas as pd
 import pytest
 import torch
@@ -59,9 +56,9 @@ def test_compile_wanted_by_setting_and_device(monkeypatch, caplog):
 
 
 def test_a_gpu_compiler_needs_triton_and_a_c_compiler(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton", None)  # import triton fails
+    monkeypatch.setattr(compile_module.importlib.util, "find_spec", lambda name: None)
     assert compile_module.missing_gpu_compiler() == "Triton is not installed"
-    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setattr(compile_module.importlib.util, "find_spec", lambda name: object())
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
     assert "no C compiler" in compile_module.missing_gpu_compiler()

@@ -245,6 +245,11 @@ def test_shard_written_in_batches_of_rows_is_the_file_of_write_shard(tmp_path, m
         write.batches([([f"{i}/cls" for i in ids[:3]], cls[:3]), ([f"{i}/keys" for i in ids[:3]], keys[:3])])
     assert batched.read_bytes() == whole.read_bytes()
     assert calls == [4, 6]  # one call a batch: its rows lie end to end
+    monkeypatch.setattr(shards, "_IOV_MAX", 4)  # at most 4 buffers a call
+    calls.clear()
+    with shards.shard_writer(batched, specs, {"n": 5}) as write:
+        write.batches([([f"{i}/keys" for i in ids], keys), ([f"{i}/cls" for i in ids], cls)])
+    assert batched.read_bytes() == whole.read_bytes() and calls == [4, 4, 2]
     monkeypatch.setattr(os, "pwritev", real_pwritev)
     out = tmp_path / "s.safetensors"
     for wrong, match in ((["im0/cls", "im0/cls"], "written twice"), (["im0/cls"], "1 keys for a batch of 2"),
@@ -252,6 +257,12 @@ def test_shard_written_in_batches_of_rows_is_the_file_of_write_shard(tmp_path, m
         with pytest.raises(ValueError, match=match), shards.shard_writer(out, specs, {}) as write:
             write.batches([(wrong, cls[:2])])
         assert not out.exists()
+    # A refused batch writes nothing of its call: its good rows are still to be written.
+    with pytest.raises(ValueError, match="never written"), shards.shard_writer(out, specs, {}) as write:
+        with pytest.raises(ValueError, match="room for"):
+            write.batches([(["im0/cls"], cls[:1]), (["im1/keys"], cls[1:2])])
+        assert {"im0/cls", "im1/keys"} <= write.missing
+    assert not out.exists()
 
 
 def test_shard_writer_refuses_what_the_header_has_no_room_for_and_leaves_no_file(tmp_path):
@@ -419,9 +430,10 @@ def test_a_batch_crosses_from_its_worker_as_two_tensors_whatever_mixes_in_it(jpe
     """JPEGs for the device decoder and images Pillow prepared (a PNG) in one batch: the worker
     hands over one tensor of bytes and one stack, and every row is still the image's own."""
     paths, sizes = jpegs
-    png = tmp_path / "p.png"
-    Image.fromarray(photo(64, 48, 5)).save(png)
-    order = [str(png), paths[0], paths[3], str(png)]
+    pngs = [tmp_path / "p5.png", tmp_path / "p6.png"]
+    for seed, png in enumerate(pngs, start=5):
+        Image.fromarray(photo(64, 48, seed)).save(png)
+    order = [str(pngs[0]), paths[0], paths[3], str(pngs[1])]
     order_sizes = [(48, 64)] * 4
     geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in order_sizes]
     dataset = fx.ShardImages(order, order_sizes, geometries, MEAN, STD, device_decode=True)
@@ -434,6 +446,21 @@ def test_a_batch_crosses_from_its_worker_as_two_tensors_whatever_mixes_in_it(jpe
     for row, path in enumerate(order):
         alone = decoded_batch([path], [(48, 64)], device_decode=path.endswith(".jpg"))[0]
         assert torch.equal(images[row], alone)
+    assert not torch.equal(images[0], images[3])
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong size"])
+def test_a_batch_the_device_decoder_fails_on_is_decoded_by_pillow(jpegs, monkeypatch, failure):
+    paths, sizes = jpegs
+    pillow = decoded_batch(paths[:2], sizes[:2], device_decode=False)
+
+    def failing_decoder(data, device):
+        if failure == "raises":
+            raise RuntimeError("nvjpeg: unsupported")
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(fx, "decode_jpegs", failing_decoder)
+    assert torch.equal(decoded_batch(paths[:2], sizes[:2], device_decode=True), pillow)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")

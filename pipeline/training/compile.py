@@ -11,6 +11,7 @@ no-grad passes). Compilation happens at the first call of each variant, not here
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -59,9 +60,7 @@ def compile_wanted(setting: str | bool, device: torch.device) -> bool:
 def missing_gpu_compiler() -> str | None:
     """Why inductor cannot build GPU kernels on this machine (None if it can): it needs Triton, and
     Triton a C compiler for its kernel launcher (a cluster node may have neither)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
     if not any(shutil.which(cc) for cc in (os.environ.get("CC"), "cc", "gcc", "clang") if cc):
         return "no C compiler ($CC, cc, gcc or clang) for Triton's kernel launcher"
@@ -79,7 +78,10 @@ def compile_blocks(backbone: nn.Module, backend: str | None = None) -> int:
     if blocks is None:
         return 0
     # Identical blocks run the same code object: its variants count for all of them together.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # (torch < 2.7 calls the limit cache_size_limit.)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
     count = 0
     for block in blocks:
         block.compile(backend=backend or BACKEND, dynamic=False)
