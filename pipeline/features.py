@@ -135,8 +135,12 @@ class Geometry:
     final: tuple[int, int]
     grid: tuple[int, int]
 
+    def values(self) -> list[float]:
+        """The shard's ``geometry`` row, in ``GEOMETRY_FIELDS`` order."""
+        return [self.scale, *self.resized, *self.final]
+
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.scale, *self.resized, *self.final], dtype=torch.float32)
+        return torch.tensor(self.values(), dtype=torch.float32)
 
 
 def resized_size(height: int, width: int, max_size: int) -> tuple[float, tuple[int, int]]:
@@ -441,8 +445,8 @@ def extract_shard(
     """Write the features of the manifest's ``shard`` to ``out_path`` (one safetensors file).
     Returns the seconds of its phases — ``model`` (reading the manifest, building the model),
     ``features`` (starting the workers, moving the model to the device, the batches, each written
-    to the shard as it comes back), ``write`` (closing the shard) — also logged: on a GPU the fixed phases weigh on a
-    shard's time as much as its images do (bench/features.py)."""
+    to the shard as it comes back), ``write`` (closing the shard) — also logged: on a GPU the
+    fixed phases weigh on a shard's time as much as its images do (bench/features.py)."""
     began = time.perf_counter()
     settings = FeatureSettings.from_params(params["features"])
     backbone = params["backbone"]
@@ -563,7 +567,7 @@ def shard_fixed_tensors(image_ids: list[str], geometries: list[Geometry]) -> lis
         ([f"{image_id}/grid" for image_id in image_ids],
          torch.tensor([g.grid for g in geometries], dtype=torch.int32).view(-1, 2)),
         ([f"{image_id}/geometry" for image_id in image_ids],
-         torch.tensor([[g.scale, *g.resized, *g.final] for g in geometries], dtype=torch.float32).view(-1, 5)),
+         torch.tensor([g.values() for g in geometries], dtype=torch.float32).view(-1, len(GEOMETRY_FIELDS))),
     ]
 
 

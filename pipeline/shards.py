@@ -80,8 +80,6 @@ def write_shard(out_path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     A safetensors file, written tensor by tensor straight from the tensors' memory: no second
     copy of a shard (1.2 GB for 8,192 images' keys) is ever held — safetensors' Python writers
     first copy every tensor into ``bytes``, ``save`` then once more into one blob."""
-    # Only CPU, contiguous tensors can be written from memory; copies are made only where needed.
-    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     with shard_writer(out_path, {key: tensor_spec(value) for key, value in tensors.items()}, metadata) as write:
         write.batches([([key], value.unsqueeze(0)) for key, value in tensors.items()])
 
@@ -94,15 +92,13 @@ class ShardWriter:
         self.fd, self.out_path, self.specs, self.starts = fd, out_path, specs, starts
         self.missing = set(specs)
 
-    def __call__(self, key: str, tensor: torch.Tensor) -> None:
-        """One tensor at its place."""
-        self.batches([([key], tensor.unsqueeze(0))])
-
     def batches(self, batches: Sequence[tuple[Sequence[str], torch.Tensor]]) -> None:
         """Row ``i`` of each ``(keys, batch)`` at the place of ``keys[i]``. The shape is checked
-        once per batch and each row's bytes are a slice of the batch's: a shard of 8,192 images
-        is 16,384 tensors, and per-tensor work was a tenth of a GPU feature job's time. Rows that
-        lie end to end in the file (an image's tensors, consecutive images) go in one call."""
+        once per batch and each row's bytes are a slice of the batch's (only CPU, contiguous
+        batches are written from memory; a copy is made where needed): a feature shard of 8,192
+        images is 32,768 tensors, and per-tensor work was a tenth of a GPU feature job's time.
+        Rows that lie end to end in the file (an image's tensors, consecutive images) go in one
+        call."""
         pieces, written = [], set()
         for keys, batch in batches:
             if len(keys) != batch.shape[0]:
@@ -122,6 +118,7 @@ class ShardWriter:
         _pwrite_pieces(self.fd, sorted(pieces, key=lambda piece: piece[0]))
         # Only now: a call refused or failed halfway leaves its tensors still to be written.
         self.missing -= written
+
 
 @contextlib.contextmanager
 def shard_writer(out_path: Path, specs: dict[str, TensorSpec], metadata: dict) -> Iterator[ShardWriter]:

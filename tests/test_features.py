@@ -220,7 +220,7 @@ def test_shard_written_tensor_by_tensor_in_any_order_is_the_file_of_write_shard(
     with shards.shard_writer(streamed, specs, meta) as write:
         assert not streamed.exists()  # nothing under the final name before the last tensor
         for key in reversed(list(tensors)):
-            write(key, tensors[key])
+            write.batches([([key], tensors[key][None])])
     assert streamed.read_bytes() == whole.read_bytes()
 
 
@@ -272,14 +272,15 @@ def test_shard_writer_refuses_what_the_header_has_no_room_for_and_leaves_no_file
                          (("x/keys", torch.zeros(4, 3)), "room for"),
                          (("x/tokens", torch.zeros(3, dtype=torch.float16)), "not in the shard")):
         with pytest.raises(ValueError, match=match), shards.shard_writer(out, specs, {}) as write:
-            write(*wrong)
+            write.batches([([wrong[0]], wrong[1][None])])
         assert list(tmp_path.iterdir()) == []
+    cls = torch.zeros(1, 3, dtype=torch.float16)
     with pytest.raises(ValueError, match="written twice"), shards.shard_writer(out, specs, {}) as write:
-        write("x/cls", torch.zeros(3, dtype=torch.float16))
-        write("x/cls", torch.zeros(3, dtype=torch.float16))
+        write.batches([(["x/cls"], cls)])
+        write.batches([(["x/cls"], cls)])
     with pytest.raises(ValueError, match=r"1 tensors were never written \(e\.g\. x/keys\)"):
         with shards.shard_writer(out, specs, {}) as write:
-            write("x/cls", torch.zeros(3, dtype=torch.float16))
+            write.batches([(["x/cls"], cls)])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,8 +1,10 @@
 """``train.compile``: regional compilation of the backbone's transformer blocks (a speed key).
 
-A host-bound GPU step (PC2M ViT-B/16 at batch 32: ~1,500 kernel launches and ~350 autocast casts
-a step) gains from fusing each block's elementwise ops and casts. Each block of
-``backbone.blocks`` is compiled in place with ``nn.Module.compile``: the module tree and its
+Meant for a host-bound GPU step (PC2M ViT-B/16 at batch 32: ~1,500 kernel launches and ~350
+autocast casts a step), whose blocks' elementwise ops and casts it fuses; measured on an H200 it
+did not pay for PC2M and gained 5-11% for ViT-PCM (bench/RESULTS.md), so it is off by default.
+
+Each block of ``backbone.blocks`` is compiled in place with ``nn.Module.compile``: the module tree and its
 ``state_dict`` keys stay as they are (``torch.compile(module)`` would wrap it and prefix every key
 with ``_orig_mod.``), and identical blocks share one compiled graph, so the compile costs about
 one block's time per input shape and trainable state (the frozen and the unfrozen blocks, grad /
@@ -82,8 +84,6 @@ def compile_blocks(backbone: nn.Module, backend: str | None = None) -> int:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
-    count = 0
     for block in blocks:
         block.compile(backend=backend or BACKEND, dynamic=False)
-        count += 1
-    return count
+    return len(blocks)
