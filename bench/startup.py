@@ -3,16 +3,18 @@
 Each stage kind runs in a fresh Python process (as Snakemake starts one per job), which reports
 the time to import its pipeline module (torch, timm, ...), to build its model and move it to the
 device (CUDA context included), to run its first batch (lazy initialisation: cuBLAS, kernels,
-workspaces) and then ``--batches`` more batches (the steady rate). The parent adds the
-interpreter's own start. From these:
+workspaces) and then ``--batches`` more batches (the steady rate), and then ends as a job does
+(``pipeline.cli.end_job``). The parent times the interpreter's own start (``python -c pass``) and
+the process's whole life; what is left is the exit. From these:
 
-    start-up = interpreter + imports + model build + (first batch - one steady batch)
+    start-up = interpreter + imports + model build + (first batch - one steady batch) + exit
     images per job for start-up < 10% of the job = 9 x start-up x steady images/s
 
 which says how big a shard (or a training run) must be for the per-job cost not to dominate.
 
     python bench/startup.py                      # CPU
     python bench/startup.py --device cuda
+    python bench/startup.py --plain-exit         # + each stage ended by a plain SystemExit
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def child_code(module: str, build: str, step: str, device: str, batch: int, batches: int, threads: int) -> str:
+def child_code(module: str, build: str, step: str, device: str, batch: int, batches: int, threads: int,
+               plain_exit: bool) -> str:
+    ending = "raise SystemExit(0)" if plain_exit else "from pipeline.cli import end_job\nend_job(0)"
     return textwrap.dedent("""\
         import json, time
         began = time.perf_counter()
@@ -102,15 +106,15 @@ def child_code(module: str, build: str, step: str, device: str, batch: int, batc
             {step_indented}
         done = time.perf_counter()
         print(json.dumps({{"imports": imported - began, "build": built - imported, "first": first - built,
-                          "steady": (done - first) / {batches}}}))
+                          "steady": (done - first) / {batches}}}), flush=True)
+        {ending}
         """).format(module=module, threads=threads, device=device, batch=batch, batches=batches,
-                    build=build, step=step,
+                    build=build, step=step, ending=ending,
                     step_indented=step.replace("\n", "\n    "))
 
 
-def measure(stage: str, args: argparse.Namespace) -> dict[str, float]:
-    module, build, step = STAGES[stage]
-    code = child_code(module, build, step, args.device, args.batch_size, args.batches, args.threads)
+def run_child(code: str) -> tuple[float, str]:
+    """(wall seconds, stdout) of ``python -c code`` from the repository, as a job runs."""
     # The repository first, then what the caller's PYTHONPATH holds (wheels carried to a GPU machine).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     began = time.perf_counter()
@@ -118,12 +122,20 @@ def measure(stage: str, args: argparse.Namespace) -> dict[str, float]:
                             check=False)
     wall = time.perf_counter() - began
     if result.returncode != 0:
-        raise SystemExit(f"{stage}: the child failed:\n{result.stderr[-3000:]}")
-    times = json.loads(result.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"the child failed:\n{result.stderr[-3000:]}")
+    return wall, result.stdout
+
+
+def measure(stage: str, args: argparse.Namespace, interpreter: float, plain_exit: bool) -> dict[str, float]:
+    module, build, step = STAGES[stage]
+    wall, stdout = run_child(child_code(module, build, step, args.device, args.batch_size, args.batches,
+                                        args.threads, plain_exit))
+    times = json.loads(stdout.strip().splitlines()[-1])
     timed = times["imports"] + times["build"] + times["first"] + times["steady"] * args.batches
-    times["interpreter"] = max(0.0, wall - timed)
-    times["startup"] = (times["interpreter"] + times["imports"] + times["build"]
-                        + max(0.0, times["first"] - times["steady"]))
+    times["interpreter"] = interpreter
+    times["exit"] = max(0.0, wall - interpreter - timed)
+    times["startup"] = (interpreter + times["imports"] + times["build"]
+                        + max(0.0, times["first"] - times["steady"]) + times["exit"])
     times["rate"] = args.batch_size / times["steady"]
     return times
 
@@ -135,19 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=3, help="steady batches after the first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", type=int, help="stage numbers (0-based) to run")
+    parser.add_argument("--plain-exit", action="store_true",
+                        help="also run each stage ended by a plain SystemExit (the exit before end_job)")
     args = parser.parse_args(argv)
     stages = [name for i, name in enumerate(STAGES) if args.only is None or i in args.only]
     load_before = os.getloadavg()[0]
-    rows = [(stage, measure(stage, args)) for stage in stages]
+    interpreter = min(run_child("pass")[0] for _ in range(3))
+    endings = [("", False)] + ([(" — plain exit", True)] if args.plain_exit else [])
+    rows = [(stage + label, measure(stage, args, interpreter, plain)) for stage in stages for label, plain in endings]
     print(f"Job start-up, fresh process per stage, device {args.device}, batch {args.batch_size}, "
           f"{args.threads} torch threads. Machine: {cpu_model()}, {os.cpu_count()} cores; 1-min load "
           f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n")
-    print("| stage | interpreter s | imports s | model build s | first batch s | steady batch s "
+    print("| stage | interpreter s | imports s | model build s | first batch s | steady batch s | exit s "
           "| start-up s | steady images/s | images per job for start-up < 10% |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for stage, t in rows:
         print(f"| {stage} | {t['interpreter']:.2f} | {t['imports']:.2f} | {t['build']:.2f} | {t['first']:.2f} "
-              f"| {t['steady']:.3f} | {t['startup']:.2f} | {t['rate']:.1f} | {9 * t['startup'] * t['rate']:,.0f} |")
+              f"| {t['steady']:.3f} | {t['exit']:.2f} | {t['startup']:.2f} | {t['rate']:.1f} "
+              f"| {9 * t['startup'] * t['rate']:,.0f} |")
     return 0
 
 

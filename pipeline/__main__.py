@@ -1,4 +1,4 @@
-from pipeline.cli import main
+from pipeline.cli import end_job, main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    end_job(main())
