@@ -45,7 +45,9 @@ MANIFEST_COLUMNS = ["image_id", "image_path", "mask_path", "labels", "has_labels
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224.dino")
-    parser.add_argument("--weights", default="random", help="random, timm or a weights file")
+    parser.add_argument("--weights", default="random",
+                        help="random, timm, a weights file, or random-file: random weights saved to a file that "
+                        "the stage loads, as a real run loads DINO's (no random initialisation in the stage)")
     parser.add_argument("--size", default="496x368", help="image WIDTHxHEIGHT")
     parser.add_argument("--max-size", type=int, default=512, help="features.max_size")
     parser.add_argument("--images", type=int, default=64)
@@ -85,6 +87,20 @@ def write_jpegs(folder: Path, count: int, width: int, height: int) -> Path:
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(manifest, index=False)
     return manifest
+
+
+def with_weights_file(args: argparse.Namespace, folder: Path) -> argparse.Namespace:
+    """``args``, with ``--weights random-file`` replaced by the path of the model's random weights
+    (seed 0) saved in ``folder`` (written once: every run and checkout loads the same file)."""
+    if args.weights != "random-file":
+        return args
+    path = folder / f"random-{args.model}.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        partial = path.with_suffix(".partial")
+        torch.save(build_backbone(args.model, "random").state_dict(), partial)
+        partial.rename(path)
+    return argparse.Namespace(**{**vars(args), "weights": str(path)})
 
 
 def stage_params(args: argparse.Namespace) -> dict:
@@ -166,11 +182,11 @@ def machine(device: torch.device, load_before: float) -> str:
 
 def table(
     args: argparse.Namespace, device: torch.device, seconds: dict[str, float], phases: dict[str, dict[str, float]],
-    load_before: float,
+    load_before: float, weights: str,
 ) -> str:
     rate = {name: args.images / value for name, value in seconds.items()}
     lines = [
-        f"Feature extraction, {args.model} ({args.weights} weights), {args.images} images of "
+        f"Feature extraction, {args.model} ({weights} weights), {args.images} images of "
         f"{args.size}, batch {args.batch_size}, {args.workers} worker(s), {args.threads} torch threads.",
         f"Machine: {machine(device, load_before)}.",
         "",
@@ -208,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
         folder = Path(tmp)
         manifest = write_jpegs(folder, args.images, width, height)
+        weights = args.weights
+        args = with_weights_file(args, folder)
         seconds, phases = {}, {}
         seconds["stage"], phases["(a)"] = time_stage(args, manifest, folder)
         if args.profile:
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         final = image_geometry(height, width, args.max_size, patch_size(model), "crop").final
         seconds["forward"] = time_bare_forward(model, device, args, final)
         seconds["naive"] = time_naive_loop(model, device, args, manifest, folder)
-    print_and_append(table(args, device, seconds, phases, load_before), args.out)
+    print_and_append(table(args, device, seconds, phases, load_before, weights), args.out)
     return 0
 
 

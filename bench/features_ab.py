@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--weights", default="random", help="bench/features.py's --weights (random-file: the "
+                        "same file of random weights, in the folder, for every checkout; checkouts from 2026-11-27 on)")
     parser.add_argument("--label", default="", help="the JSON lines' code label (default: the checkout's path)")
     return parser.parse_args(argv)
 
@@ -51,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         args.folder.mkdir(parents=True, exist_ok=True)
         bench_features.write_jpegs(args.folder, args.images, width, height)
         return 0
-    params = bench_features.stage_params(bench_features.parse_args([
+    bench_args = bench_features.parse_args([
         "--images", str(args.images), "--batch-size", str(args.batch_size), "--size", args.size,
-        "--workers", str(args.workers), "--device", args.device, "--model", args.model]))
+        "--workers", str(args.workers), "--device", args.device, "--model", args.model, "--weights", args.weights])
+    params = bench_features.stage_params(bench_features.with_weights_file(bench_args, args.folder))
     shard = args.folder / "ab.safetensors"
     for run in ("cold", "warm"):
         shard.unlink(missing_ok=True)  # as Snakemake does before a job: replacing a big file is slow

@@ -24,7 +24,7 @@ PROFILE=${PROFILE:-}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if [ "$SMALL" = 1 ]; then
-    features=(--images 16 --batch-size 8 --size 224x224 --workers 1 --naive-images 4)
+    features=(--images 16 --batch-size 8 --size 224x224 --workers 1 --naive-images 4 --weights random-file)
     spectral=(--voc-images 8 --demo-images 4 --voc-grid 28x28 --batch-size 4)
     spectral_big=(--voc-images 8 --demo-images 0 --voc-grid 28x28 --batch-size 8 --no-eigh)
     spectral_b32=(--voc-images 8 --demo-images 4 --voc-grid 28x28 --batch-size 8 --no-eigh --subspace-block 32)
@@ -32,10 +32,12 @@ if [ "$SMALL" = 1 ]; then
     variants=(--compile off)
     lstm=(--batch-size 2 --calls 1)
     startup=(--batch-size 2 --batches 1 --plain-exit)
-    features_vitb=(--images 8 --batch-size 4 --size 496x368 --workers 1 --naive-images 2)
+    features_vitb=(--images 8 --batch-size 4 --size 496x368 --workers 1 --naive-images 2 --weights random-file)
 else
     # JPEGs written in parallel, (c) timed on 256 images: ~60 s on the H200 (2026-11-27).
-    features=(--images 8192 --batch-size 256 --size 224x224 --workers 12 --naive-images 256)
+    # Random weights from a file, loaded as a real run loads DINO's: no random initialisation in the stage (since
+    # 2026-11-27; the earlier GPU rows built random models, 0.6-1.3 s of the whole stage).
+    features=(--images 8192 --batch-size 256 --size 224x224 --workers 12 --naive-images 256 --weights random-file)
     spectral=(--voc-images 96 --demo-images 16 --voc-grid 28x28 --batch-size 32)  # 47 s on the H200
     # Batches of 96 (launch-bound at 32?), with the default block (48: Rayleigh-Ritz eigensolves
     # on the host) and with 32 (they stay on the GPU, one more round), the hard set included.
@@ -47,7 +49,7 @@ else
     variants=(--compile off on)
     lstm=(--batch-size 32 --calls 10)
     startup=(--batch-size 64 --batches 5 --plain-exit)  # six children: ~60 s
-    features_vitb=(--images 2048 --batch-size 64 --size 496x368 --workers 12 --naive-images 64)  # ~35 s
+    features_vitb=(--images 2048 --batch-size 64 --size 496x368 --workers 12 --naive-images 64 --weights random-file)  # ~35 s
 fi
 
 bench() {  # name seconds args...: the table appended to results.md, stderr to log.txt
