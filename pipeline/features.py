@@ -24,6 +24,7 @@ manifest order. Files are byte-identical for identical inputs on the same machin
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import itertools
@@ -34,6 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -487,6 +489,10 @@ def extract_shard(
     return seconds
 
 
+# Batches whose features may wait for the shard's writer thread (compute_features).
+WRITES_IN_FLIGHT = 2
+
+
 def compute_features(
     model: torch.nn.Module,
     rows: pd.DataFrame,
@@ -497,13 +503,16 @@ def compute_features(
     desc: str = "features",
 ) -> None:
     """Per image (in ``rows`` order): the kept features as float16, handed to ``write`` as
-    ``"{image_id}/{name}"`` while the next batch runs.
+    ``"{image_id}/{name}"`` while the next batches run.
 
     Overlap: workers read (and, on the CPU path, decode) the next batches while the main process
     runs this one; a batch's features are copied back without waiting (pinned memory, an event)
-    and written only after the next batch has been queued on the device. The workers start
-    before ``model`` moves to ``device``: forked before the process has a CUDA context, they
-    start faster, and read their first batches while the context is made.
+    and written by a writer thread, which waits for the copy, while the main thread decodes and
+    queues the next batches: writing a 224 px ViT-S/16 batch of 256 is ~40 MB, tens of
+    milliseconds of the one thread that also feeds the GPU. At most ``WRITES_IN_FLIGHT`` batches
+    wait for the writer (the host memory a shard's features take stays a few batches). The
+    workers start before ``model`` moves to ``device``: forked before the process has a CUDA
+    context, they start faster, and read their first batches while the context is made.
     """
     mean, std = normalisation(model)
     sizes = [(int(h), int(w)) for h, w in zip(rows["height"], rows["width"])]
@@ -513,21 +522,27 @@ def compute_features(
     loader = make_loader(dataset, batches, settings.num_workers, pin_memory=device.type == "cuda")
     image_ids = list(rows["image_id"])
     wants = {name: name in settings.keep for name in KEEP_CHOICES}
-    in_flight: tuple[list[int], dict[str, torch.Tensor], torch.cuda.Event | None] | None = None
     loaded = iter(loader)
     model.to(device)
 
-    def collect(indices: list[int], host: dict[str, torch.Tensor], ready) -> None:
+    def write_batch(indices: list[int], host: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()
         # Written straight from the (page-locked, from a GPU) copy: nothing of the batch is kept,
         # so the caching host allocator hands its memory to the next batches.
         write.batches([([f"{image_ids[index]}/{name}" for index in indices], host[name]) for name in settings.keep])
-        progress.update(len(indices))
+
+    def written(pending: collections.deque[tuple[Future, int]]) -> None:
+        future, images = pending.popleft()
+        future.result()  # a failed write is raised here, in the main thread
+        progress.update(images)
 
     # Unattended runs (cluster logs) get a line every 30 s instead of a redrawn bar.
     progress = tqdm(total=len(dataset), desc=desc, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
-    with progress:
+    # Leaving the block (an error included) waits for the writes under way: the shard's file is
+    # closed, or removed, only after them.
+    with progress, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        pending: collections.deque[tuple[Future, int]] = collections.deque()
         for batch in loaded:
             images = batch_images(batch, dataset, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -538,11 +553,11 @@ def compute_features(
             if device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
-            if in_flight is not None:
-                collect(*in_flight)
-            in_flight = (batch.indices, host, ready)
-        if in_flight is not None:
-            collect(*in_flight)
+            pending.append((writer.submit(write_batch, batch.indices, host, ready), len(batch.indices)))
+            while len(pending) > WRITES_IN_FLIGHT:
+                written(pending)
+        while pending:
+            written(pending)
 
 
 def feature_specs(

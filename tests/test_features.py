@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -284,18 +285,31 @@ def test_shard_writer_refuses_what_the_header_has_no_room_for_and_leaves_no_file
     assert list(tmp_path.iterdir()) == []
 
 
-def test_features_are_written_batch_by_batch_while_the_next_batches_run(manifest, tmp_path, monkeypatch):
-    """The stage never holds the shard: each batch reaches the writer once the next is queued."""
+def test_features_are_written_by_a_thread_while_the_next_batches_run(manifest, tmp_path, monkeypatch):
+    """The stage never holds the shard and never waits for its disk: a writer thread writes each
+    batch while the main thread runs the next ones, never more than WRITES_IN_FLIGHT behind."""
     import pipeline.features as features
 
     forwards = []
+    second_forward = threading.Event()
     real = features.extract_features
-    monkeypatch.setattr(features, "extract_features", lambda *a, **k: forwards.append(1) or real(*a, **k))
-    written_after = {}
+
+    def counted(*args, **kwargs):
+        forwards.append(1)
+        if len(forwards) == 2:
+            second_forward.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "extract_features", counted)
+    written_after, writing_threads = {}, set()
 
     class Writer:
         def batches(self, batches: list[tuple[list[str], torch.Tensor]]) -> None:
+            writing_threads.add(threading.current_thread())
+            if not written_after:  # the first batch's write lasts until the next batch has run
+                assert second_forward.wait(timeout=60), "the main thread waited for the first batch's write"
             for keys, _ in batches:
+                assert not set(keys) & set(written_after)
                 written_after.update(dict.fromkeys(keys, len(forwards)))
 
     rows = features.shard_rows(manifest, 0)
@@ -306,10 +320,12 @@ def test_features_are_written_batch_by_batch_while_the_next_batches_run(manifest
     features.compute_features(model, rows, geometries, settings, torch.device("cpu"), Writer())
     batches = batches_by_size([g.final for g in geometries], 2)
     assert len(forwards) == len(batches) == 4
+    assert threading.main_thread() not in writing_threads
     for number, batch in enumerate(batches):
         for index in batch:
-            for name in ("keys", "cls"):  # written after the next batch's forward, before the one after
-                assert written_after[f"{rows['image_id'].iloc[index]}/{name}"] == min(number + 2, len(batches))
+            for name in ("keys", "cls"):  # after its forward, before the forward WRITES_IN_FLIGHT + 1 later
+                assert number + 1 <= written_after[f"{rows['image_id'].iloc[index]}/{name}"] <= min(
+                    number + features.WRITES_IN_FLIGHT + 1, len(batches))
 
 
 def test_keep_list_is_respected(manifest, tmp_path):
