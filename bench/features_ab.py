@@ -7,6 +7,8 @@ versions of the stage in one session (the bench's JPEGs are drawn per index, so
     python bench/features_ab.py --write-jpegs /tmp/j --images 8192 --size 224x224
     python bench/features_ab.py --repo /path/to/old/checkout /tmp/j --images 8192 --size 224x224 --device cuda
     python bench/features_ab.py /tmp/j --images 8192 --size 224x224 --device cuda
+    python bench/features_ab.py /tmp/j --images 1024 --size 224x224 --device cpu --model-kwargs '{"depth": 1}' \
+        --decode device --threads 1 --workers 1 --batch-size 64 --warm-runs 2   # the host side, on a CPU
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", default="random", help="bench/features.py's --weights (random-file: the "
                         "same file of random weights, in the folder, for every checkout; checkouts from 2026-11-27 on)")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='backbone.model_kwargs as JSON, e.g. \'{"depth": 1}\': a cheap forward, so that the '
+                        "stage's host side shows on a CPU")
+    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"], help="features.decode")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--warm-runs", type=int, default=1, help="runs after the cold one")
     parser.add_argument("--label", default="", help="the JSON lines' code label (default: the checkout's path)")
     return parser.parse_args(argv)
 
@@ -57,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         "--images", str(args.images), "--batch-size", str(args.batch_size), "--size", args.size,
         "--workers", str(args.workers), "--device", args.device, "--model", args.model, "--weights", args.weights])
     params = bench_features.stage_params(bench_features.with_weights_file(bench_args, args.folder))
+    # Set here rather than through the checkout's bench flags: an older checkout's bench lacks them.
+    params["backbone"]["model_kwargs"] = args.model_kwargs
+    params["features"]["decode"] = args.decode
     shard = args.folder / "ab.safetensors"
-    for run in ("cold", "warm"):
+    for run in ["cold"] + ["warm"] * args.warm_runs:
         shard.unlink(missing_ok=True)  # as Snakemake does before a job: replacing a big file is slow
         start = time.perf_counter()
-        phases = extract_shard(args.folder / "manifest.csv", 0, shard, params, threads=2)
+        phases = extract_shard(args.folder / "manifest.csv", 0, shard, params, threads=args.threads)
         seconds = time.perf_counter() - start
         print(json.dumps({"code": args.label or str(args.repo), "model": args.model, "run": run,
                           "images": args.images, "seconds": round(seconds, 3),
