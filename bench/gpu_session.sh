@@ -19,7 +19,7 @@ set -u
 OUT=${OUT:?set OUT to a folder}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
-PARTS=${PARTS:-tests train spectral features lstm startup train-4w features-vitb}
+PARTS=${PARTS:-tests train spectral features lstm startup train-4w features-vitb}  # + features-ab (OLD=...)
 PROFILE=${PROFILE:-}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -101,4 +101,18 @@ if wants train-4w; then
 fi
 if wants features-vitb; then
     bench features-vitb 60 features.py --model vit_base_patch16_224.dino --device "$DEVICE" "${features_vitb[@]}"
+fi
+if wants features-ab; then
+    # This checkout's feature stage against an older one's (OLD: its folder, carried as an ignored path, e.g.
+    # `git worktree add devtmp/old b74a28e` for the writer thread's A/B), each in a fresh process on the same
+    # JPEGs, cold then two warm runs: JSON lines in results.md.
+    OLD=${OLD:?features-ab needs OLD, the older checkout}
+    ab=("$OUT/jpegs" --images "${features[1]}" --size 224x224 --device "$DEVICE" --weights random-file
+        --batch-size "${features[3]}" --workers "${features[7]}" --warm-runs 2)
+    python bench/features_ab.py --write-jpegs "${ab[@]}" 2>>"$OUT/log.txt"
+    for round in 1 2; do
+        bench "features-ab-new-$round" 60 features_ab.py --label new "${ab[@]}"
+        bench "features-ab-old-$round" 60 features_ab.py --repo "$OLD" --label old "${ab[@]}"
+    done
+    rm -rf "$OUT/jpegs"
 fi
