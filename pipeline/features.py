@@ -24,8 +24,8 @@ manifest order. Files are byte-identical for identical inputs on the same machin
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -35,7 +35,6 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from pipeline.backbone import (
     num_prefix_tokens,
     patch_size,
 )
+from pipeline.background import background_writes
 from pipeline.devices import resolve_device
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.imageio import load_rgb_resized
@@ -532,17 +532,10 @@ def compute_features(
         # so the caching host allocator hands its memory to the next batches.
         write.batches([([f"{image_ids[index]}/{name}" for index in indices], host[name]) for name in settings.keep])
 
-    def written(pending: collections.deque[tuple[Future, int]]) -> None:
-        future, images = pending.popleft()
-        future.result()  # a failed write is raised here, in the main thread
-        progress.update(images)
-
     # Unattended runs (cluster logs) get a line every 30 s instead of a redrawn bar.
     progress = tqdm(total=len(dataset), desc=desc, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30)
-    # Leaving the block (an error included) waits for the writes under way: the shard's file is
-    # closed, or removed, only after them.
-    with progress, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        pending: collections.deque[tuple[Future, int]] = collections.deque()
+    # The shard's file is closed, or removed after an error, only once the writes under way end.
+    with progress, background_writes(1, WRITES_IN_FLIGHT, "shard-writer") as writes:
         for batch in loaded:
             images = batch_images(batch, dataset, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -553,11 +546,8 @@ def compute_features(
             if device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
-            pending.append((writer.submit(write_batch, batch.indices, host, ready), len(batch.indices)))
-            while len(pending) > WRITES_IN_FLIGHT:
-                written(pending)
-        while pending:
-            written(pending)
+            writes.submit(write_batch, batch.indices, host, ready,
+                          done=functools.partial(progress.update, len(batch.indices)))
 
 
 def feature_specs(

@@ -18,9 +18,7 @@ pseudo-labels in unsupervised mode (GT is never read there). Val images are neve
 
 from __future__ import annotations
 
-import collections
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.atomic import atomic_dir
+from pipeline.background import background_writes
 from pipeline.checkpoint import load_error_reason, model_file_kind
 from pipeline.config import require_fields
 from pipeline.datasets import parse_labels
@@ -182,8 +181,7 @@ def predict_shard(
     # operations on the CPU, the same numbers. The masks folder appears complete or not at all
     # (a killed job leaves no partial folder); it is closed after the PNGs under way.
     with (atomic_dir(out_masks_dir) as masks_tmp, mixed_precision(device),
-          ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="masks") as png_writer):
-        pending: collections.deque[Future] = collections.deque()
+          background_writes(int(threads), MASKS_IN_FLIGHT, "masks") as png_writes):
         for batch in tqdm(loader, desc=f"predict shard {shard}", unit="batch"):
             probs = predictor.predict(batch_images(batch, dataset, device), settings.flip)
             for index, image_probs in zip(batch.indices, probs):
@@ -195,11 +193,7 @@ def predict_shard(
                 tensors[f"{image_id}/geometry"] = geometry
                 on_image = grid_to_image(image_probs, geometry, sizes[index], mode="bilinear")
                 mask = on_image.argmax(dim=0).to(torch.uint8).cpu().numpy()
-                pending.append(png_writer.submit(write_label_png, safe_child(masks_tmp, image_id), mask))
-                while len(pending) > MASKS_IN_FLIGHT:
-                    pending.popleft().result()  # a failed write is raised here
-        while pending:
-            pending.popleft().result()
+                png_writes.submit(write_label_png, safe_child(masks_tmp, image_id), mask)
     shards.write_shard(Path(out_probs), tensors, {
         "format": FORMAT_VERSION, "image_ids": rows["image_id"].tolist(), "num_classes": predictor.num_classes,
         "patch_size": patch, "max_size": settings.max_size, "upscale": settings.upscale, "fit": settings.fit,
