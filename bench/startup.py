@@ -113,7 +113,7 @@ def child_code(module: str, build: str, step: str, device: str, batch: int, batc
                     step_indented=step.replace("\n", "\n    "))
 
 
-def run_child(code: str) -> tuple[float, str]:
+def run_child(code: str, what: str) -> tuple[float, str]:
     """(wall seconds, stdout) of ``python -c code`` from the repository, as a job runs."""
     # The repository first, then what the caller's PYTHONPATH holds (wheels carried to a GPU machine).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -122,14 +122,14 @@ def run_child(code: str) -> tuple[float, str]:
                             check=False)
     wall = time.perf_counter() - began
     if result.returncode != 0:
-        raise SystemExit(f"the child failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{what}: the child failed:\n{result.stderr[-3000:]}")
     return wall, result.stdout
 
 
 def measure(stage: str, args: argparse.Namespace, interpreter: float, plain_exit: bool) -> dict[str, float]:
     module, build, step = STAGES[stage]
     wall, stdout = run_child(child_code(module, build, step, args.device, args.batch_size, args.batches,
-                                        args.threads, plain_exit))
+                                        args.threads, plain_exit), stage)
     times = json.loads(stdout.strip().splitlines()[-1])
     timed = times["imports"] + times["build"] + times["first"] + times["steady"] * args.batches
     times["interpreter"] = interpreter
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stages = [name for i, name in enumerate(STAGES) if args.only is None or i in args.only]
     load_before = os.getloadavg()[0]
-    interpreter = min(run_child("pass")[0] for _ in range(3))
+    interpreter = min(run_child("pass", "the interpreter")[0] for _ in range(3))
     endings = [("", False)] + ([(" — plain exit", True)] if args.plain_exit else [])
     rows = [(stage + label, measure(stage, args, interpreter, plain)) for stage in stages for label, plain in endings]
     print(f"Job start-up, fresh process per stage, device {args.device}, batch {args.batch_size}, "
