@@ -484,6 +484,8 @@ def end_job(status: int) -> NoReturn:
     """End a job's process with ``status``. Its objects are not worth collecting any more:
     freezing the heap spares the interpreter's final collection over everything torch and timm
     made at import, about 1 s of every job on 2 CPU cores (bench/RESULTS.md, startup). Atexit
-    handlers and finalisers still run; logs are flushed as before."""
+    handlers still run (logs are flushed as before) and objects are still released as modules
+    are torn down; only reference cycles are left to the operating system. The stages close
+    their files themselves."""
     gc.freeze()
     raise SystemExit(status)
