@@ -336,7 +336,9 @@ def test_killed_run_resumes_to_the_same_weights(small_demo, tmp_path):
 
     interrupted = tmp_path / "interrupted"
     process = _run(_runner(small_demo, interrupted, settings))
-    first = interrupted / "checkpoints" / "epoch-0001.pt"
+    # last.pt, the checkpoint a resume reads, is linked just after epoch-0001.pt: wait for it, not
+    # for the epoch file (a kill between the two found no last.pt).
+    first = interrupted / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
