@@ -4,7 +4,10 @@
 (b) the backbone's bare forward on tensors already in memory (same batch size and size);
 (c) a naive loop: batch 1, PIL decode in the main process, forward, ``torch.save`` per image;
 (d) on a GPU (or with ``--decode device``), the whole stage again with Pillow decoding in the
-    workers (``features.decode: pil``): what decoding the JPEGs on the device buys.
+    workers (``features.decode: pil``): what decoding the JPEGs on the device buys;
+(e) with (d), the whole stage again with libjpeg decoding in the workers and the pixels resized
+    and normalised on the device (``features.decode: workers``): the GPU's JPEG decoder (which
+    holds the main thread until each batch is decoded) against the workers' CPUs.
 
 (a)/(b) says how much of the model's speed the stage keeps (decoding and writing overhead);
 (a)/(c) says what batching, worker decoding and one file per shard buy over the obvious loop.
@@ -55,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"], help="features.decode")
+    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device", "workers"],
+                        help="features.decode")
     parser.add_argument("--naive-images", type=int, default=0,
                         help="time (c) on the first N images only, scaled to --images (0: all; it runs ~100 "
                         "images/s on a GPU)")
@@ -198,6 +202,7 @@ def table(
         "forward": "(b) bare forward on in-memory tensors",
         "naive": "(c) naive loop: batch 1, PIL in main process, torch.save per image",
         "stage_pil": "(d) whole stage with Pillow decoding in the workers (decode: pil)",
+        "stage_workers": "(e) whole stage with libjpeg in the workers, resize on the device (decode: workers)",
     }
     if "stage_pil" in seconds:
         labels["stage"] = "(a) whole stage: extract_shard (JPEGs decoded on the device, resize, forward, write)"
@@ -233,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"batch {args.batch_size}, {args.workers} workers, {device}"):
                 time_stage(args, manifest, folder)
         if device_decodes(args, device):
-            pil = argparse.Namespace(**{**vars(args), "decode": "pil"})
-            seconds["stage_pil"], phases["(d)"] = time_stage(pil, manifest, folder)
+            for decoder, row in (("pil", "(d)"), ("workers", "(e)")):
+                other = argparse.Namespace(**{**vars(args), "decode": decoder})
+                seconds[f"stage_{decoder}"], phases[row] = time_stage(other, manifest, folder)
         torch.manual_seed(0)
         model = build_backbone(args.model, args.weights).to(device)
         final = image_geometry(height, width, args.max_size, patch_size(model), "crop").final

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-kwargs", type=json.loads, default={},
                         help='backbone.model_kwargs as JSON, e.g. \'{"depth": 1}\': a cheap forward, so that the '
                         "stage's host side shows on a CPU")
-    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"], help="features.decode")
+    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device", "workers"],
+                        help="features.decode")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--warm-runs", type=int, default=1, help="runs after the cold one")
     parser.add_argument("--label", default="", help="the JSON lines' code label (default: the checkout's path)")

@@ -110,8 +110,11 @@ if wants features-ab; then
     ab=("$OUT/jpegs" --images "${features[1]}" --size 224x224 --device "$DEVICE" --weights random-file
         --batch-size "${features[3]}" --workers "${features[7]}" --warm-runs 2)
     python bench/features_ab.py --write-jpegs "${ab[@]}" 2>>"$OUT/log.txt"
+    # decode: workers (libjpeg in the workers, no nvjpeg) too, each in a fresh process: (e) of the
+    # features part runs warm after (a), so only this compares the two decoders fairly.
     for round in 1 2; do
         bench "features-ab-new-$round" 60 features_ab.py --label new "${ab[@]}"
+        bench "features-ab-workers-$round" 60 features_ab.py --label new-workers --decode workers "${ab[@]}"
         bench "features-ab-old-$round" 60 features_ab.py --repo "$OLD" --label old "${ab[@]}"
     done
     rm -rf "$OUT/jpegs"

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = "pc2m-features/1"
 KEEP_CHOICES = ("keys", "cls", "tokens")
 FIT_CHOICES = ("crop", "pad")
-DECODE_CHOICES = ("auto", "pil", "device")
+DECODE_CHOICES = ("auto", "pil", "device", "workers")
 GEOMETRY_FIELDS = ("scale", "resized_h", "resized_w", "final_h", "final_w")
 
 # One resampling filter everywhere: Pillow's bicubic filter widens with the reduction factor,
@@ -118,10 +118,14 @@ class FeatureSettings:
             decode=features["decode"],
         )
 
-    def device_decode(self, device: torch.device) -> bool:
-        """Whether JPEGs are decoded in batches on ``device`` (nvjpeg on a GPU) rather than by
-        Pillow in the workers: ``auto`` does so on CUDA only, where Pillow was the limit."""
-        return self.decode == "device" or (self.decode == "auto" and device.type == "cuda")
+    def jpeg_decoder(self, device: torch.device) -> str:
+        """Who decodes the JPEGs on ``device``: ``pil`` (Pillow prepares each image in the
+        workers), ``device`` (batches decoded on ``device``: nvjpeg on a GPU) or ``workers``
+        (libjpeg in the workers, resized and normalised on ``device``). ``auto`` is ``device`` on
+        CUDA, where Pillow was the limit, and ``pil`` elsewhere."""
+        if self.decode == "auto":
+            return "device" if device.type == "cuda" else "pil"
+        return self.decode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +203,24 @@ def prepare_image(
 @dataclass
 class Sample:
     """One image from a worker: prepared on the CPU (``image``), or its JPEG bytes (``data``) for
-    the batched device decoder, or the error that stops the stage."""
+    the batched device decoder, or its pixels decoded by the worker (``pixels``, uint8 3 x H x W,
+    to be prepared on the device), or the error that stops the stage."""
 
     index: int
     image: torch.Tensor | None
     error: str | None
     data: bytes | None = None
+    pixels: torch.Tensor | None = None
 
 
 @dataclass
 class SampleBatch:
     """A batch as it crosses from a worker: the JPEG bytes of the images the device decodes,
-    end to end in one tensor, and the CPU-prepared images in one stack (a batch has one final
-    size). Two tensors a batch, not one per image: every tensor a worker hands over costs a
-    file-descriptor exchange with the main process, which on a GPU took more of a feature job's
-    time than the model."""
+    end to end in one tensor; the pixels of the images the worker decoded, end to end in one
+    tensor; the CPU-prepared images in one stack (a batch has one final size). At most three
+    tensors a batch, not one per image: every tensor a worker hands over costs a file-descriptor
+    exchange with the main process, which on a GPU took more of a feature job's time than the
+    model."""
 
     indices: list[int]
     errors: list[str | None]
@@ -222,16 +229,26 @@ class SampleBatch:
     jpeg: torch.Tensor | None
     prepared_positions: list[int]  # positions in the batch of the images in ``prepared``
     prepared: torch.Tensor | None
+    pixel_positions: list[int] = dataclasses.field(default_factory=list)  # ... of the images in ``pixels``
+    pixel_shapes: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # each one's 3 x H x W
+    pixels: torch.Tensor | None = None
 
     def jpegs(self) -> list[torch.Tensor]:
         """Each image's bytes: views of ``jpeg``."""
-        starts = [0, *self.jpeg_ends[:-1]]
-        return [self.jpeg[start:end] for start, end in zip(starts, self.jpeg_ends)]
+        return _pieces(self.jpeg, [(end - start,) for start, end in zip([0, *self.jpeg_ends[:-1]], self.jpeg_ends)])
 
     def pin_memory(self) -> SampleBatch:
         """Called by the DataLoader's pin-memory thread: page-locked tensors copy to the GPU
         asynchronously."""
-        return dataclasses.replace(self, jpeg=_pinned(self.jpeg), prepared=_pinned(self.prepared))
+        return dataclasses.replace(self, jpeg=_pinned(self.jpeg), prepared=_pinned(self.prepared),
+                                   pixels=_pinned(self.pixels))
+
+
+def _pieces(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Views of ``flat`` (pieces end to end) in the given shapes."""
+    ends = itertools.accumulate(math.prod(shape) for shape in shapes)
+    starts = itertools.chain([0], itertools.accumulate(math.prod(shape) for shape in shapes))
+    return [flat[start:end].view(shape) for start, end, shape in zip(starts, ends, shapes)]
 
 
 def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -256,9 +273,10 @@ def device_decodable(data: bytes, expected: tuple[int, int]) -> bool:
 
 
 class ShardImages(Dataset):
-    """Decoded, resized, normalised images (or, with ``device_decode``, the raw bytes of the JPEGs
-    the device decodes). A decode failure travels as ``Sample.error`` so the main process can
-    raise it with its original message (DataLoader workers would wrap it)."""
+    """Decoded, resized, normalised images; with ``jpeg_decoder`` ``device``, the raw bytes of
+    the JPEGs the device decodes instead, with ``workers``, their decoded pixels (see
+    :meth:`FeatureSettings.jpeg_decoder`). A decode failure travels as ``Sample.error`` so the main
+    process can raise it with its original message (DataLoader workers would wrap it)."""
 
     def __init__(
         self,
@@ -267,26 +285,32 @@ class ShardImages(Dataset):
         geometries: Sequence[Geometry],
         mean: Sequence[float],
         std: Sequence[float],
-        device_decode: bool = False,
+        jpeg_decoder: str = "pil",
     ) -> None:
+        if jpeg_decoder not in ("pil", "device", "workers"):
+            raise ValueError(f"jpeg_decoder: {jpeg_decoder!r} is not pil, device or workers")
         self.paths = list(paths)
         self.sizes = list(sizes)
         self.geometries = list(geometries)
         self.mean = tuple(mean)
         self.std = tuple(std)
-        self.device_decode = device_decode
+        self.jpeg_decoder = jpeg_decoder
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        if self.device_decode:
+        if self.jpeg_decoder != "pil":
             try:
                 data = Path(self.paths[index]).read_bytes()
             except OSError:
                 data = b""  # Pillow's path below reports it by name
             if device_decodable(data, self.sizes[index]):
-                return Sample(index, None, None, data)
+                if self.jpeg_decoder == "device":
+                    return Sample(index, None, None, data)
+                pixels = worker_decoded(data, self.sizes[index])
+                if pixels is not None:
+                    return Sample(index, None, None, pixels=pixels)
         return self.prepared(index)
 
     def prepared(self, index: int) -> Sample:
@@ -308,10 +332,22 @@ class ShardImages(Dataset):
         return Sample(index, prepare_image(rgb, self.geometries[index], self.mean, self.std), None)
 
 
+def worker_decoded(data: bytes, expected: tuple[int, int]) -> torch.Tensor | None:
+    """uint8 3 x H x W RGB pixels of a JPEG that :func:`device_decodable` accepted, decoded by
+    libjpeg on the CPU (in a worker: ``features.decode: workers``), or None if it fails or comes
+    out at another size (then Pillow's path decodes it and reports its error)."""
+    try:
+        pixels = decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))[0]
+    except RuntimeError:
+        return None
+    return pixels if tuple(pixels.shape[-2:]) == tuple(expected) else None
+
+
 def collate_samples(samples: list[Sample]) -> SampleBatch:
     """The worker's samples packed into a :class:`SampleBatch`; a failed one keeps its error
     (raised by :func:`batch_images` in the main process)."""
     jpeg = [position for position, s in enumerate(samples) if s.data is not None]
+    decoded = [position for position, s in enumerate(samples) if s.pixels is not None]
     prepared = [position for position, s in enumerate(samples) if s.image is not None]
     data = b"".join(samples[p].data for p in jpeg)
     return SampleBatch(
@@ -322,6 +358,9 @@ def collate_samples(samples: list[Sample]) -> SampleBatch:
         jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None,
         prepared_positions=prepared,
         prepared=torch.stack([samples[p].image for p in prepared]) if prepared else None,
+        pixel_positions=decoded,
+        pixel_shapes=[tuple(samples[p].pixels.shape) for p in decoded],
+        pixels=torch.cat([samples[p].pixels.reshape(-1) for p in decoded]) if decoded else None,
     )
 
 
@@ -367,8 +406,9 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
 
 def batch_images(batch: SampleBatch, dataset: ShardImages, device: torch.device) -> torch.Tensor:
     """The batch as one normalised tensor on ``device``: CPU-prepared images copied there, JPEG
-    bytes decoded there in one call. If the device decoder refuses the batch, its images take
-    Pillow's path (whose error, for a really bad file, is the one raised)."""
+    bytes decoded there in one call, pixels the workers decoded copied there in one piece; the
+    decoded ones resized and normalised there. If the device decoder refuses the batch, its
+    images take Pillow's path (whose error, for a really bad file, is the one raised)."""
     for error in batch.errors:
         if error is not None:
             raise BadInputError(error)
@@ -376,6 +416,9 @@ def batch_images(batch: SampleBatch, dataset: ShardImages, device: torch.device)
     out = torch.empty(len(batch.indices), 3, *final, device=device)
     if batch.prepared is not None:
         _put_rows(out, batch.prepared_positions, batch.prepared.to(device, non_blocking=True))
+    if batch.pixels is not None:
+        pixels = _pieces(batch.pixels.to(device, non_blocking=True), batch.pixel_shapes)
+        _put_decoded(out, batch.pixel_positions, [batch.indices[p] for p in batch.pixel_positions], pixels, dataset)
     if batch.jpeg is None:
         return out
     indices = [batch.indices[position] for position in batch.jpeg_positions]
@@ -386,16 +429,23 @@ def batch_images(batch: SampleBatch, dataset: ShardImages, device: torch.device)
         return batch_images(collate_samples([dataset.prepared(i) for i in batch.indices]), dataset, device)
     if any(tuple(image.shape[-2:]) != dataset.sizes[index] for index, image in zip(indices, images)):
         return batch_images(collate_samples([dataset.prepared(i) for i in batch.indices]), dataset, device)
-    mean, std = channel_constants(dataset.mean, device), channel_constants(dataset.std, device)
-    # Images of one original size share their geometry: prepared as one stack.
+    _put_decoded(out, batch.jpeg_positions, indices, images, dataset)
+    return out
+
+
+def _put_decoded(
+    out: torch.Tensor, positions: list[int], indices: list[int], images: list[torch.Tensor], dataset: ShardImages
+) -> None:
+    """Decoded uint8 ``images`` (of the dataset's ``indices``, on ``out``'s device) prepared into
+    ``out``'s rows ``positions``; images of one original size share their geometry: one stack."""
+    mean, std = channel_constants(dataset.mean, out.device), channel_constants(dataset.std, out.device)
     by_size: dict[tuple[int, int], list[int]] = {}
     for member, index in enumerate(indices):
         by_size.setdefault(dataset.sizes[index], []).append(member)
     for members in by_size.values():
         prepared = prepare_decoded(torch.stack([images[m] for m in members]), dataset.geometries[indices[members[0]]],
                                    mean, std)
-        _put_rows(out, [batch.jpeg_positions[m] for m in members], prepared)
-    return out
+        _put_rows(out, [positions[m] for m in members], prepared)
 
 
 def _put_rows(out: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
@@ -517,7 +567,7 @@ def compute_features(
     mean, std = normalisation(model)
     sizes = [(int(h), int(w)) for h, w in zip(rows["height"], rows["width"])]
     dataset = ShardImages(list(rows["image_path"]), sizes, geometries, mean, std,
-                          device_decode=settings.device_decode(device))
+                          jpeg_decoder=settings.jpeg_decoder(device))
     batches = batches_by_size([g.final for g in geometries], settings.batch_size)
     loader = make_loader(dataset, batches, settings.num_workers, pin_memory=device.type == "cuda")
     image_ids = list(rows["image_id"])

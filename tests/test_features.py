@@ -408,11 +408,13 @@ def jpegs(tmp_path) -> tuple[list[str], list[tuple[int, int]]]:
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def decoded_batch(paths, sizes, device_decode: bool, device: str = "cpu") -> torch.Tensor:
+def decoded_batch(paths, sizes, decoder: str, device: str = "cpu") -> torch.Tensor:
     geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in sizes]
-    dataset = fx.ShardImages(paths, sizes, geometries, MEAN, STD, device_decode=device_decode)
+    dataset = fx.ShardImages(paths, sizes, geometries, MEAN, STD, jpeg_decoder=decoder)
     samples = [dataset[i] for i in range(len(paths))]
-    assert all((s.data is not None) == device_decode for s in samples)  # every one took the path asked for
+    # every one took the path asked for
+    assert all((s.data is not None) == (decoder == "device") for s in samples)
+    assert all((s.pixels is not None) == (decoder == "workers") for s in samples)
     return fx.batch_images(fx.collate_samples(samples), dataset, torch.device(device)).cpu()
 
 
@@ -423,8 +425,8 @@ def as_levels(normalised: torch.Tensor) -> torch.Tensor:
 
 def test_device_decode_on_the_cpu_agrees_with_the_pillow_path(jpegs):
     paths, sizes = jpegs
-    pil = as_levels(decoded_batch(paths, sizes, device_decode=False))
-    device = as_levels(decoded_batch(paths, sizes, device_decode=True))
+    pil = as_levels(decoded_batch(paths, sizes, decoder="pil"))
+    device = as_levels(decoded_batch(paths, sizes, decoder="device"))
     diff = (device - pil).abs()
     # Same libjpeg, so the decoded pixels are equal (images that need no resize match exactly);
     # torch's antialiased bicubic and Pillow's round to different levels at most one apart.
@@ -437,9 +439,9 @@ def test_device_decode_prepares_each_size_as_one_stack_in_the_batchs_order(jpegs
     sit apart): every row must be the image's own, as prepared alone."""
     paths, sizes = jpegs
     order = [3, 1, 0, 2]
-    batch = decoded_batch([paths[i] for i in order], [sizes[i] for i in order], device_decode=True)
+    batch = decoded_batch([paths[i] for i in order], [sizes[i] for i in order], decoder="device")
     for row, index in enumerate(order):
-        assert torch.equal(batch[row], decoded_batch([paths[index]], [sizes[index]], device_decode=True)[0])
+        assert torch.equal(batch[row], decoded_batch([paths[index]], [sizes[index]], decoder="device")[0])
     assert not torch.equal(batch[0], batch[2])  # the two 64x48 images are different pictures
 
 
@@ -453,7 +455,7 @@ def test_a_batch_crosses_from_its_worker_as_two_tensors_whatever_mixes_in_it(jpe
     order = [str(pngs[0]), paths[0], paths[3], str(pngs[1])]
     order_sizes = [(48, 64)] * 4
     geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in order_sizes]
-    dataset = fx.ShardImages(order, order_sizes, geometries, MEAN, STD, device_decode=True)
+    dataset = fx.ShardImages(order, order_sizes, geometries, MEAN, STD, jpeg_decoder="device")
     batch = fx.collate_samples([dataset[i] for i in range(4)])
     assert batch.indices == [0, 1, 2, 3] and batch.errors == [None] * 4
     assert batch.jpeg_positions == [1, 2] and batch.prepared_positions == [0, 3]
@@ -461,7 +463,7 @@ def test_a_batch_crosses_from_its_worker_as_two_tensors_whatever_mixes_in_it(jpe
     assert batch.prepared.shape == (2, 3, 48, 64)
     images = fx.batch_images(batch, dataset, torch.device("cpu"))
     for row, path in enumerate(order):
-        alone = decoded_batch([path], [(48, 64)], device_decode=path.endswith(".jpg"))[0]
+        alone = decoded_batch([path], [(48, 64)], "device" if path.endswith(".jpg") else "pil")[0]
         assert torch.equal(images[row], alone)
     assert not torch.equal(images[0], images[3])
 
@@ -469,7 +471,7 @@ def test_a_batch_crosses_from_its_worker_as_two_tensors_whatever_mixes_in_it(jpe
 @pytest.mark.parametrize("failure", ["raises", "wrong size"])
 def test_a_batch_the_device_decoder_fails_on_is_decoded_by_pillow(jpegs, monkeypatch, failure):
     paths, sizes = jpegs
-    pillow = decoded_batch(paths[:2], sizes[:2], device_decode=False)
+    pillow = decoded_batch(paths[:2], sizes[:2], decoder="pil")
 
     def failing_decoder(data, device):
         if failure == "raises":
@@ -477,16 +479,95 @@ def test_a_batch_the_device_decoder_fails_on_is_decoded_by_pillow(jpegs, monkeyp
         return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in data]
 
     monkeypatch.setattr(fx, "decode_jpegs", failing_decoder)
-    assert torch.equal(decoded_batch(paths[:2], sizes[:2], device_decode=True), pillow)
+    assert torch.equal(decoded_batch(paths[:2], sizes[:2], decoder="device"), pillow)
+
+
+def test_worker_decode_gives_the_device_decoders_pixels_on_the_cpu(jpegs):
+    """The workers decode with the libjpeg the CPU's device path uses, and their pixels are
+    prepared by the same code: the same batch, exactly, whatever the order and sizes."""
+    paths, sizes = jpegs
+    order = [3, 1, 0, 2]
+    paths, sizes = [paths[i] for i in order], [sizes[i] for i in order]
+    assert torch.equal(decoded_batch(paths, sizes, "workers"), decoded_batch(paths, sizes, "device"))
+
+
+def test_a_worker_decoded_batch_crosses_as_one_tensor_of_pixels_beside_pillows_stack(jpegs, tmp_path):
+    paths, sizes = jpegs
+    png = tmp_path / "p5.png"
+    Image.fromarray(photo(64, 48, 5)).save(png)
+    order = [paths[0], str(png), paths[3]]
+    geometries = [image_geometry(48, 64, 64, 16, "crop")] * 3
+    dataset = fx.ShardImages(order, [(48, 64)] * 3, geometries, MEAN, STD, jpeg_decoder="workers")
+    batch = fx.collate_samples([dataset[i] for i in range(3)])
+    assert batch.pixel_positions == [0, 2] and batch.prepared_positions == [1] and batch.jpeg is None
+    assert batch.pixels.shape == (2 * 3 * 48 * 64,) and batch.pixel_shapes == [(3, 48, 64)] * 2
+    images = fx.batch_images(batch, dataset, torch.device("cpu"))
+    for row, path in enumerate(order):
+        alone = decoded_batch([path], [(48, 64)], "workers" if path.endswith(".jpg") else "pil")[0]
+        assert torch.equal(images[row], alone)
+    assert not torch.equal(images[0], images[2])
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong size"])
+def test_an_image_the_worker_fails_to_decode_goes_through_pillow(jpegs, monkeypatch, failure):
+    paths, sizes = jpegs
+
+    def failing_decoder(data, device):
+        if failure == "raises":
+            raise RuntimeError("libjpeg: unsupported")
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(fx, "decode_jpegs", failing_decoder)
+    geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in sizes]
+    dataset = fx.ShardImages(paths, sizes, geometries, MEAN, STD, jpeg_decoder="workers")
+    sample = dataset[1]
+    assert sample.pixels is None and sample.image is not None
+    assert torch.equal(sample.image, dataset.prepared(1).image)
+
+
+def jpeg_manifest(folder: Path) -> Path:
+    """Six JPEGs of three sizes (two sharing a final size) and a PNG, one shard."""
+    rows = []
+    for seed, (width, height) in enumerate([(64, 48), (200, 150), (64, 48), (192, 143), (40, 30), (64, 48)]):
+        path = folder / f"j{seed}.jpg"
+        Image.fromarray(photo(width, height, seed)).save(path, quality=90)
+        rows.append([f"j{seed}", str(path), "", "", False, "train", width, height, 0])
+    png = folder / "p.png"
+    Image.fromarray(photo(40, 30, 9)).save(png)
+    rows.append(["p", str(png), "", "", False, "train", 40, 30, 0])
+    out = folder / "manifest.csv"
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(out, index=False)
+    return out
+
+
+def test_worker_decode_writes_the_device_paths_shard_through_real_workers(tmp_path):
+    """Through the stage with two worker processes (the pixels cross a process boundary): the
+    same bytes as JPEGs decoded in the main process by the device path, and not Pillow's."""
+    manifest = jpeg_manifest(tmp_path)
+    shards_by_decoder = {}
+    for decoder in ("workers", "device", "pil"):
+        out = tmp_path / f"{decoder}.safetensors"
+        extract_shard(manifest, 0, out, params(decode=decoder, num_workers=2, batch_size=3), threads=1)
+        shards_by_decoder[decoder] = out.read_bytes()
+    assert shards_by_decoder["workers"] == shards_by_decoder["device"]
+    assert shards_by_decoder["workers"] != shards_by_decoder["pil"]  # resampled by torch, not Pillow
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
 def test_nvjpeg_decode_agrees_with_the_pillow_path(jpegs):
     paths, sizes = jpegs
-    pil = as_levels(decoded_batch(paths, sizes, device_decode=False))
-    gpu = as_levels(decoded_batch(paths, sizes, device_decode=True, device="cuda"))
+    pil = as_levels(decoded_batch(paths, sizes, decoder="pil"))
+    gpu = as_levels(decoded_batch(paths, sizes, decoder="device", device="cuda"))
     diff = (gpu - pil).abs()
     assert diff.mean() < 1.5 and diff.max() <= 12  # nvjpeg's IDCT and upsampling differ a little more
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_worker_decoded_pixels_prepared_on_the_gpu_agree_with_the_cpu(jpegs):
+    paths, sizes = jpegs
+    cpu = decoded_batch(paths, sizes, "workers")
+    gpu = decoded_batch(paths, sizes, "workers", device="cuda")
+    assert (as_levels(gpu) - as_levels(cpu)).abs().max() < 1.01  # the same pixels, resampled on another device
 
 
 def test_only_complete_upright_rgb_or_grey_jpegs_go_to_the_device(tmp_path, jpegs):
@@ -508,19 +589,30 @@ def test_only_complete_upright_rgb_or_grey_jpegs_go_to_the_device(tmp_path, jpeg
     assert not fx.device_decodable(png.read_bytes(), (48, 64))
 
 
-def test_device_decode_leaves_other_formats_on_pillows_path(manifest, tmp_path):
+@pytest.mark.parametrize("decoder", ["device", "workers"])
+def test_device_decode_leaves_other_formats_on_pillows_path(manifest, tmp_path, decoder):
     pil, device = tmp_path / "pil.safetensors", tmp_path / "device.safetensors"
     extract_shard(manifest, 0, pil, params(decode="pil"), threads=1)
-    extract_shard(manifest, 0, device, params(decode="device"), threads=1)
+    extract_shard(manifest, 0, device, params(decode=decoder), threads=1)
     assert pil.read_bytes() == device.read_bytes()  # the fixture's images are PNGs
 
 
-def test_truncated_jpeg_is_reported_by_name_with_device_decode(manifest, tmp_path):
+@pytest.mark.parametrize("decoder", ["device", "workers"])
+def test_truncated_jpeg_is_reported_by_name_with_device_decode(manifest, tmp_path, decoder):
     bad = tmp_path / "images" / "c.png"  # the name does not make the format: the bytes do
     Image.fromarray(photo(20, 50, 0)).save(bad, format="JPEG")
     bad.write_bytes(bad.read_bytes()[:200])
     with pytest.raises(BadInputError, match=rf"^{bad}: corrupt"):
-        extract_shard(manifest, 0, tmp_path / "shard.safetensors", params(decode="device"), threads=1)
+        extract_shard(manifest, 0, tmp_path / "shard.safetensors", params(decode=decoder), threads=1)
+
+
+@pytest.mark.parametrize(("decode", "device", "decoder"), [
+    ("auto", "cpu", "pil"), ("auto", "cuda", "device"), ("pil", "cuda", "pil"), ("device", "cpu", "device"),
+    ("workers", "cpu", "workers"), ("workers", "cuda", "workers"),
+])
+def test_who_decodes_the_jpegs(decode, device, decoder):
+    settings = fx.FeatureSettings.from_params(params(decode=decode)["features"])
+    assert settings.jpeg_decoder(torch.device(device)) == decoder
 
 
 def test_unknown_decode_is_a_config_error(manifest, tmp_path):
