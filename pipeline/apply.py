@@ -193,7 +193,7 @@ def predict_deeplab(layout: Layout, shard: int, model_path: Path, params: dict, 
     model = load_trained_deeplab(model_path)
     check_deeplab(model_path, model.arch, params)
     predict_rows(model, rows, layout.masks("deeplab", shard), settings, f"deeplab shard {shard}",
-                 {"shard": shard, "model": str(model_path)})
+                 {"shard": shard, "model": str(model_path)}, threads)
     write_overlays(rows, layout.masks("deeplab", shard), layout.overlays("deeplab", shard), params["overlay_alpha"])
 
 

@@ -9,6 +9,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+# Mask PNGs that may wait for their threads in a prediction stage (a VOC-size mask is ~0.2 MB).
+MASKS_IN_FLIGHT = 64
+
 
 class BackgroundWrites:
     def __init__(self, executor: ThreadPoolExecutor, limit: int) -> None:

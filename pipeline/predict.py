@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.atomic import atomic_dir
-from pipeline.background import background_writes
+from pipeline.background import MASKS_IN_FLIGHT, background_writes
 from pipeline.checkpoint import load_error_reason, model_file_kind
 from pipeline.config import require_fields
 from pipeline.datasets import parse_labels
@@ -52,8 +52,6 @@ from pipeline.training.data import TRAIN_SPLIT
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "pc2m-predictions/1"
-# Masks that may wait for the PNG threads (their memory: a few images' uint8 masks).
-MASKS_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,46 @@ def test_predictions_cover_every_image_at_its_size(demo, trained, tmp_path):
     assert json.loads((out / ".done").read_text())["pad_to"] == 56
 
 
+def test_each_png_written_by_the_threads_is_its_own_images_argmax(demo, trained, tmp_path):
+    """Four PNG threads: every mask is the argmax of its own image's probabilities (a mask
+    handed to the wrong name, or written before its image was done, would differ)."""
+    from pipeline.deeplab.model import load_trained_deeplab
+    from pipeline.imageio import load_rgb
+
+    manifest, _ = demo
+    params = deeplab_params(test_scales=[1.0], test_flip=False, pad_to=None)
+    predict_deeplab(manifest, "val", trained / "model.pt", tmp_path / "pred", params, 4)
+    model = load_trained_deeplab(trained / "model.pt").eval()
+    settings = PredictSettings.from_params(params)
+    val = read_manifest(manifest).query("split == 'val'")
+    masks = [load_mask(tmp_path / "pred" / f"{image_id}.png") for image_id in val["image_id"]]
+    for image_id, path, mask in zip(val["image_id"], val["image_path"], masks):
+        rgb = torch.from_numpy(load_rgb(path).copy())
+        image = ((rgb.permute(2, 0, 1).float() / 255 - torch.tensor(model.normalisation[0]).view(3, 1, 1))
+                 / torch.tensor(model.normalisation[1]).view(3, 1, 1))[None]
+        expected = class_probabilities(model, image, settings).argmax(dim=0).numpy()
+        assert (mask == expected).all(), image_id
+    assert len({m.tobytes() for m in masks}) > 1  # the images' masks differ: a mix-up would show
+
+
+def test_a_failed_png_write_leaves_no_masks_folder(demo, trained, tmp_path, monkeypatch):
+    import pipeline.deeplab.predict as deeplab_predict
+
+    writes, real = [], write_label_png
+
+    def full_disk_at_the_third_mask(path, mask):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, mask)
+
+    monkeypatch.setattr(deeplab_predict, "write_label_png", full_disk_at_the_third_mask)
+    manifest, _ = demo
+    with pytest.raises(OSError, match="No space left"):
+        predict_deeplab(manifest, "val", trained / "model.pt", tmp_path / "pred", deeplab_params(), 2)
+    assert len(writes) >= 3 and list(tmp_path.iterdir()) == []
+
+
 def test_model_file_of_another_kind_is_refused(demo, tmp_path):
     manifest, _ = demo
     torch.save({"weights": torch.zeros(3)}, tmp_path / "not_deeplab.pt")
