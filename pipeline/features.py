@@ -349,19 +349,45 @@ def collate_samples(samples: list[Sample]) -> SampleBatch:
     jpeg = [position for position, s in enumerate(samples) if s.data is not None]
     decoded = [position for position, s in enumerate(samples) if s.pixels is not None]
     prepared = [position for position, s in enumerate(samples) if s.image is not None]
-    data = b"".join(samples[p].data for p in jpeg)
+    jpeg_ends = list(itertools.accumulate(len(samples[p].data) for p in jpeg))
     return SampleBatch(
         indices=[s.index for s in samples],
         errors=[s.error for s in samples],
         jpeg_positions=jpeg,
-        jpeg_ends=list(itertools.accumulate(len(samples[p].data) for p in jpeg)),
-        jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None,
+        jpeg_ends=jpeg_ends,
+        jpeg=_joined_bytes([samples[p].data for p in jpeg], jpeg_ends[-1]) if jpeg else None,
         prepared_positions=prepared,
-        prepared=torch.stack([samples[p].image for p in prepared]) if prepared else None,
+        prepared=(torch.stack([samples[p].image for p in prepared],
+                              out=_batch_tensor((len(prepared), *samples[prepared[0]].image.shape), torch.float32))
+                  if prepared else None),
         pixel_positions=decoded,
         pixel_shapes=[tuple(samples[p].pixels.shape) for p in decoded],
-        pixels=torch.cat([samples[p].pixels.reshape(-1) for p in decoded]) if decoded else None,
+        pixels=(torch.cat([samples[p].pixels.reshape(-1) for p in decoded],
+                          out=_batch_tensor((sum(samples[p].pixels.numel() for p in decoded),), torch.uint8))
+                if decoded else None),
     )
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch, allocated in shared memory when made in a DataLoader worker
+    (as torch's default collate does): a tensor in private memory is copied into shared memory
+    when the worker hands it over — for a batch of 256 images at 224 px, 38 MB of pixels or
+    154 MB of prepared float32 images, a second copy on the worker's CPU."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _joined_bytes(pieces: list[bytes], total: int) -> torch.Tensor:
+    """``pieces`` end to end in one uint8 tensor (see :func:`_batch_tensor`)."""
+    out = _batch_tensor((total,), torch.uint8)
+    flat = out.numpy()
+    start = 0
+    for piece in pieces:
+        flat[start : start + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+        start += len(piece)
+    return out
 
 
 def prepare_decoded(
