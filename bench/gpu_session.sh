@@ -19,7 +19,7 @@ set -u
 OUT=${OUT:?set OUT to a folder}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
-PARTS=${PARTS:-tests train spectral features lstm startup train-4w features-vitb}  # + features-ab (OLD=...)
+PARTS=${PARTS:-tests train spectral features decode-cost lstm startup train-4w features-vitb}  # + features-ab (OLD=...)
 PROFILE=${PROFILE:-}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -33,6 +33,7 @@ if [ "$SMALL" = 1 ]; then
     lstm=(--batch-size 2 --calls 1)
     startup=(--batch-size 2 --batches 1 --plain-exit)
     features_vitb=(--images 8 --batch-size 4 --size 496x368 --workers 1 --naive-images 2 --weights random-file)
+    decode_images=64
 else
     # JPEGs written in parallel, (c) timed on 256 images: ~60 s on the H200 (2026-11-27).
     # Random weights from a file, loaded as a real run loads DINO's: no random initialisation in the stage (since
@@ -88,6 +89,11 @@ if wants spectral; then
 fi
 if wants features; then
     bench features 110 features.py --device "$DEVICE" "${features[@]}"
+fi
+if wants decode-cost; then
+    # What one DataLoader worker of this machine's CPUs delivers per decoder (~20 s): with the
+    # features part's rates, how many workers a GPU needs for decode: workers.
+    bench decode-cost 60 decode_cost.py --images "${decode_images:-2048}" --size 224x224
 fi
 if wants lstm; then
     bench lstm 30 lstm.py --device "$DEVICE" "${lstm[@]}"
