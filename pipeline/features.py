@@ -100,8 +100,7 @@ class FeatureSettings:
             )
         if len(set(keep)) != len(keep):
             raise ConfigError(f"features.keep: {list(keep)} lists an entry twice")
-        if features["decode"] not in DECODE_CHOICES:
-            raise ConfigError(f"features.decode: {features['decode']!r} is not one of {', '.join(DECODE_CHOICES)}")
+        check_decode(features["decode"], "features")
         if features["fit"] not in FIT_CHOICES:
             raise ConfigError(f"features.fit: {features['fit']!r} is not one of {', '.join(FIT_CHOICES)}")
         for key, minimum in (("max_size", 1), ("batch_size", 1), ("num_workers", 0)):
@@ -119,13 +118,24 @@ class FeatureSettings:
         )
 
     def jpeg_decoder(self, device: torch.device) -> str:
-        """Who decodes the JPEGs on ``device``: ``pil`` (Pillow prepares each image in the
-        workers), ``device`` (batches decoded on ``device``: nvjpeg on a GPU) or ``workers``
-        (libjpeg in the workers, resized and normalised on ``device``). ``auto`` is ``device`` on
-        CUDA, where Pillow was the limit, and ``pil`` elsewhere."""
-        if self.decode == "auto":
-            return "device" if device.type == "cuda" else "pil"
-        return self.decode
+        return jpeg_decoder(self.decode, device)
+
+
+def check_decode(decode: object, section: str) -> None:
+    """ConfigError unless ``decode`` is one of ``DECODE_CHOICES`` (``section``.decode)."""
+    if decode not in DECODE_CHOICES:
+        raise ConfigError(f"{section}.decode: {decode!r} is not one of {', '.join(DECODE_CHOICES)}")
+
+
+def jpeg_decoder(decode: str, device: torch.device) -> str:
+    """Who decodes the JPEGs for ``device`` (``features.decode``, ``predict.decode``): ``pil``
+    (Pillow prepares each image in the workers), ``device`` (batches decoded on ``device``:
+    nvjpeg on a GPU) or ``workers`` (libjpeg in the workers, resized and normalised on
+    ``device``). ``auto`` is ``device`` on CUDA, where Pillow was the limit, and ``pil``
+    elsewhere."""
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "pil"
+    return decode
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ from pipeline.features import (
     ShardImages,
     batch_images,
     batches_by_size,
+    check_decode,
     fit_side,
     image_geometry,
+    jpeg_decoder,
     make_loader,
     shard_rows,
 )
@@ -64,6 +66,7 @@ class PredictSettings:
     device: str
     restrict_to_labels: bool
     flip: bool
+    decode: str
 
     @classmethod
     def from_params(cls, predict: dict) -> PredictSettings:
@@ -72,6 +75,7 @@ class PredictSettings:
         settings = cls(**{k: v for k, v in predict.items() if k not in METHODS})
         if settings.fit not in ("crop", "pad"):
             raise ConfigError(f"predict.fit: {settings.fit!r} is not crop or pad")
+        check_decode(settings.decode, "predict")
         return settings
 
 
@@ -170,7 +174,8 @@ def predict_shard(
     sizes = [(int(r.height), int(r.width)) for r in rows.itertuples()]
     geometries = [prediction_geometry(h, w, settings, patch) for h, w in sizes]
     batches = batches_by_size([g.final for g in geometries], settings.batch_size)
-    dataset = ShardImages(rows["image_path"].tolist(), sizes, geometries, mean, std)
+    dataset = ShardImages(rows["image_path"].tolist(), sizes, geometries, mean, std,
+                          jpeg_decoder=jpeg_decoder(settings.decode, device))
     loader = make_loader(dataset, batches, settings.num_workers, device.type == "cuda")
     tensors: dict[str, torch.Tensor] = {}
     # An image's mask (its probabilities upsampled to the image, then argmax: ~20 ms of one CPU

@@ -17,6 +17,7 @@ import ot as pot
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import shards
 from pipeline.datasets import build_index, read_manifest
@@ -55,7 +56,7 @@ def train_settings(**overrides) -> dict:
 
 def predict_settings(**overrides) -> dict:
     settings = dict(max_size=64, upscale=True, fit="pad", batch_size=8, num_workers=0, device="cpu",
-                    restrict_to_labels=False, flip=False)
+                    restrict_to_labels=False, flip=False, decode="auto")
     settings.update(overrides)
     return settings
 
@@ -444,6 +445,41 @@ def test_unsupervised_mode_never_reads_ground_truth(small_demo, tmp_path, monkey
                       tmp_path / "failed_masks", params, 2, labels_path=tmp_path / "image_labels.csv")
     assert not (tmp_path / "failed.safetensors").exists() and not (tmp_path / "failed_masks").exists()
     assert [p.name for p in tmp_path.iterdir() if "failed" in p.name] == []
+
+
+def test_predict_decodes_jpegs_as_the_feature_stage_does(small_demo, tmp_path):
+    """predict.decode: the demo as JPEGs, an untrained network, predicted at an upscaled size
+    (paper 001's presets upscale to 960 px). ``workers`` and ``device`` (libjpeg both, on the CPU)
+    give the same probabilities exactly, through a real worker process; Pillow's resize differs
+    from torch's by at most a grey level, so its probabilities are close but not the same."""
+    from pipeline.backbone import build_backbone
+    from pipeline.methods.pc2m.model import Architecture, build_network, model_payload
+    from pipeline.predict import predict_shard
+
+    manifest = read_manifest(small_demo / "manifest.csv")
+    for row in manifest.itertuples():
+        jpeg = tmp_path / "jpegs" / f"{row.image_id}.jpg"
+        jpeg.parent.mkdir(exist_ok=True)
+        Image.fromarray(load_rgb(row.image_path)).save(jpeg, quality=90)
+        manifest.loc[row.Index, "image_path"] = str(jpeg)
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    torch.manual_seed(0)
+    arch = Architecture("pc2m", NUM_CLASSES, 0, BACKBONE["name"])
+    net = build_network(build_backbone(BACKBONE["name"], "random", "teacher", BACKBONE["model_kwargs"]), arch)
+    torch.save(model_payload(net, arch), tmp_path / "model.pt")
+    probs = {}
+    for decode in ("workers", "device", "pil"):
+        params = {"backbone": BACKBONE, "mode": "weak",
+                  "predict": predict_settings(max_size=80, decode=decode, num_workers=1, batch_size=3)}
+        predict_shard(tmp_path / "manifest.csv", 0, tmp_path / "model.pt", tmp_path / f"{decode}.safetensors",
+                      tmp_path / f"masks-{decode}", params, 1)
+        probs[decode] = shards.read_images(tmp_path / f"{decode}.safetensors")
+    assert probs["workers"].keys() == probs["pil"].keys() and len(probs["pil"]) == len(manifest)
+    differences = []
+    for image_id, tensors in probs["pil"].items():
+        assert torch.equal(probs["workers"][image_id]["probs"], probs["device"][image_id]["probs"])
+        differences.append((probs["workers"][image_id]["probs"].float() - tensors["probs"].float()).abs().max())
+    assert 0 < max(differences) < 0.05
 
 
 def test_weak_training_learns_the_demo(tmp_path):
