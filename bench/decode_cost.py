@@ -5,6 +5,7 @@ fed at a given rate. The bench's synthetic JPEGs (``bench/features.py``'s); each
 ``--rounds`` times alternating, best round kept.
 
     python bench/decode_cost.py --images 1024 --size 224x224
+    python bench/decode_cost.py --images 256 --size 500x375 --max-size 960 --upscale   # predict at paper 001's size
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from features import write_jpegs
 
 from machine import cpu_model, print_and_append
 from pipeline.features import ShardImages, batches_by_size, image_geometry, make_loader
+from pipeline.predict import prediction_geometry
 
 DECODERS = {
     "device": "JPEG bytes only (nvjpeg decodes them on the GPU, in the main process)",
@@ -36,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--size", default="224x224", help="image WIDTHxHEIGHT")
-    parser.add_argument("--max-size", type=int, default=512, help="features.max_size")
+    parser.add_argument("--max-size", type=int, default=512, help="features.max_size (predict.max_size)")
+    parser.add_argument("--upscale", action="store_true",
+                        help="the prediction stage's geometry: images smaller than --max-size scaled up to it")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="append the table to this Markdown file")
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    geometry = image_geometry(height, width, args.max_size, 16, "crop")
+    geometry = (prediction_geometry(height, width, argparse.Namespace(upscale=True, max_size=args.max_size, fit="pad"),
+                                    16) if args.upscale else image_geometry(height, width, args.max_size, 16, "crop"))
     best = {name: float("inf") for name in DECODERS}
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         manifest = write_jpegs(Path(tmp), args.images, width, height)
@@ -67,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), jpeg_decoder=name)
                 best[name] = min(best[name], worker_seconds(dataset, args.batch_size))
     lines = [
-        f"One DataLoader worker, {args.images} synthetic JPEGs of {args.size}, batches of {args.batch_size}, "
-        f"best of {args.rounds} rounds. Machine: {cpu_model()}.",
+        f"One DataLoader worker, {args.images} synthetic JPEGs of {args.size} prepared at {geometry.final[1]}x"
+        f"{geometry.final[0]}, batches of {args.batch_size}, best of {args.rounds} rounds. Machine: {cpu_model()}.",
         "",
-        "| features.decode | a worker does | µs per image | images/s a worker delivers |",
+        "| decode (features., predict.) | a worker does | µs per image | images/s a worker delivers |",
         "|---|---|---:|---:|",
     ]
     for name, what in DECODERS.items():
