@@ -282,6 +282,14 @@ def device_decodable(data: bytes, expected: tuple[int, int]) -> bool:
         return False
 
 
+# The JPEG decoders that hand over whole decoded images (``device``, ``workers``) take an image
+# only if its decoded area is at most this many times its resized area (4x per side): a batch's
+# decoded pixels then take at most 16x its resized uint8 pixels (4x the float32 images the Pillow
+# path hands over), in GPU memory or in the workers' shared memory. Bigger images (a phone's
+# 12-megapixel photo at 512 px: 61x) are decoded and shrunk one at a time by Pillow in the workers.
+DECODED_AREA_LIMIT = 16
+
+
 class ShardImages(Dataset):
     """Decoded, resized, normalised images; with ``jpeg_decoder`` ``device``, the raw bytes of
     the JPEGs the device decodes instead, with ``workers``, their decoded pixels (see
@@ -310,7 +318,7 @@ class ShardImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        if self.jpeg_decoder != "pil":
+        if self.jpeg_decoder != "pil" and self.decoded_area_fits(index):
             try:
                 data = Path(self.paths[index]).read_bytes()
             except OSError:
@@ -322,6 +330,12 @@ class ShardImages(Dataset):
                 if pixels is not None:
                     return Sample(index, None, None, pixels=pixels)
         return self.prepared(index)
+
+    def decoded_area_fits(self, index: int) -> bool:
+        """Whether image ``index`` is small enough for the decoders of whole images
+        (``DECODED_AREA_LIMIT``)."""
+        (height, width), (resized_h, resized_w) = self.sizes[index], self.geometries[index].resized
+        return height * width <= DECODED_AREA_LIMIT * resized_h * resized_w
 
     def prepared(self, index: int) -> Sample:
         """The image decoded by Pillow and prepared on the CPU."""

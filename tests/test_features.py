@@ -570,6 +570,24 @@ def test_worker_decoded_pixels_prepared_on_the_gpu_agree_with_the_cpu(jpegs):
     assert (as_levels(gpu) - as_levels(cpu)).abs().max() < 1.01  # the same pixels, resampled on another device
 
 
+@pytest.mark.parametrize("decoder", ["device", "workers"])
+def test_an_image_far_bigger_than_its_resized_size_is_shrunk_by_pillow_in_the_worker(tmp_path, decoder):
+    """A 12-megapixel photo at 512 px would hand 61x its resized pixels to the GPU (or the
+    workers' shared memory): past DECODED_AREA_LIMIT times, Pillow decodes and shrinks it."""
+    sizes = [(150, 200), (192, 256), (193, 256)]  # each resized to 48 x 64: 9.8x, 16x, just over 16x its area
+    paths = []
+    for seed, (height, width) in enumerate(sizes):
+        path = tmp_path / f"big{seed}.jpg"
+        Image.fromarray(photo(width, height, seed)).save(path, quality=92)
+        paths.append(str(path))
+    geometries = [image_geometry(h, w, 64, 16, "crop") for h, w in sizes]
+    assert [g.resized for g in geometries] == [(48, 64), (48, 64), (48, 64)]
+    dataset = fx.ShardImages(paths, sizes, geometries, MEAN, STD, jpeg_decoder=decoder)
+    whole = [dataset[i].data is not None or dataset[i].pixels is not None for i in range(3)]
+    assert whole == [True, True, False]
+    assert torch.equal(dataset[2].image, dataset.prepared(2).image)
+
+
 def test_only_complete_upright_rgb_or_grey_jpegs_go_to_the_device(tmp_path, jpegs):
     paths, sizes = jpegs
     good = Path(paths[0]).read_bytes()
