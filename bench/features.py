@@ -3,7 +3,7 @@
 (a) the whole stage: ``extract_shard`` on synthetic JPEGs (decode, resize, forward, write);
 (b) the backbone's bare forward on tensors already in memory (same batch size and size);
 (c) a naive loop: batch 1, PIL decode in the main process, forward, ``torch.save`` per image;
-(d) on a GPU (or with ``--decode device``), the whole stage again with Pillow decoding in the
+(d) on a GPU (or with ``--decode device`` or ``workers``), the whole stage again with Pillow decoding in the
     workers (``features.decode: pil``): what decoding the JPEGs on the device buys;
 (e) with (d), the whole stage again with libjpeg decoding in the workers and the pixels resized
     and normalised on the device (``features.decode: workers``): the GPU's JPEG decoder (which
@@ -39,7 +39,7 @@ from profiling import profiled
 
 from machine import cpu_model, print_and_append
 from pipeline.backbone import build_backbone, extract_features, normalisation, patch_size
-from pipeline.features import extract_shard, image_geometry, prepare_image, resolve_device
+from pipeline.features import extract_shard, image_geometry, jpeg_decoder, prepare_image, resolve_device
 
 MANIFEST_COLUMNS = ["image_id", "image_path", "mask_path", "labels", "has_labels", "split",
                     "width", "height", "shard"]
@@ -134,7 +134,7 @@ def time_stage(args: argparse.Namespace, manifest: Path, folder: Path) -> tuple[
 
 
 def device_decodes(args: argparse.Namespace, device: torch.device) -> bool:
-    return args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
+    return jpeg_decoder(args.decode, device) != "pil"
 
 
 def time_bare_forward(model, device: torch.device, args: argparse.Namespace, final: tuple[int, int]) -> float:
@@ -205,7 +205,8 @@ def table(
         "stage_workers": "(e) whole stage with libjpeg in the workers, resize on the device (decode: workers)",
     }
     if "stage_pil" in seconds:
-        labels["stage"] = "(a) whole stage: extract_shard (JPEGs decoded on the device, resize, forward, write)"
+        labels["stage"] = (f"(a) whole stage: extract_shard (decode: {jpeg_decoder(args.decode, device)}, resize, "
+                           "forward, write)")
     for name, label in ((n, t) for n, t in labels.items() if n in seconds):
         lines.append(
             f"| {label} | {seconds[name]:.2f} | {rate[name]:.2f} | {rate['stage'] / rate[name]:.2f} |"
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 time_stage(args, manifest, folder)
         if device_decodes(args, device):
             for decoder, row in (("pil", "(d)"), ("workers", "(e)")):
+                if decoder == jpeg_decoder(args.decode, device):
+                    continue  # that is (a)
                 other = argparse.Namespace(**{**vars(args), "decode": decoder})
                 seconds[f"stage_{decoder}"], phases[row] = time_stage(other, manifest, folder)
         torch.manual_seed(0)

@@ -256,9 +256,8 @@ class SampleBatch:
 
 def _pieces(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
     """Views of ``flat`` (pieces end to end) in the given shapes."""
-    ends = itertools.accumulate(math.prod(shape) for shape in shapes)
-    starts = itertools.chain([0], itertools.accumulate(math.prod(shape) for shape in shapes))
-    return [flat[start:end].view(shape) for start, end, shape in zip(starts, ends, shapes)]
+    ends = list(itertools.accumulate(math.prod(shape) for shape in shapes))
+    return [flat[start:end].view(shape) for start, end, shape in zip([0, *ends[:-1]], ends, shapes)]
 
 
 def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -399,7 +398,10 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     154 MB of prepared float32 images, a second copy on the worker's CPU."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    try:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    except AttributeError:  # a private call (torch's collate makes it): without it, copied once more
+        return torch.empty(shape, dtype=dtype).share_memory_()
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 

@@ -508,6 +508,26 @@ def test_a_worker_decoded_batch_crosses_as_one_tensor_of_pixels_beside_pillows_s
     assert not torch.equal(images[0], images[2])
 
 
+def test_a_batch_packed_in_a_worker_is_made_in_shared_memory(jpegs, tmp_path, monkeypatch):
+    """Inside a DataLoader worker every tensor of the batch is allocated in shared memory (handed
+    over without another copy); in the main process, in private memory."""
+    paths, sizes = jpegs
+    png = tmp_path / "p5.png"
+    Image.fromarray(photo(64, 48, 5)).save(png)
+    order, order_sizes = [paths[0], str(png), paths[3]], [(48, 64)] * 3
+    geometries = [image_geometry(48, 64, 64, 16, "crop")] * 3
+    for decoder, kinds in (("workers", ("pixels", "prepared")), ("device", ("jpeg", "prepared"))):
+        dataset = fx.ShardImages(order, order_sizes, geometries, MEAN, STD, jpeg_decoder=decoder)
+        samples = [dataset[i] for i in range(3)]
+        in_main = fx.collate_samples(samples)
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.utils.data, "get_worker_info", lambda: object())
+            in_worker = fx.collate_samples(samples)
+        for kind in kinds:
+            assert getattr(in_worker, kind).is_shared() and not getattr(in_main, kind).is_shared()
+            assert torch.equal(getattr(in_worker, kind), getattr(in_main, kind))
+
+
 @pytest.mark.parametrize("failure", ["raises", "wrong size"])
 def test_an_image_the_worker_fails_to_decode_goes_through_pillow(jpegs, monkeypatch, failure):
     paths, sizes = jpegs

@@ -482,6 +482,13 @@ def test_predict_decodes_jpegs_as_the_feature_stage_does(small_demo, tmp_path):
     assert 0 < max(differences) < 0.05
 
 
+def test_a_bad_predict_decode_is_a_config_error():
+    from pipeline.predict import PredictSettings
+
+    with pytest.raises(PipelineError, match=r"predict\.decode: 'nvjpeg' is not one of auto, pil, device, workers"):
+        PredictSettings.from_params(predict_settings(decode="nvjpeg"))
+
+
 def test_weak_training_learns_the_demo(tmp_path):
     """A random-init tiny ViT (patch 8) learns the demo's colour-coded shapes within a few CPU
     epochs: the loss falls and val mIoU beats predicting background everywhere by a margin
