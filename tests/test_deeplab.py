@@ -245,18 +245,10 @@ def test_each_png_written_by_the_threads_is_its_own_images_argmax(demo, trained,
     assert len({m.tobytes() for m in masks}) > 1  # the images' masks differ: a mix-up would show
 
 
-def test_a_failed_png_write_leaves_no_masks_folder(demo, trained, tmp_path, monkeypatch):
+def test_a_failed_png_write_leaves_no_masks_folder(demo, trained, tmp_path, full_disk_at_the_third_mask):
     import pipeline.deeplab.predict as deeplab_predict
 
-    writes, real = [], write_label_png
-
-    def full_disk_at_the_third_mask(path, mask):
-        writes.append(path)
-        if len(writes) == 3:
-            raise OSError(28, "No space left on device")
-        real(path, mask)
-
-    monkeypatch.setattr(deeplab_predict, "write_label_png", full_disk_at_the_third_mask)
+    writes = full_disk_at_the_third_mask(deeplab_predict)
     manifest, _ = demo
     with pytest.raises(OSError, match="No space left"):
         predict_deeplab(manifest, "val", trained / "model.pt", tmp_path / "pred", deeplab_params(), 2)

@@ -402,7 +402,7 @@ def test_class_absent_from_labels_is_reported(small_demo, tmp_path, caplog):
     assert np.isfinite(alpha.drop(columns="epoch").to_numpy()).all()
 
 
-def test_unsupervised_mode_never_reads_ground_truth(small_demo, tmp_path, monkeypatch):
+def test_unsupervised_mode_never_reads_ground_truth(small_demo, tmp_path, monkeypatch, full_disk_at_the_third_mask):
     """Masks deleted, manifest labels blanked: training and prediction still run on the pseudo-labels.
     A mask that fails to write (the PNGs are written by threads) stops the prediction in its main
     thread and leaves neither the masks folder nor the probabilities."""
@@ -431,15 +431,7 @@ def test_unsupervised_mode_never_reads_ground_truth(small_demo, tmp_path, monkey
 
     import pipeline.predict as predict
 
-    writes, real = [], predict.write_label_png
-
-    def full_disk_at_the_third_mask(path, mask):
-        writes.append(path)
-        if len(writes) == 3:
-            raise OSError(28, "No space left on device")
-        real(path, mask)
-
-    monkeypatch.setattr(predict, "write_label_png", full_disk_at_the_third_mask)
+    full_disk_at_the_third_mask(predict)
     with pytest.raises(OSError, match="No space left"):
         predict_shard(tmp_path / "manifest.csv", 0, tmp_path / "out" / "model.pt", tmp_path / "failed.safetensors",
                       tmp_path / "failed_masks", params, 2, labels_path=tmp_path / "image_labels.csv")
