@@ -571,8 +571,10 @@ def extract_shard(
         for h, w in zip(rows["height"], rows["width"])
     ]
     log.info(
-        "shard %s: %d images, %s (%s) on %s, keep %s",
+        "shard %s: %d images, %s (%s) on %s, keep %s, JPEGs decoded by %s",
         shard, len(rows), backbone["name"], backbone["weights"], device, ",".join(settings.keep),
+        {"pil": "Pillow in the workers", "device": f"batches on {device}", "workers": "libjpeg in the workers"}[
+            settings.jpeg_decoder(device)],
     )
     image_ids = list(rows["image_id"])
     fixed = shard_fixed_tensors(image_ids, geometries)

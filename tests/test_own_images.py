@@ -58,7 +58,8 @@ def write_photos(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def photo_run(tmp_path_factory):
-    """One unsupervised run on the photo folder (no masks, no labels, one split)."""
+    """One unsupervised run on the photo folder (no masks, no labels, one split); its JPEGs
+    decoded by the DataLoader workers (``decode: workers``, a worker process for the features)."""
     work = tmp_path_factory.mktemp("photos")
     sizes = write_photos(work / "photos")
     (work / "photos" / "notes.txt").write_text("a file that is not an image")
@@ -67,6 +68,8 @@ def photo_run(tmp_path_factory):
         dataset={"kind": "folder", "images_per_shard": 4,
                  "folder": {"images": str(work / "photos"), "num_classes": 3}},
         backbone=TINY_DINOV2,
+        features={"decode": "workers", "num_workers": 1},
+        predict={"decode": "workers"},
     )
     result = snakemake("--configfile", str(write_config(work / "photos.yaml", config)), cwd=work)
     return work / "results", sizes, result
