@@ -34,6 +34,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--images", "48"],
         ["--device", "cuda", "--images", "8192", "--batch-size", "256", "--size", "224x224", "--workers", "12"],
     ),
+    "decode_cost": (
+        "What one feature-stage DataLoader worker delivers per JPEG decoder (features.decode / predict.decode): "
+        "how many CPU cores keep a GPU fed. A CPU measurement, the same on a GPU machine.",
+        ["--images", "1024", "--size", "224x224"],
+        [],
+    ),
     "shard_memory": (
         "Peak memory of a feature job: the shard written batch by batch (the stage) vs held and written at the "
         "end (the stage before 2026-11-27); the same bytes either way. Target: the shard's size off the peak.",
