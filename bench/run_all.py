@@ -77,6 +77,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--batch-size", "2", "--iterations", "2"],
         ["--device", "cuda", "--batch-size", "32", "--iterations", "20"],
     ),
+    "area_pass": (
+        "PC2M's offline area pass (every training image predicted once an epoch): what one DataLoader worker "
+        "delivers, uint8 items normalised where the model runs vs float32 items normalised in the worker.",
+        ["--images", "256"],
+        [],
+    ),
     "lstm": (
         "ViT-PCM's HV-BiLSTM forward + backward (32 x 24 x 24 x 768 on a GPU), float32 as the stage runs it, "
         "bfloat16 for information: a third of a ViT-PCM step's GPU time on an H200.",

@@ -454,7 +454,7 @@ def test_offline_pass_is_the_mean_of_per_image_areas(tmp_path):
 
     from pipeline.methods.pc2m.method import dataset_class_area_sums
     from pipeline.methods.pc2m.views import PlainImageDataset
-    from pipeline.training.data import LabelledImage
+    from pipeline.training.data import LabelledImage, source_image
 
     generator = np.random.default_rng(0)
     paths = []
@@ -468,6 +468,11 @@ def test_offline_pass_is_the_mean_of_per_image_areas(tmp_path):
     model = PatchClassifier(backbone, 4, dropout=0.5).train()
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     dataset = PlainImageDataset(images, 32, mean, std)
+    # The workers hand over uint8 pixels, normalised where the model runs: exactly the numbers of
+    # normalising them in the worker (the dataset's items before).
+    for k, path in enumerate(paths):
+        in_worker = (source_image(path, 32) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        assert dataset[k].dtype == torch.uint8 and torch.equal(dataset.normalise(dataset[k]), in_worker)
     cpu = torch.device("cpu")
     total = dataset_class_area_sums(model, dataset, list(range(5)), 2, 0, cpu)
     assert model.training
@@ -478,7 +483,8 @@ def test_offline_pass_is_the_mean_of_per_image_areas(tmp_path):
     # Train mode (dropout on) would give other areas: the eval mode matters.
     model.train()
     with torch.no_grad():
-        dropped = torch.softmax(model(torch.stack([dataset[k] for k in range(5)])).log_probs, dim=1)
+        dropped = torch.softmax(model(dataset.normalise(torch.stack([dataset[k] for k in range(5)]))).log_probs,
+                                dim=1)
     assert np.abs(dropped.mean(dim=(2, 3)).sum(dim=0).double().numpy() - expected.sum(axis=0)).max() > 1e-3
 
 

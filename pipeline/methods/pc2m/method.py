@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from pipeline.atomic import write_csv
 from pipeline.backbone import build_backbone, normalisation, patch_size
@@ -81,8 +81,8 @@ def ground_truth_areas(manifest_path: Path, image_ids: set[str], num_classes: in
 
 
 @torch.no_grad()
-def dataset_class_area_sums(model: PatchClassifier, dataset: Dataset, indices: list[int], batch_size: int,
-                            num_workers: int, device: torch.device) -> torch.Tensor:
+def dataset_class_area_sums(model: PatchClassifier, dataset: PlainImageDataset, indices: list[int],
+                            batch_size: int, num_workers: int, device: torch.device) -> torch.Tensor:
     """sum_X q(X) (eq. 6) over images ``indices`` of ``dataset``, predicted in eval mode (the
     offline pass of Algorithm 1); the model's train / eval mode is restored."""
     was_training = model.training
@@ -90,9 +90,10 @@ def dataset_class_area_sums(model: PatchClassifier, dataset: Dataset, indices: l
     batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
     total = torch.zeros(model.num_classes, dtype=torch.float64, device=device)
-    for images in loader:
+    for pixels in loader:
+        images = dataset.normalise(pixels.to(device, non_blocking=True))
         with mixed_precision(device):
-            probs = model(images.to(device, non_blocking=True)).probs
+            probs = model(images).probs
         total += image_class_areas(probs).double().sum(dim=0)
     model.train(was_training)
     return total
