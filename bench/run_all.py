@@ -54,6 +54,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--voc-images", "64", "--demo-images", "24"],
         ["--device", "cuda", "--voc-images", "512", "--voc-grid", "28x28", "--batch-size", "96"],
     ),
+    "segments": (
+        "The spectral stage's per-image k-means (segment_patches): on one thread (the stage) vs scikit-learn's "
+        "default thread pools (the reference), idle and with processes spinning beside it (other jobs).",
+        ["--images", "24", "--busy", "0", "1", "2"],
+        [],
+    ),
     "metrics": (
         "Streaming confusion-matrix evaluation vs the public code's all-pixels evaluation, VOC-val-sized. "
         "Target: >= 100x faster, memory independent of the dataset size.",

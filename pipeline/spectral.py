@@ -9,6 +9,7 @@ these singular Laplacians).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -375,7 +376,10 @@ def kmeans_segments(eigenvectors: torch.Tensor, n_segments: int, seed: int) -> t
     graph and carries no grouping) into ``n_segments`` groups. Returns N cluster ids.
 
     scikit-learn KMeans with k-means++ and a fixed seed: the per-image problem is tiny (N ≈ 700
-    patches × K ≤ 20 dims), so a robust CPU k-means costs milliseconds.
+    patches × K ≤ 20 dims), so a robust CPU k-means costs milliseconds — on one thread. With its
+    default (an OpenMP thread per core) it spun: 1.3 s an image on this 2-core machine with another
+    job on it, 15 ms on one thread (bench/RESULTS.md, spectral), the same labels; one thread also
+    fixes the order of its float sums, whatever the machine's core count.
     """
     from sklearn.cluster import KMeans
 
@@ -387,8 +391,18 @@ def kmeans_segments(eigenvectors: torch.Tensor, n_segments: int, seed: int) -> t
         # Degenerate graph (one colour, isolated patches): the whole image is one segment.
         return torch.zeros(n, dtype=torch.long)
     n_segments = min(n_segments, distinct)
-    labels = KMeans(n_clusters=n_segments, n_init=10, random_state=seed).fit_predict(points)
+    with _thread_pools().limit(limits=1):
+        labels = KMeans(n_clusters=n_segments, n_init=10, random_state=seed).fit_predict(points)
     return torch.as_tensor(labels, dtype=torch.long)
+
+
+@functools.cache
+def _thread_pools():
+    """The BLAS and OpenMP thread pools loaded (scikit-learn's included), found once: looking
+    them up costs ~1 ms, as much as a tenth of one image's k-means."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def order_segments(labels: torch.Tensor, grid: tuple[int, int], background: str) -> torch.Tensor:

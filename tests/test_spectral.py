@@ -110,6 +110,26 @@ def test_kmeans_segments_is_deterministic(seed):
     assert torch.equal(kmeans_segments(v, 4, seed), kmeans_segments(v, 4, seed))
 
 
+def test_kmeans_segments_runs_on_one_thread(monkeypatch):
+    """scikit-learn's k-means sees one OpenMP and one BLAS thread (its default pools spun on a
+    shared machine: bench/segments.py); the caller's pools are back afterwards."""
+    import sklearn.cluster
+    from threadpoolctl import threadpool_info
+
+    seen, real = [], sklearn.cluster.KMeans.fit_predict
+
+    def spy(self, points, *args, **kwargs):
+        seen.append({(info["user_api"], info["filepath"]): info["num_threads"] for info in threadpool_info()})
+        return real(self, points, *args, **kwargs)
+
+    monkeypatch.setattr(sklearn.cluster.KMeans, "fit_predict", spy)
+    before = {(info["user_api"], info["filepath"]): info["num_threads"] for info in threadpool_info()}
+    kmeans_segments(torch.randn(50, 5), 4, 0)
+    assert seen and set(seen[0].values()) == {1}
+    assert max(before.values()) > 1  # the tests' OMP_NUM_THREADS=2: the limit is what made it 1
+    assert {(info["user_api"], info["filepath"]): info["num_threads"] for info in threadpool_info()} == before
+
+
 def _bench_spectral():
     """bench/spectral.py as a module: the hard set and the definition of a wrong result live there."""
     path = Path(__file__).resolve().parents[1] / "bench" / "spectral.py"
