@@ -19,7 +19,7 @@ set -u
 OUT=${OUT:?set OUT to a folder}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-0}
-PARTS=${PARTS:-tests train spectral features decode-cost lstm startup train-4w features-vitb}  # + features-ab (OLD=...)
+PARTS=${PARTS:-tests train spectral features decode-cost segments lstm startup train-4w features-vitb}  # + features-ab (OLD=...)
 PROFILE=${PROFILE:-}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -94,6 +94,11 @@ if wants decode-cost; then
     # What one DataLoader worker of this machine's CPUs delivers per decoder (~20 s): with the
     # features part's rates, how many workers a GPU needs for decode: workers.
     bench decode-cost 60 decode_cost.py --images "${decode_images:-2048}" --size 224x224
+fi
+if wants segments; then
+    # The spectral stage's per-image k-means on this machine's cores (~15 s): with the solver's GPU
+    # rate, what bounds the spectral stage there.
+    bench segments 60 segments.py --images 48 --busy 0 4
 fi
 if wants lstm; then
     bench lstm 30 lstm.py --device "$DEVICE" "${lstm[@]}"
