@@ -117,9 +117,6 @@ class FeatureSettings:
             decode=features["decode"],
         )
 
-    def jpeg_decoder(self, device: torch.device) -> str:
-        return jpeg_decoder(self.decode, device)
-
 
 def check_decode(decode: object, section: str) -> None:
     """ConfigError unless ``decode`` is one of ``DECODE_CHOICES`` (``section``.decode)."""
@@ -245,7 +242,8 @@ class SampleBatch:
 
     def jpegs(self) -> list[torch.Tensor]:
         """Each image's bytes: views of ``jpeg``."""
-        return _pieces(self.jpeg, [(end - start,) for start, end in zip([0, *self.jpeg_ends[:-1]], self.jpeg_ends)])
+        starts = [0, *self.jpeg_ends[:-1]]
+        return [self.jpeg[start:end] for start, end in zip(starts, self.jpeg_ends)]
 
     def pin_memory(self) -> SampleBatch:
         """Called by the DataLoader's pin-memory thread: page-locked tensors copy to the GPU
@@ -292,7 +290,7 @@ DECODED_AREA_LIMIT = 16
 class ShardImages(Dataset):
     """Decoded, resized, normalised images; with ``jpeg_decoder`` ``device``, the raw bytes of
     the JPEGs the device decodes instead, with ``workers``, their decoded pixels (see
-    :meth:`FeatureSettings.jpeg_decoder`). A decode failure travels as ``Sample.error`` so the main
+    :func:`jpeg_decoder`). A decode failure travels as ``Sample.error`` so the main
     process can raise it with its original message (DataLoader workers would wrap it)."""
 
     def __init__(
@@ -574,7 +572,7 @@ def extract_shard(
         "shard %s: %d images, %s (%s) on %s, keep %s, JPEGs decoded by %s",
         shard, len(rows), backbone["name"], backbone["weights"], device, ",".join(settings.keep),
         {"pil": "Pillow in the workers", "device": f"batches on {device}", "workers": "libjpeg in the workers"}[
-            settings.jpeg_decoder(device)],
+            jpeg_decoder(settings.decode, device)],
     )
     image_ids = list(rows["image_id"])
     fixed = shard_fixed_tensors(image_ids, geometries)
@@ -621,7 +619,7 @@ def compute_features(
     mean, std = normalisation(model)
     sizes = [(int(h), int(w)) for h, w in zip(rows["height"], rows["width"])]
     dataset = ShardImages(list(rows["image_path"]), sizes, geometries, mean, std,
-                          jpeg_decoder=settings.jpeg_decoder(device))
+                          jpeg_decoder=jpeg_decoder(settings.decode, device))
     batches = batches_by_size([g.final for g in geometries], settings.batch_size)
     loader = make_loader(dataset, batches, settings.num_workers, pin_memory=device.type == "cuda")
     image_ids = list(rows["image_id"])

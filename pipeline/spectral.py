@@ -378,7 +378,7 @@ def kmeans_segments(eigenvectors: torch.Tensor, n_segments: int, seed: int) -> t
     scikit-learn KMeans with k-means++ and a fixed seed: the per-image problem is tiny (N ≈ 700
     patches × K ≤ 20 dims), so a robust CPU k-means costs milliseconds — on one thread. With its
     default (an OpenMP thread per core) it spun: 1.3 s an image on this 2-core machine with another
-    job on it, 15 ms on one thread (bench/RESULTS.md, spectral), the same labels; one thread also
+    job on it, 15 ms on one thread (bench/segments.py), the same labels; one thread also
     fixes the order of its float sums, whatever the machine's core count.
     """
     from sklearn.cluster import KMeans

@@ -650,7 +650,7 @@ def test_truncated_jpeg_is_reported_by_name_with_device_decode(manifest, tmp_pat
 ])
 def test_who_decodes_the_jpegs(decode, device, decoder):
     settings = fx.FeatureSettings.from_params(params(decode=decode)["features"])
-    assert settings.jpeg_decoder(torch.device(device)) == decoder
+    assert fx.jpeg_decoder(settings.decode, torch.device(device)) == decoder
 
 
 def test_unknown_decode_is_a_config_error(manifest, tmp_path):
